@@ -409,7 +409,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             readout = 1 + num_prompts + self._mask_position()
         skip_last = config.fast_inference and not output_hidden_states
         all_hidden = (hidden,) if output_hidden_states else None
-        checkpointing = self.is_gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # gradient_checkpointing_enable() flags each BeitLayer; the layers themselves never checkpoint here because
+        # the frozen backbone stays in eval mode, so the flag is honoured by this loop instead.
+        checkpointing = (
+            self.training and torch.is_grad_enabled() and any(l.gradient_checkpointing for l in self.beit.layers)
+        )
         inserted = False
         last = len(self.beit.layers) - 1
         for i, layer in enumerate(self.beit.layers):
@@ -655,7 +659,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
         # _auto_class adds the AutoModelForImageClassification entry; the other two are set here
-        auto_map = dict(self.config.auto_map or {})
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification")
         self.config.auto_map = auto_map
         try:
@@ -705,7 +709,7 @@ def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwar
         raise OSError(
             f"cannot load the backbone {name_or_path!r} (revision {revision}): {error}. Offline, pass the path of a "
             "local folder holding its config.json and weights, or download it first with "
-            "`huggingface-cli download <id>` while online (HF_HUB_OFFLINE=1 then finds it in the cache)"
+            "`hf download <id>` while online (HF_HUB_OFFLINE=1 then finds it in the cache)"
         ) from error
     if backbone_config.model_type not in ("beit", "vptm") or not getattr(backbone_config, "use_mask_token", False):
         raise ValueError(

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny BEiT MIM backbones built from scratch (odd sizes, random non-zero weights), no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from transformers import BeitConfig, BeitForMaskedImageModeling
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+
+def tiny_beit_config(**overrides) -> BeitConfig:
+    fields = dict(
+        image_size=20,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=40,
+        vocab_size=37,
+        use_mask_token=True,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=True,
+        layer_scale_init_value=0.1,
+        drop_path_rate=0.1,
+    )
+    fields.update(overrides)
+    return BeitConfig(**fields)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """BEiT initialises biases, tokens and the relative bias to zero; tests need every tensor to matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+def make_backbone(path, seed: int = 0, **overrides) -> BeitForMaskedImageModeling:
+    torch.manual_seed(seed)
+    model = randomize(BeitForMaskedImageModeling(tiny_beit_config(**overrides)).eval(), seed)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("backbone")
+    make_backbone(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def backbone(backbone_dir):
+    return BeitForMaskedImageModeling.from_pretrained(backbone_dir).eval()
+
+
+@pytest.fixture
+def pixel_values():
+    return torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(1))

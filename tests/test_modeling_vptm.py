@@ -1,0 +1,465 @@
+"""Tests of VPTMConfig and VPTMForImageClassification on tiny backbones built in the test."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification, BeitForImageClassification
+
+from conftest import REPO_ROOT, make_backbone, tiny_beit_config
+from modeling_vptm import (
+    PrototypicalVerbalizer,
+    VPTMConfig,
+    VPTMForImageClassification,
+    extend_relative_position_bias,
+)
+
+
+def vptm_config(**fields) -> VPTMConfig:
+    base = tiny_beit_config().to_dict()
+    base.update(num_labels=4, prompt_length=3)
+    base.update(fields)
+    return VPTMConfig(**base)
+
+
+def from_backbone(backbone_dir, **fields) -> VPTMForImageClassification:
+    fields.setdefault("prompt_length", 3)
+    return VPTMForImageClassification.from_backbone(backbone_dir, num_labels=4, **fields)
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"prompt_length": -1}, r"prompt_length must be an integer >= 0, got -1"),
+        ({"prompt_layers": "middle"}, r"prompt_layers must be one of \['deep', 'shallow'\], got 'middle'"),
+        ({"prompt_layers": [0, 3]}, r"prompt_layers must be .* in \[0, 3\) .* got \[0, 3\]"),
+        ({"prompt_layers": []}, r"prompt_layers must be .*non-empty"),
+        ({"prompt_layers": [1, 1]}, r"distinct"),
+        ({"mask_token_mode": "insert"}, r"mask_token_mode must be one of \['append', 'replace'\], got 'insert'"),
+        ({"mask_token_position": 25}, r"mask_token_position must be a patch index in \[0, 25\).* got 25"),
+        ({"extra_token_bias": "learned"}, r"extra_token_bias must be one of"),
+        ({"classifier": "mlp"}, r"classifier must be one of .*got 'mlp'"),
+        ({"verbalizer_input": "features"}, r"verbalizer_input must be one of"),
+        ({"prototype_dim": 0}, r"prototype_dim must be an integer >= 1, got 0"),
+        ({"prototypes_per_class": 0}, r"prototypes_per_class must be an integer >= 1"),
+        ({"logit_scale_init": 0.0}, r"logit_scale_init must be a number > 0"),
+        ({"contrastive_weight": -1.0}, r"contrastive_weight must be a number >= 0"),
+        ({"prompt_init": "zeros"}, r"prompt_init must be one of \['uniform', 'normal'\]"),
+        ({"num_labels": 0}, r"at least one label"),
+        ({"use_mask_token": False}, r"use_mask_token must be True"),
+    ],
+)
+def test_config_rejects_invalid_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        vptm_config(**fields)
+
+
+def test_config_round_trip_and_model_type():
+    config = vptm_config(prompt_layers=[2, 0], model_type="beit")
+    assert config.model_type == "vptm"
+    assert config.prompt_layers == [0, 2]
+    again = VPTMConfig.from_dict(config.to_dict())
+    assert again.prompt_layers == [0, 2] and again.prompt_length == 3 and again.num_labels == 4
+    assert vptm_config(prompt_layers="deep").prompted_layers == [0, 1, 2]
+    assert vptm_config(prompt_layers="shallow").prompted_layers == [0]
+    assert vptm_config(prompt_length=0).prompted_layers == []
+
+
+# ------------------------------------------------------------------------------------------------ shapes, loss
+MODES = [
+    dict(zip(("prompt_layers", "mask_token_mode", "classifier", "verbalizer_input"), combo))
+    for combo in itertools.product(
+        ("deep", "shallow", [1, 2]),
+        ("append", "replace"),
+        ("prototypical_verbalizer", "linear_cls", "linear_mask"),
+        ("logits", "probs", "hidden"),
+    )
+]
+
+
+@pytest.mark.parametrize("fields", MODES, ids=lambda f: "-".join(str(v) for v in f.values()))
+def test_every_mode_gives_shapes_and_finite_loss(fields, pixel_values):
+    model = VPTMForImageClassification(vptm_config(**fields))
+    out = model(pixel_values, labels=torch.tensor([0, 1, 3]))
+    assert out.logits.shape == (3, 4)
+    assert torch.isfinite(out.loss) and out.loss.ndim == 0
+    if fields["classifier"] == "linear_cls":
+        assert out.visual_token_logits is None
+    else:
+        assert out.visual_token_logits.shape == (3, 37)
+    assert out.mask_hidden_state.shape == (3, 24)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(prompt_length=0),
+        dict(train_mask_token=True),
+        dict(train_mask_token=True, mask_token_mode="replace", mask_token_position=0),
+        dict(extra_token_bias="zero"),
+        dict(prototypes_per_class=3, prototype_dim=5, contrastive_weight=0.5),
+        dict(learn_logit_scale=False, prompt_init="normal"),
+    ],
+)
+def test_other_options_give_finite_loss(fields, pixel_values):
+    model = VPTMForImageClassification(vptm_config(**fields))
+    out = model(pixel_values, labels=torch.tensor([0, 1, 1]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_output_hidden_states_has_prompted_sequence(pixel_values):
+    model = VPTMForImageClassification(vptm_config(prompt_layers=[1]))
+    out = model(pixel_values, output_hidden_states=True)
+    lengths = [h.shape[1] for h in out.hidden_states]
+    # before block 1: CLS + MASK + 25 patches; prompts (3) inserted at block 1
+    assert lengths == [27, 27, 30, 30]
+
+
+# --------------------------------------------------------------------------------------------- training state
+def test_only_task_parameters_train_and_backbone_is_bit_identical(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir, train_mask_token=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "prompt_embeddings.prompts",
+        "trainable_mask_token",
+        "verbalizer.projection.weight",
+        "verbalizer.prototypes",
+        "verbalizer.logit_scale",
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+    model.train()
+    labels = torch.tensor([0, 1, 2])
+    for _ in range(3):
+        model(pixel_values, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    for name, tensor in after.items():
+        if name.split(".")[0] in ("beit", "layernorm", "lm_head"):
+            assert torch.equal(tensor, before[name]), name
+        else:
+            assert not torch.equal(tensor, before[name]), f"{name} did not change"
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_backbone_stays_in_eval_mode(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir)  # the tiny backbone has drop_path_rate=0.1
+    model.train()
+    assert model.training and not model.beit.training and not model.lm_head.training
+    assert all(not m.training for m in model.beit.modules())
+    first, second = model(pixel_values).logits, model(pixel_values).logits
+    assert torch.equal(first, second)  # no stochastic depth or dropout inside the backbone
+
+
+def test_trainable_parameter_count(backbone_dir, capsys):
+    model = from_backbone(backbone_dir, prompt_length=3, prototype_dim=5)
+    trainable, total = model.get_nb_trainable_parameters()
+    # deep prompts 3 blocks x 3 x 24, projection 37 x 5, prototypes 4 x 5, scale 1
+    assert trainable == 3 * 3 * 24 + 37 * 5 + 4 * 5 + 1
+    assert total == trainable + sum(p.numel() for p in model.beit.parameters()) + 24 * 2 + 24 * 37 + 37
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("position", [0, 7, 24])
+def test_replace_mode_without_prompts_matches_beit_mim(backbone_dir, backbone, pixel_values, position):
+    model = from_backbone(backbone_dir, prompt_length=0, mask_token_mode="replace", mask_token_position=position)
+    model.eval()
+    bool_masked_pos = torch.zeros(3, 25, dtype=torch.bool)
+    bool_masked_pos[:, position] = True
+    with torch.no_grad():
+        reference = backbone(pixel_values, bool_masked_pos=bool_masked_pos).logits[:, position]
+        ours = model(pixel_values).visual_token_logits
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_extended_bias_keeps_pretrained_block_and_uses_cls_entries(backbone):
+    bias = backbone.beit.shared_position_bias((5, 5), dim_size=26)  # (1, heads, 26, 26)
+    extended = extend_relative_position_bias(bias, 4, "cls")
+    assert extended.shape == (1, 2, 30, 30)
+    keep = torch.cat([torch.tensor([0]), torch.arange(5, 30)])
+    assert torch.equal(extended[:, :, keep][:, :, :, keep], bias)  # CLS+patch block bit-identical
+    for extra in range(1, 5):
+        assert torch.equal(extended[:, :, extra, 5:], bias[:, :, 0, 1:])  # added -> patch = CLS -> patch
+        assert torch.equal(extended[:, :, 5:, extra], bias[:, :, 1:, 0])  # patch -> added = patch -> CLS
+        assert torch.equal(extended[:, :, extra, :5], bias[:, :, 0, :1].expand(-1, -1, 5))  # CLS -> CLS
+    zero = extend_relative_position_bias(bias, 4, "zero")
+    assert torch.equal(zero[:, :, keep][:, :, :, keep], bias)
+    assert zero[:, :, 1:5].abs().sum() == 0 and zero[:, :, :, 1:5].abs().sum() == 0
+
+
+def test_per_layer_relative_bias_backbone(tmp_path, pixel_values):
+    """Backbones with one relative bias per block (no shared one) get each block's own extended bias."""
+    reference = make_backbone(tmp_path, use_shared_relative_position_bias=False, use_relative_position_bias=True)
+    model = VPTMForImageClassification.from_backbone(
+        str(tmp_path), num_labels=4, prompt_length=0, mask_token_mode="replace", mask_token_position=3
+    ).eval()
+    mask = torch.zeros(3, 25, dtype=torch.bool)
+    mask[:, 3] = True
+    with torch.no_grad():
+        expected = reference(pixel_values, bool_masked_pos=mask).logits[:, 3]
+        torch.testing.assert_close(model(pixel_values).visual_token_logits, expected, atol=1e-5, rtol=1e-5)
+        prompted = VPTMForImageClassification.from_backbone(str(tmp_path), num_labels=4, prompt_length=2)
+        assert torch.isfinite(prompted(pixel_values).logits).all()
+
+
+@pytest.mark.parametrize("classifier", ["prototypical_verbalizer", "linear_cls"])
+def test_fast_last_block_equals_full_computation(backbone_dir, pixel_values, classifier):
+    model = from_backbone(backbone_dir, classifier=classifier).eval()
+    with torch.no_grad():
+        fast = model(pixel_values).logits
+        model.config.fast_inference = False
+        full = model(pixel_values).logits
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir).eval()
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        sdpa = model(pixel_values).logits
+        model.set_attn_implementation("eager")
+        eager = model(pixel_values).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(backbone_dir, pixel_values):
+    labels = torch.tensor([0, 1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = from_backbone(backbone_dir).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.beit.layers)
+        model(pixel_values, labels=labels).loss.backward()
+        grads.append(model.prompt_embeddings.prompts.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_forward_and_backward(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir).to(torch.bfloat16).train()
+    out = model(pixel_values.to(torch.bfloat16), labels=torch.tensor([0, 1, 2]))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(model.prompt_embeddings.prompts.grad).all()
+
+
+def test_torch_compile_matches_eager(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir).eval()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_prompts_equal_separate_runs(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir).eval()
+    other = torch.randn_like(model.prompt_embeddings.prompts)
+    per_sample = torch.stack([model.prompt_embeddings.prompts, other, model.prompt_embeddings.prompts])
+    with torch.no_grad():
+        mixed, _ = model.forward_features(pixel_values, prompts=per_sample)
+        own, _ = model.forward_features(pixel_values)
+        alone, _ = model.forward_features(pixel_values, prompts=other)
+    torch.testing.assert_close(mixed[[0, 2]], own[[0, 2]], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mixed[1], alone[1], atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- verbalizer
+def test_verbalizer_is_scaled_cosine_with_max_over_prototypes():
+    verbalizer = PrototypicalVerbalizer(input_dim=6, num_labels=3, prototype_dim=4, prototypes_per_class=2)
+    with torch.no_grad():
+        verbalizer.projection.weight.copy_(torch.eye(4, 6))
+        verbalizer.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                  [0, 0, 0, 1], [-1, 0, 0, 0], [0, 0, 0, -1]]))
+    features = torch.tensor([[2.0, 0, 0, 0, 5, 5], [0, 0, 0, -3, 1, 1]])
+    logits, projected = verbalizer(features)
+    assert projected.shape == (2, 4)
+    # sample 0 points along e0: class 0 (prototype e0) cos 1, class 1 max(0, 0), class 2 max(-1, 0)
+    torch.testing.assert_close(logits, torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]]))
+
+
+def test_class_mean_prototypes(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir)
+    labels = torch.tensor([0, 1, 2, 3])
+    images = torch.cat([pixel_values, pixel_values[:1] * 0.5])
+    model.initialize_prototypes([(images, labels)])
+    with torch.no_grad():
+        projected = model.verbalizer.project(model(images).visual_token_logits)
+    torch.testing.assert_close(model.verbalizer.prototypes, projected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"none for classes \[3\]"):
+        model.initialize_prototypes([(pixel_values, labels[:3])])
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+def test_input_errors(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir)
+    with pytest.raises(ValueError, match=r"must have 3 channels .* got 1"):
+        model(pixel_values[:, :1])
+    with pytest.raises(ValueError, match=r"must be 20x20 .* got 24x20"):
+        model(torch.randn(2, 3, 24, 20))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\), got \[4\]"):
+        model(pixel_values, labels=torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\), got \[-1\]"):
+        model(pixel_values, labels=torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"floating-point"):
+        model(pixel_values.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"empty batch"):
+        model(pixel_values[:0])
+    with pytest.raises(ValueError, match=r"needs the labels"):
+        VPTMForImageClassification.from_backbone(backbone_dir)
+
+
+def test_non_mim_backbone_is_refused(tmp_path):
+    classifier = BeitForImageClassification(tiny_beit_config(use_mask_token=True, num_labels=3))
+    classifier.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"not a complete BEiT masked-image-modeling checkpoint.*lm_head"):
+        VPTMForImageClassification.from_backbone(str(tmp_path), num_labels=2)
+
+
+def test_missing_backbone_offline_names_the_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(OSError, match=r"(?s)cannot load the backbone .no-such-org/no-such-beit.*local folder"):
+        VPTMForImageClassification.from_backbone("no-such-org/no-such-beit", num_labels=2, local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------------------ save and load
+def test_legacy_key_checkpoint_loads_every_backbone_tensor(backbone_dir, backbone):
+    with safe_open(os.path.join(backbone_dir, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("encoder.layer.0.attention.attention.query.weight" in k for k in keys)  # the v4 (Hub) layout
+    model = from_backbone(backbone_dir)
+    reference = backbone.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.split(".")[0] in ("beit", "layernorm", "lm_head"):
+            assert torch.equal(tensor, reference[name]), name
+
+
+def test_save_writes_only_task_tensors_and_reloads_exactly(backbone_dir, pixel_values, tmp_path):
+    model = from_backbone(backbone_dir).eval()
+    with torch.no_grad():
+        model.prompt_embeddings.prompts.add_(0.5)  # trained-looking values
+        expected = model(pixel_values).logits
+    model.save_pretrained(tmp_path / "prompts")
+    files = sorted(os.listdir(tmp_path / "prompts"))
+    assert files == ["config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py"]
+    with safe_open(str(tmp_path / "prompts" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(model.task_state_dict())
+    config = json.loads((tmp_path / "prompts" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vptm.VPTMConfig",
+        "AutoModel": "modeling_vptm.VPTMForImageClassification",
+        "AutoModelForImageClassification": "modeling_vptm.VPTMForImageClassification",
+    }
+    assert config["backbone_name_or_path"] == backbone_dir and config["model_type"] == "vptm"
+    assert not any(os.path.basename(d).startswith(".vptm-save-") for d in os.listdir(tmp_path))
+
+    loaded = VPTMForImageClassification.from_pretrained(tmp_path / "prompts")
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values).logits, expected)
+    auto = AutoModelForImageClassification.from_pretrained(tmp_path / "prompts")  # registered by the package
+    assert isinstance(auto, VPTMForImageClassification)
+    with torch.no_grad():
+        assert torch.equal(auto(pixel_values).logits, expected)
+
+
+def test_state_dict_passed_to_save_is_filtered(backbone_dir, tmp_path):
+    model = from_backbone(backbone_dir)
+    model.save_pretrained(tmp_path, state_dict=model.state_dict())  # what Trainer passes
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(model.task_state_dict())
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path):
+    make_backbone(tmp_path / "backbone", seed=0)
+    model = VPTMForImageClassification.from_backbone(str(tmp_path / "backbone"), num_labels=2)
+    model.save_pretrained(tmp_path / "prompts")
+    make_backbone(tmp_path / "backbone", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match=r"was trained on backbone .* fingerprint .* do not fit these weights"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "prompts")
+
+
+def test_checkpoint_that_does_not_fit_its_backbone_is_refused(tmp_path):
+    make_backbone(tmp_path / "backbone")
+    model = VPTMForImageClassification.from_backbone(str(tmp_path / "backbone"), num_labels=2)
+    model.save_pretrained(tmp_path / "prompts")
+    config = json.loads((tmp_path / "prompts" / "config.json").read_text())
+    config.update(backbone_fingerprint=None)
+    (tmp_path / "prompts" / "config.json").write_text(json.dumps(config))
+    make_backbone(tmp_path / "backbone", hidden_size=16)
+    with pytest.raises(ValueError, match=r"does not fit the backbone .*hidden_size: checkpoint 24 vs backbone 16"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "prompts")
+
+
+def test_task_tensors_with_wrong_shapes_are_refused(backbone_dir):
+    model = from_backbone(backbone_dir)
+    tensors = model.task_state_dict()
+    bad = dict(tensors, **{"prompt_embeddings.prompts": torch.zeros(3, 5, 24)})
+    with pytest.raises(ValueError, match=r"prompt_embeddings.prompts has shape \(3, 5, 24\).*need \(3, 3, 24\)"):
+        model.load_task_state_dict(bad)
+    missing = {k: v for k, v in tensors.items() if k != "verbalizer.prototypes"}
+    with pytest.raises(ValueError, match=r"missing \['verbalizer.prototypes'\]"):
+        model.load_task_state_dict(missing)
+
+
+REMOTE_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModel, AutoModelForImageClassification, pipeline
+from PIL import Image
+folder, pixels_path = sys.argv[1], sys.argv[2]
+assert "modeling_vptm" not in sys.modules
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+pixel_values = torch.load(pixels_path)
+with torch.no_grad():
+    logits = model(pixel_values).logits
+base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+with torch.no_grad():
+    same = torch.equal(base(pixel_values).logits, logits)
+classify = pipeline("image-classification", model=folder, trust_remote_code=True)
+image = Image.new("RGB", (31, 17), (200, 30, 90))
+top = classify(image, top_k=4)
+print(json.dumps({"logits": logits.tolist(), "auto_model_same": same, "pipeline": top}))
+"""
+
+
+def test_remote_code_auto_classes_and_pipeline_in_fresh_process(backbone_dir, pixel_values, tmp_path):
+    from transformers import BeitImageProcessor
+
+    model = from_backbone(backbone_dir).eval()
+    model.save_pretrained(tmp_path / "prompts")
+    processor = BeitImageProcessor(size={"height": 20, "width": 20}, do_center_crop=False)
+    processor.save_pretrained(tmp_path / "prompts")
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "prompts"), str(tmp_path / "pixels.pt")],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+        image_logits = model(processor(__import__("PIL.Image").Image.new("RGB", (31, 17), (200, 30, 90)),
+                                       return_tensors="pt").pixel_values).logits[0]
+    assert torch.equal(torch.tensor(out["logits"]), expected)
+    assert out["auto_model_same"]
+    probs = image_logits.softmax(-1)
+    order = probs.argsort(descending=True).tolist()
+    assert [p["label"] for p in out["pipeline"]] == [model.config.id2label[i] for i in order]
+    assert [round(p["score"], 5) for p in out["pipeline"]] == [round(float(probs[i]), 5) for i in order]
+    assert REPO_ROOT not in result.stdout
