@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
     train_pixels = to_pixel_values(train_images)
     for s in range(0, len(train_pixels), 5000):
-        counts += torch.bincount(tokenizer.encode(train_pixels[s : s + 5000].to(device)).flatten().cpu(),
-                                 minlength=tokenizer.vocab_size)
+        counts += torch.bincount(
+            tokenizer.encode(train_pixels[s : s + 5000].to(device)).flatten().cpu(), minlength=tokenizer.vocab_size
+        )
     majority_token = int(counts.argmax())
     result = {"backbone": args.backbone, "test_images": len(test_images)}
     result.update(mim_accuracy(model, tokenizer, test_pixels, args.batch_size, args.seed, majority_token, device))
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     raw = LogisticRegression(C=0.1, max_iter=3000, random_state=args.seed)
     raw.fit(train_images[subset].reshape(len(subset), -1) / 255.0, train_labels[subset])
-    result["raw_pixel_logreg_accuracy"] = float(raw.score(test_images.reshape(len(test_images), -1) / 255.0, test_labels))
+    result["raw_pixel_logreg_accuracy"] = float(
+        raw.score(test_images.reshape(len(test_images), -1) / 255.0, test_labels)
+    )
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["device"] = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(json.dumps(result, indent=2))

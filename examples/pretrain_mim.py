@@ -141,7 +141,9 @@ def fit_or_load_tokenizer(
     pixels = ImageTensorDataset(images).pixel_values
     start = time.perf_counter()
     stats = tokenizer.fit(
-        pixels, num_samples=args.tokenizer_samples, num_iters=args.kmeans_iters,
+        pixels,
+        num_samples=args.tokenizer_samples,
+        num_iters=args.kmeans_iters,
         generator=torch.Generator().manual_seed(seed),
     )
     logger.info("Fitted the tokenizer in %.1f s: %s", time.perf_counter() - start, stats)
@@ -178,7 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
         flip=data_args.flip,
         seed=training_args.seed,
     )
-    trainer = Trainer(model=TokenizingMIMModel(model, tokenizer), args=training_args, train_dataset=ImageTensorDataset(images), data_collator=collator)
+    trainer = Trainer(
+        model=TokenizingMIMModel(model, tokenizer),
+        args=training_args,
+        train_dataset=ImageTensorDataset(images),
+        data_collator=collator,
+    )
 
     last = training_args.resume_from_checkpoint or get_last_checkpoint(training_args.output_dir)
     start = time.perf_counter()

@@ -162,7 +162,8 @@ class VPTMConfig(BeitConfig):
             raise ValueError(f"VPTMConfig.contrastive_weight must be a number >= 0, got {self.contrastive_weight!r}")
         if not self.use_mask_token and self.classifier != "linear_cls":
             raise ValueError(
-                f"VPTMConfig.classifier={self.classifier!r} reads the backbone's mask token, so use_mask_token must be "
+                f"VPTMConfig.classifier={self.classifier!r} reads the backbone's mask token, so use_mask_token must "
+                "be "
                 "True (a BEiT masked-image-modeling checkpoint), got use_mask_token=False"
             )
 

@@ -50,7 +50,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file: expected a header starting with two zero bytes, got {data[:4]!r}")
+        raise ValueError(
+            f"{path} is not an IDX file: expected a header starting with two zero bytes, got {data[:4]!r}"
+        )
     type_code, ndim = data[2], data[3]
     if type_code != _IDX_UBYTE:
         raise ValueError(f"{path}: expected IDX type 0x08 (unsigned byte), got {type_code:#04x}")
@@ -74,7 +76,9 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: str = "train", data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(images, labels)`` of a Fashion-MNIST split: ``uint8`` arrays of shape (N, 28, 28) and (N,).
 
     ``data_dir`` defaults to ``$FASHION_MNIST_DIR`` or the folder of the Debian package.

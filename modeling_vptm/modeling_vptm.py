@@ -124,14 +124,23 @@ class PrototypicalVerbalizer(nn.Module):
         return self.logit_scale * cosine, projected
 
     @torch.no_grad()
-    def set_prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Sets every prototype of class k to the mean projected feature of class k (the `class_mean` init)."""
+    def set_prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Sets every prototype of class k to the mean projected feature of class k (the `class_mean` init).
+
+        Classes without examples keep their current prototypes; their indices are returned (and logged).
+        """
         projected = self.project(features.to(self.projection.weight.dtype))
-        missing = [k for k in range(self.num_labels) if not (labels == k).any()]
+        missing = []
+        for k in range(self.num_labels):
+            chosen = labels == k
+            if not chosen.any():
+                missing.append(k)
+                continue
+            rows = slice(k * self.prototypes_per_class, (k + 1) * self.prototypes_per_class)
+            self.prototypes[rows] = projected[chosen].mean(0)
         if missing:
-            raise ValueError(f"class-mean prototypes need examples of every class; none for classes {missing}")
-        means = torch.stack([projected[labels == k].mean(0) for k in range(self.num_labels)])  # (K, d)
-        self.prototypes.copy_(means.repeat_interleave(self.prototypes_per_class, dim=0))
+            logger.warning("class-mean prototypes: no examples of classes %s; they keep their random init", missing)
+        return missing
 
 
 def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str) -> torch.Tensor:
@@ -145,9 +154,9 @@ def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str)
         return bias
     length = bias.shape[-1]
     # position in the extended sequence -> position in the original one (added tokens act as CLS)
-    index = torch.cat(
-        [torch.zeros(1 + num_extra, dtype=torch.long), torch.arange(1, length, dtype=torch.long)]
-    ).to(bias.device)
+    index = torch.cat([torch.zeros(1 + num_extra, dtype=torch.long), torch.arange(1, length, dtype=torch.long)]).to(
+        bias.device
+    )
     extended = bias[:, :, index][:, :, :, index]  # (1, heads, 1 + E + N, 1 + E + N)
     if mode == "zero":
         extended = extended.clone()
@@ -211,7 +220,9 @@ class VPTMPreTrainedModel(BeitPreTrainedModel):
         if isinstance(module, VPTMPromptEmbeddings):
             if self.config.prompt_init == "uniform":
                 # VPT's init: fan-in of a patch (channels * patch_size**2) plus the hidden size
-                patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
+                patch = (
+                    self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
+                )
                 bound = math.sqrt(6.0 / (self.config.num_channels * patch**2 + self.config.hidden_size))
                 init.uniform_(module.prompts, -bound, bound)
             else:
@@ -286,7 +297,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------------------------------------ the backbone
     def _check_inputs(self, pixel_values: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -441,7 +454,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         return self.config.num_patches // 2 if position is None else position
 
     # ---------------------------------------------------------------------------------------------------- the head
-    def classify(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def classify(
+        self, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Read-out state `(batch, D)` -> `(class logits, visual-token logits, normed state, projected features)`."""
         normed = self.layernorm(state)  # (batch, D)
         token_logits = self.lm_head(normed) if self.config.uses_mask_token else None  # (batch, V)
@@ -501,7 +516,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         """The `class_mean` prototype init: one pass over `(pixel_values, labels)` batches (or dicts with those
         keys), each prototype set to the mean projected feature of its class."""
         if self.verbalizer is None:
-            raise ValueError(f"initialize_prototypes needs the prototypical verbalizer, not classifier={self.config.classifier!r}")
+            raise ValueError(
+                f"initialize_prototypes needs the prototypical verbalizer, not classifier={self.config.classifier!r}"
+            )
         was_training = self.training
         self.eval()
         features, labels = [], []
@@ -546,7 +563,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             num_labels = len(id2label)
             label2id = label2id or {v: k for k, v in id2label.items()}
         if num_labels is None or num_labels < 1:
-            raise ValueError(f"from_backbone needs the labels: num_labels >= 1 or id2label, got num_labels={num_labels}")
+            raise ValueError(
+                f"from_backbone needs the labels: num_labels >= 1 or id2label, got num_labels={num_labels}"
+            )
         hub = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         mim = load_mim_backbone(backbone_name_or_path, **hub)
         fields = mim.config.to_dict()
@@ -554,8 +573,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             fields.pop(key, None)
         fields.update(vptm_config_fields)
         fields.update(backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)
-        config = VPTMConfig(**fields, id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
-                            label2id=label2id or {f"LABEL_{i}": i for i in range(num_labels)})
+        config = VPTMConfig(
+            **fields,
+            id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
+            label2id=label2id or {f"LABEL_{i}": i for i in range(num_labels)},
+        )
         config.backbone_fingerprint = backbone_fingerprint(mim.state_dict())
         model = cls(config)
         model._load_backbone_weights(mim)
@@ -587,15 +609,25 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         A folder whose config names no backbone holds full weights and loads the ordinary way.
         """
         config = kwargs.pop("config", None)
-        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download",
-                                          "subfolder") if k in kwargs}
+        hub = {
+            k: kwargs.pop(k)
+            for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+            if k in kwargs
+        }
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         attn_implementation = kwargs.pop("attn_implementation", None)
         if not isinstance(config, VPTMConfig):
             config = VPTMConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         if config.backbone_name_or_path is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, dtype=dtype,
-                                           attn_implementation=attn_implementation, **hub, **kwargs)
+            return super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                config=config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                **hub,
+                **kwargs,
+            )
         from safetensors.torch import load_file
         from transformers.utils.hub import cached_file
 
@@ -660,7 +692,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
         # _auto_class adds the AutoModelForImageClassification entry; the other two are set here
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.update(AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification")
+        auto_map.update(
+            AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification"
+        )
         self.config.auto_map = auto_map
         try:
             super().save_pretrained(staging, *args, state_dict=task, **kwargs)
@@ -732,11 +766,16 @@ def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwar
 def check_backbone_fits(config: VPTMConfig, backbone_config, source: str) -> None:
     """Refuses a prompt checkpoint whose architecture fields disagree with the backbone it names."""
     fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "patch_size", "image_size")
-    diff = {f: (getattr(config, f), getattr(backbone_config, f)) for f in fields
-            if getattr(config, f) != getattr(backbone_config, f)}
+    diff = {
+        f: (getattr(config, f), getattr(backbone_config, f))
+        for f in fields
+        if getattr(config, f) != getattr(backbone_config, f)
+    }
     if diff:
         detail = ", ".join(f"{f}: checkpoint {a} vs backbone {b}" for f, (a, b) in diff.items())
-        raise ValueError(f"the prompt checkpoint {source} does not fit the backbone {config.backbone_name_or_path!r}: {detail}")
+        raise ValueError(
+            f"the prompt checkpoint {source} does not fit the backbone {config.backbone_name_or_path!r}: {detail}"
+        )
 
 
 __all__ = [

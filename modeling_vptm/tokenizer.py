@@ -5,7 +5,7 @@ tokenizer distilled from a teacher. Neither is available offline, so the project
 a tokenizer that is fitted on the training images themselves: each patch, widened by ``context`` pixels on
 every side (zero padding at the border), is flattened, standardised with per-dimension statistics of the
 training patches and assigned to its nearest of ``vocab_size`` k-means centroids. Channels are averaged first:
-tokens describe luminance structure, which keeps the codes few and the encoding cheap enough for a data loader. A wider window gives a code
+tokens describe luminance structure, which keeps the codes few and the encoding cheap. A wider window gives a code
 that describes the patch *in its surroundings* (part of an edge, a sleeve, a sole), which is closer to the
 semantic tokens BEiT v2 uses than raw patch colours are.
 
@@ -44,7 +44,12 @@ class PatchKMeansTokenizer(nn.Module):
                 "expected patch_size >= 1, num_channels >= 1, vocab_size >= 2 and context >= 0, got "
                 f"patch_size={patch_size}, num_channels={num_channels}, vocab_size={vocab_size}, context={context}"
             )
-        self.patch_size, self.num_channels, self.vocab_size, self.context = patch_size, num_channels, vocab_size, context
+        self.patch_size, self.num_channels, self.vocab_size, self.context = (
+            patch_size,
+            num_channels,
+            vocab_size,
+            context,
+        )
         self.window = patch_size + 2 * context
         dim = self.window**2
         self.register_buffer("mean", torch.zeros(dim))

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT, make_backbone, tiny_beit_config
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification, BeitForImageClassification
 
-from conftest import REPO_ROOT, make_backbone, tiny_beit_config
 from modeling_vptm import (
     PrototypicalVerbalizer,
     VPTMConfig,
@@ -75,7 +75,7 @@ def test_config_round_trip_and_model_type():
 
 # ------------------------------------------------------------------------------------------------ shapes, loss
 MODES = [
-    dict(zip(("prompt_layers", "mask_token_mode", "classifier", "verbalizer_input"), combo))
+    dict(zip(("prompt_layers", "mask_token_mode", "classifier", "verbalizer_input"), combo, strict=True))
     for combo in itertools.product(
         ("deep", "shallow", [1, 2]),
         ("append", "replace"),
@@ -280,8 +280,9 @@ def test_verbalizer_is_scaled_cosine_with_max_over_prototypes():
     verbalizer = PrototypicalVerbalizer(input_dim=6, num_labels=3, prototype_dim=4, prototypes_per_class=2)
     with torch.no_grad():
         verbalizer.projection.weight.copy_(torch.eye(4, 6))
-        verbalizer.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
-                                                  [0, 0, 0, 1], [-1, 0, 0, 0], [0, 0, 0, -1]]))
+        verbalizer.prototypes.copy_(
+            torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [-1, 0, 0, 0], [0, 0, 0, -1]])
+        )
     features = torch.tensor([[2.0, 0, 0, 0, 5, 5], [0, 0, 0, -3, 1, 1]])
     logits, projected = verbalizer(features)
     assert projected.shape == (2, 4)
@@ -297,8 +298,10 @@ def test_class_mean_prototypes(backbone_dir, pixel_values):
     with torch.no_grad():
         projected = model.verbalizer.project(model(images).visual_token_logits)
     torch.testing.assert_close(model.verbalizer.prototypes, projected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"none for classes \[3\]"):
-        model.initialize_prototypes([(pixel_values, labels[:3])])
+    before = model.verbalizer.prototypes[3].clone()
+    model.initialize_prototypes([(pixel_values * 2, labels[:3])])
+    assert torch.equal(model.verbalizer.prototypes[3], before)  # no example of class 3: prototype kept
+    assert not torch.allclose(model.verbalizer.prototypes[0], projected[0])
 
 
 # ------------------------------------------------------------------------------------------------------- errors
@@ -448,14 +451,21 @@ def test_remote_code_auto_classes_and_pipeline_in_fresh_process(backbone_dir, pi
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "prompts"), str(tmp_path / "pixels.pt")],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     with torch.no_grad():
         expected = model(pixel_values).logits
-        image_logits = model(processor(__import__("PIL.Image").Image.new("RGB", (31, 17), (200, 30, 90)),
-                                       return_tensors="pt").pixel_values).logits[0]
+        image_logits = model(
+            processor(
+                __import__("PIL.Image").Image.new("RGB", (31, 17), (200, 30, 90)), return_tensors="pt"
+            ).pixel_values
+        ).logits[0]
     assert torch.equal(torch.tensor(out["logits"]), expected)
     assert out["auto_model_same"]
     probs = image_logits.softmax(-1)

@@ -1,0 +1,274 @@
+"""Tests of examples/run_classification.py and examples/predict.py on the shipped backbone and tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT
+from PIL import Image
+from safetensors import safe_open
+
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+import predict  # noqa: E402
+import run_classification  # noqa: E402
+
+
+TINY = ["--max_train_samples", "40", "--max_eval_samples", "30", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "8", "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+
+
+def run(output_dir, *extra) -> dict:
+    return run_classification.main(["--output_dir", str(output_dir), *TINY, *extra])
+
+
+def read_card(folder) -> tuple[dict, str]:
+    text = open(os.path.join(folder, "README.md")).read()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def task_keys(folder) -> list[str]:
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
+@pytest.mark.parametrize(
+    "method, expected_keys",
+    [
+        ("vptm", ["prompt_embeddings.prompts", "verbalizer.logit_scale", "verbalizer.projection.weight",
+                  "verbalizer.prototypes"]),
+        ("vpt", ["classifier.bias", "classifier.weight", "prompt_embeddings.prompts"]),
+        ("linear", ["classifier.bias", "classifier.weight"]),
+    ],
+)  # fmt: skip
+def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expected_keys, capsys):
+    results = run(tmp_path, "--method", method, "--prompt_length", "2")
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["eval_images"] == 30 and results["train_images"] == 40
+    assert json.load(open(tmp_path / "all_results.json"))["accuracy"] == results["accuracy"]
+    assert task_keys(tmp_path) == expected_keys
+    assert results["checkpoint_bytes"] < 0.05 * os.path.getsize(
+        os.path.join(REPO_ROOT, "modeling_vptm/shipped/tiny-beit-fashion-mnist/model.safetensors")
+    )
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "modeling_vptm.py", "configuration_vptm.py", "preprocessor_config.json"} <= files
+    metadata, body = read_card(tmp_path)
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-classification"
+    assert metadata["base_model"] == "vptm:tiny-beit-fashion-mnist" and metadata["datasets"] == [
+        "vptm:fashion-mnist-1k"
+    ]
+    assert metadata["tags"][:2] == ["vptm", "visual-prompt-tuning"]
+    value = metadata["model-index"][0]["results"][0]["metrics"][0]["value"]
+    assert value == round(results["accuracy"], 4)
+    assert "trust_remote_code=True" in body and "revision=" in body
+    assert f"{results['trainable_parameters']:,d} trainable" in body
+    printed = capsys.readouterr().out
+    assert f"{method}: eval accuracy {results['accuracy']:.4f}" in printed and "trainable parameters" in printed
+
+
+def test_vptm_trainable_count_and_class_mean_init(tmp_path):
+    results = run(tmp_path, "--prototype_init", "class_mean", "--prompt_length", "1", "--prompt_layers", "0,5")
+    # prompts 2 blocks x 1 x 128, projection 512 x 64, prototypes 10 x 64, scale
+    assert results["trainable_parameters"] == 2 * 128 + 512 * 64 + 10 * 64 + 1
+
+
+def test_full_fine_tuning_trains_the_backbone(tmp_path):
+    results = run(tmp_path, "--method", "full")
+    assert results["trainable_parameters"] == results["total_parameters"]
+    assert any(k.startswith("beit.encoder.layer.") or k.startswith("beit.layers.") for k in task_keys(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (["--method", "lora"], ValueError, r"--method must be one of \['vptm', 'vpt', 'linear', 'full'\], got 'lora'"),
+        (["--dataset_name", ""], ValueError, r"no dataset given: pass --dataset_name"),
+        (["--label_column_name", "target"], ValueError, r"column 'target' not found .* columns are \['image', 'label'\]"),
+        (["--prototype_init", "kmeans"], ValueError, r"--prototype_init must be random or class_mean, got 'kmeans'"),
+        (["--model_name_or_path", "no-such/backbone", "--cache_dir", "/nonexistent"], OSError,
+         r"cannot load the backbone 'no-such/backbone'"),
+    ],
+)  # fmt: skip
+def test_argument_errors(tmp_path, monkeypatch, args, error, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(error, match=message):
+        run(tmp_path / "out", *args)
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=3, size=(9, 7)):
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for j in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
+
+
+def test_image_folder_errors_and_skipping(tmp_path):
+    make_folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(ValueError, match=r"at least 2 classes, found \['cat'\]"):
+        run(tmp_path / "o1", "--train_dir", str(tmp_path / "one"))
+    os.makedirs(tmp_path / "empty" / "a")
+    with pytest.raises(ValueError, match=r"holds no images"):
+        run(tmp_path / "o2", "--train_dir", str(tmp_path / "empty"))
+    make_folder(tmp_path / "data", per_class=6)
+    (tmp_path / "data" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match=r"1 unreadable image file\(s\) .*broken.png.*--skip_unreadable_images"):
+        run(tmp_path / "o3", "--train_dir", str(tmp_path / "data"))
+    results = run(tmp_path / "o4", "--train_dir", str(tmp_path / "data"), "--skip_unreadable_images", "true",
+                  "--train_val_split", "0.25")  # fmt: skip
+    assert results["train_images"] + results["eval_images"] == 12
+    config = json.load(open(tmp_path / "o4" / "config.json"))
+    assert config["id2label"] == {"0": "cat", "1": "dog"}
+
+
+def test_output_dir_with_a_different_run_is_refused(tmp_path):
+    run(tmp_path, "--prompt_length", "1")
+    with pytest.raises(
+        ValueError, match=r"already holds a run with different arguments \(differs in \['prompt_length'\]"
+    ):
+        run(tmp_path, "--prompt_length", "2")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"already holds files of another program"):
+        run(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    results = run(tmp_path, "--prompt_length", "2", "--overwrite_output_dir", "true")
+    assert results["method"] == "vptm"
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    args = ["--num_train_epochs", "2", "--save_total_limit", "5", "--prompt_length", "2"]
+    run(tmp_path / "full", *args)
+    checkpoints = sorted(d for d in os.listdir(tmp_path / "full") if d.startswith("checkpoint-"))
+    first = min(checkpoints, key=lambda d: int(d.split("-")[1]))
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / first, tmp_path / "resumed" / first)
+    shutil.copy(tmp_path / "full" / run_classification.RUN_ARGS_FILE, tmp_path / "resumed")
+    run(tmp_path / "resumed", *args)  # same arguments: resumes from the checkpoint it finds
+    state = json.load(open(tmp_path / "resumed" / "checkpoint-10" / "trainer_state.json"))
+    assert state["global_step"] == 10
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as a:
+        with safe_open(str(tmp_path / "resumed" / "model.safetensors"), "pt") as b:
+            for key in a.keys():
+                torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-5, rtol=1e-4)
+
+
+LOAD_BY_ID = r"""
+import json, sys, torch
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained("vptm-tests/fashion-prompts", trust_remote_code=True)
+pixel_values = torch.load(sys.argv[1])
+with torch.no_grad():
+    print(json.dumps(model(pixel_values).logits.tolist()))
+"""
+
+
+def test_push_uploads_exactly_the_checkpoint_and_loads_by_repo_id(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    remote = tmp_path / "remote"
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return repo_id
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+        import fnmatch
+
+        calls["upload_folder"] = repo_id
+        for name in os.listdir(folder_path):
+            path = os.path.join(folder_path, name)
+            if os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                os.makedirs(remote, exist_ok=True)
+                shutil.copy(path, remote / name)
+
+        class Commit:
+            oid = "0123456789abcdef0123456789abcdef01234567"
+
+        return Commit()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    results = run(tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/fashion-prompts")
+    assert calls == {"create_repo": "vptm-tests/fashion-prompts", "upload_folder": "vptm-tests/fashion-prompts"}
+    uploaded = sorted(os.listdir(remote))
+    assert uploaded == ["README.md", "config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py",
+                        "preprocessor_config.json"]  # fmt: skip
+    assert results["pushed_files"] == uploaded
+
+    # a Hub cache laid out by hand, read by repo id offline in a fresh process
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--vptm-tests--fashion-prompts"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(remote, repo / "snapshots" / commit)
+    from modeling_vptm import VPTMForImageClassification
+
+    local = VPTMForImageClassification.from_pretrained(tmp_path / "out")
+    pixel_values = torch.randn(2, 3, 28, 28)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    (tmp_path / "load.py").write_text(LOAD_BY_ID)
+    # PYTHONPATH: the shipped backbone is found in the package folder, as when the package is installed
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_MODULES_CACHE=str(tmp_path / "mod"),
+        PYTHONPATH=REPO_ROOT,
+    )
+    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "pixels.pt")],
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = local(pixel_values).logits
+    assert torch.equal(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected)
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               os.path.join(REPO_ROOT, "examples", "run_classification.py"), "--output_dir", str(tmp_path),
+               *TINY, "--ddp_backend", "gloo", "--prompt_length", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoints = [d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")]
+    assert checkpoints == ["checkpoint-3"]  # 40 images / (8 per process x 2 processes), rounded up
+    assert task_keys(tmp_path) == ["prompt_embeddings.prompts", "verbalizer.logit_scale",
+                                   "verbalizer.projection.weight", "verbalizer.prototypes"]  # fmt: skip
+    assert json.load(open(tmp_path / "all_results.json"))["eval_images"] == 30
+
+
+def test_predict_prints_the_labels_of_a_trained_model(tmp_path, capsys):
+    """A model trained in the test on two easy classes; predict.py must return its labels for a folder."""
+    make_folder(tmp_path / "unused")
+    data = tmp_path / "data"
+    for name, value in (("dark", 20), ("bright", 235)):
+        os.makedirs(data / name)
+        for j in range(8):
+            Image.fromarray(np.full((28, 28), value + j, dtype=np.uint8)).save(data / name / f"{j}.png")
+    run_classification.main(["--output_dir", str(tmp_path / "model"), "--train_dir", str(data), "--num_train_epochs",
+                             "6", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--disable_tqdm", "true",
+                             "--train_val_split", "0.25", "--method", "linear", "--learning_rate", "0.05"])  # fmt: skip
+    queries = tmp_path / "queries"
+    os.makedirs(queries)
+    Image.fromarray(np.full((28, 28), 10, dtype=np.uint8)).save(queries / "a_dark.png")
+    Image.fromarray(np.full((28, 28), 250, dtype=np.uint8)).convert("RGB").save(queries / "b_bright.jpg")
+    capsys.readouterr()
+    results = predict.main(["--model", str(tmp_path / "model"), str(queries), "--top_k", "2",
+                            "--output", str(tmp_path / "p.jsonl")])  # fmt: skip
+    assert [r["predictions"][0]["label"] for r in results] == ["dark", "bright"]
+    assert all(abs(sum(p["score"] for p in r["predictions"]) - 1) < 1e-5 for r in results)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(str(queries / "a_dark.png") + "\tdark=")
+    assert len(open(tmp_path / "p.jsonl").read().splitlines()) == 2
+    with pytest.raises(FileNotFoundError, match=r"neither an image file nor a folder"):
+        predict.main(["--model", str(tmp_path / "model"), str(tmp_path / "missing.png")])
