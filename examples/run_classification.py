@@ -115,7 +115,7 @@ class VPTMTrainingArguments(TrainingArguments):
     """TrainingArguments with defaults for prompt tuning on small data."""
 
     learning_rate: float = field(default=0.0, metadata={"help": f"0: the method's default {DEFAULT_LEARNING_RATES}."})
-    num_train_epochs: float = 8.0
+    num_train_epochs: float = 30.0
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 256
     weight_decay: float = 1e-4

@@ -91,7 +91,8 @@ def test_full_fine_tuning_trains_the_backbone(tmp_path):
     [
         (["--method", "lora"], ValueError, r"--method must be one of \['vptm', 'vpt', 'linear', 'full'\], got 'lora'"),
         (["--dataset_name", ""], ValueError, r"no dataset given: pass --dataset_name"),
-        (["--label_column_name", "target"], ValueError, r"column 'target' not found .* columns are \['image', 'label'\]"),
+        (["--label_column_name", "target"], ValueError,
+         r"column 'target' not found .* columns are \['image', 'label'\]"),
         (["--prototype_init", "kmeans"], ValueError, r"--prototype_init must be random or class_mean, got 'kmeans'"),
         (["--model_name_or_path", "no-such/backbone", "--cache_dir", "/nonexistent"], OSError,
          r"cannot load the backbone 'no-such/backbone'"),
@@ -105,7 +106,7 @@ def test_argument_errors(tmp_path, monkeypatch, args, error, message):
 
 def make_folder(root, classes=("cat", "dog"), per_class=3, size=(9, 7)):
     rng = np.random.default_rng(0)
-    for i, name in enumerate(classes):
+    for name in classes:
         os.makedirs(root / name, exist_ok=True)
         for j in range(per_class):
             Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
@@ -255,9 +256,10 @@ def test_predict_prints_the_labels_of_a_trained_model(tmp_path, capsys):
         os.makedirs(data / name)
         for j in range(8):
             Image.fromarray(np.full((28, 28), value + j, dtype=np.uint8)).save(data / name / f"{j}.png")
-    run_classification.main(["--output_dir", str(tmp_path / "model"), "--train_dir", str(data), "--num_train_epochs",
-                             "6", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--disable_tqdm", "true",
-                             "--train_val_split", "0.25", "--method", "linear", "--learning_rate", "0.05"])  # fmt: skip
+    args = ["--output_dir", str(tmp_path / "model"), "--train_dir", str(data), "--num_train_epochs", "6",
+            "--per_device_train_batch_size", "4", "--use_cpu", "true", "--disable_tqdm", "true",
+            "--train_val_split", "0.25", "--method", "linear", "--learning_rate", "0.05"]  # fmt: skip
+    run_classification.main(args)
     queries = tmp_path / "queries"
     os.makedirs(queries)
     Image.fromarray(np.full((28, 28), 10, dtype=np.uint8)).save(queries / "a_dark.png")

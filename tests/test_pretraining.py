@@ -31,7 +31,7 @@ def write_fashion_mnist(folder, num_train: int = 64, num_test: int = 32, seed: i
     """A tiny fake Fashion-MNIST: class k has a bright bar at rows 2k..2k+4, plus noise."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
-    for split, n, stem in (("train", num_train, "train"), ("test", num_test, "t10k")):
+    for n, stem in ((num_train, "train"), (num_test, "t10k")):
         labels = np.arange(n) % 10
         images = rng.integers(0, 60, size=(n, 28, 28))
         for i, k in enumerate(labels):
