@@ -18,7 +18,7 @@ the same backbone, data pipeline and schedule, so their numbers compare:
         --model_name_or_path microsoft/beit-base-patch16-224-pt22k --output_dir runs/cifar
     # several processes (CPU or GPUs)
     torchrun --nproc_per_node 2 examples/run_classification.py --output_dir runs/ddp
-    accelerate launch --num_processes 2 examples/run_classification.py --output_dir runs/ddp
+    accelerate launch --multi_gpu --num_processes 2 examples/run_classification.py --output_dir runs/ddp
 
 Arguments can also come from one JSON file: `python run_classification.py args.json`.
 """
@@ -508,7 +508,12 @@ def main(argv: list[str] | None = None) -> dict:
                 and not f.startswith(("training_args", "trainer_state"))
             ]
             results["pushed_files"] = sorted(files)
-            results["pushed_commit"] = push_folder(out, repo_id, model_args.token or training_args.hub_token, files)
+            token = model_args.token or training_args.hub_token
+            commit = push_folder(out, repo_id, token, files)
+            # the card's loading snippet pins the commit that holds these files; a second commit adds that card
+            write_model_card(out, dict(card, revision=commit))
+            push_folder(out, repo_id, token, ["README.md"])
+            results["pushed_commit"] = commit
     return results
 
 

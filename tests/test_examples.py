@@ -205,6 +205,8 @@ def test_push_uploads_exactly_the_checkpoint_and_loads_by_repo_id(tmp_path, monk
     assert uploaded == ["README.md", "config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py",
                         "preprocessor_config.json"]  # fmt: skip
     assert results["pushed_files"] == uploaded
+    card = (remote / "README.md").read_text()
+    assert 'revision="0123456789abcdef0123456789abcdef01234567"' in card and "<commit>" not in card
 
     # a Hub cache laid out by hand, read by repo id offline in a fresh process
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -246,6 +248,19 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert task_keys(tmp_path) == ["prompt_embeddings.prompts", "verbalizer.logit_scale",
                                    "verbalizer.projection.weight", "verbalizer.prototypes"]  # fmt: skip
     assert json.load(open(tmp_path / "all_results.json"))["eval_images"] == 30
+
+
+def test_accelerate_launch_two_processes_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    # accelerate's --cpu launcher runs one process; --multi_gpu starts torch.distributed, which falls back to gloo
+    # on a machine without GPUs
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "29518", os.path.join(REPO_ROOT, "examples", "run_classification.py"),
+               "--output_dir", str(tmp_path), *TINY, "--method", "vpt", "--prompt_length", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")] == ["checkpoint-3"]
+    assert task_keys(tmp_path) == ["classifier.bias", "classifier.weight", "prompt_embeddings.prompts"]
 
 
 def test_predict_prints_the_labels_of_a_trained_model(tmp_path, capsys):

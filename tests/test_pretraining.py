@@ -186,6 +186,21 @@ def test_pretrain_script_produces_a_loadable_backbone_and_resumes(tmp_path):
     assert torch.equal(PatchKMeansTokenizer.from_pretrained(tmp_path / "run").centroids, tokens_before)
 
 
+def test_pretraining_is_deterministic_with_a_seed(tmp_path):
+    write_fashion_mnist(tmp_path / "fm")
+    run_pretrain(tmp_path, tmp_path / "a", epochs=1)
+    run_pretrain(tmp_path, tmp_path / "b", epochs=1)
+    a = BeitForMaskedImageModeling.from_pretrained(tmp_path / "a").state_dict()
+    b = BeitForMaskedImageModeling.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(
+        a["lm_head.weight"],
+        BeitForMaskedImageModeling(
+            BeitForMaskedImageModeling.config_class.from_pretrained(tmp_path / "a")
+        ).state_dict()["lm_head.weight"],
+    )
+
+
 # ----------------------------------------------------------------------------------------- shipped backbone/data
 def test_shipped_backbone_loads_offline_with_its_config(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
