@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="Also write one JSON line per image to this file.")
+    parser.add_argument("--skip_unreadable", action="store_true", help="Skip (and count) unreadable files.")
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -65,10 +66,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     processor = AutoImageProcessor.from_pretrained(args.model, revision=args.revision)
     files = list_images(args.inputs)
     top_k = min(args.top_k, model.config.num_labels)
-    results = []
+    results, skipped = [], []
     for start in tqdm(range(0, len(files), args.batch_size), desc="classifying", unit="batch"):
         batch = files[start : start + args.batch_size]
-        images = [Image.open(path).convert("RGB") for path in batch]
+        images, kept = [], []
+        for path in batch:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))  # greyscale, palette, RGBA, 16-bit: all to 8-bit RGB
+                kept.append(path)
+            except (OSError, SyntaxError, ValueError) as error:  # truncated, corrupted or not an image
+                if not args.skip_unreadable:
+                    raise ValueError(
+                        f"cannot read image {path}: {error} (pass --skip_unreadable to skip it)"
+                    ) from error
+                skipped.append(path)
+        if not images:
+            continue
+        batch = kept
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(args.device)
         with torch.no_grad():
             probs = model(pixel_values).logits.float().softmax(-1)
@@ -79,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ]
             results.append({"file": path, "predictions": top})
             print(f"{path}\t" + "\t".join(f"{p['label']}={p['score']:.4f}" for p in top))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s): {skipped}", file=sys.stderr)
     if args.output:
         with open(args.output, "w") as f:
             for row in results:

@@ -135,6 +135,11 @@ class VPTMConfig(BeitConfig):
         choice("verbalizer_input", VERBALIZER_INPUTS)
         if isinstance(self.prompt_layers, str):
             choice("prompt_layers", PROMPT_LAYER_PRESETS)
+        elif not isinstance(self.prompt_layers, (list, tuple)):
+            raise ValueError(
+                f"VPTMConfig.prompt_layers must be 'deep', 'shallow' or a list of block indices, got "
+                f"{self.prompt_layers!r}"
+            )
         else:
             layers = list(self.prompt_layers)
             bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)]

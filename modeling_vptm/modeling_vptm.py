@@ -324,6 +324,12 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values is an empty batch (batch size 0)")
         if labels is not None:
+            # Training on a non-finite image would silently turn the loss (and then the prompts) into NaN. In
+            # inference a non-finite image only gives that image non-finite logits, so it is not checked there
+            # (the check would cost a device sync per batch).
+            if not torch.isfinite(pixel_values).all():
+                bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(f"pixel_values hold NaN or infinite values (images {bad} of the batch)")
             if labels.shape != pixel_values.shape[:1]:
                 raise ValueError(f"labels must have shape ({pixel_values.shape[0]},), got {tuple(labels.shape)}")
             bad = labels[(labels < 0) | (labels >= self.num_labels)]
@@ -483,13 +489,16 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
     ) -> VPTMImageClassifierOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-            Images as the backbone's image processor prepares them.
+            Images as the backbone's image processor prepares them. With `labels`, non-finite values raise a
+            `ValueError`; without, a non-finite image gets non-finite logits and the other images are unaffected.
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, num_labels)`; when given, the loss is computed.
         """
         if pixel_values is None:
             raise ValueError("VPTMForImageClassification needs pixel_values")
         self._check_inputs(pixel_values, labels)
+        # float64 or float16 images for a float32 model (and the reverse) are cast to the backbone's dtype
+        pixel_values = pixel_values.to(self.beit.embeddings.patch_embeddings.projection.weight.dtype)
         output_hidden_states = bool(output_hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         state, hidden_states = self.forward_features(pixel_values, output_hidden_states=output_hidden_states)
@@ -631,8 +640,14 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         from safetensors.torch import load_file
         from transformers.utils.hub import cached_file
 
+        # Only safetensors is read: a pickled pytorch_model.bin offered instead is never unpickled.
         weights = cached_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub)
-        task_tensors = load_file(weights)
+        try:
+            task_tensors = load_file(weights)
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
+            raise ValueError(
+                f"cannot read the prompt weights {weights}: the file is truncated or not a safetensors file ({error})"
+            ) from error
         backbone_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only")}
         mim = load_mim_backbone(config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub)
         if attn_implementation is not None:
