@@ -200,6 +200,43 @@ def resolve_backbone_path(name_or_path: str) -> str:
     return folder
 
 
+def build_task_modules(config: VPTMConfig) -> dict[str, nn.Module | nn.Parameter | None]:
+    """The modules that make up a task, by attribute name: prompts, trained mask token, verbalizer or linear head."""
+    modules: dict[str, nn.Module | nn.Parameter | None] = {
+        "prompt_embeddings": VPTMPromptEmbeddings(config) if config.prompted_layers else None,
+        "trainable_mask_token": (
+            nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+            if config.train_mask_token and config.uses_mask_token
+            else None
+        ),
+        "verbalizer": None,
+        "classifier": None,
+    }
+    if config.classifier == "prototypical_verbalizer":
+        input_dim = config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
+        modules["verbalizer"] = PrototypicalVerbalizer(
+            input_dim,
+            config.num_labels,
+            config.prototype_dim,
+            config.prototypes_per_class,
+            config.logit_scale_init,
+            config.learn_logit_scale,
+        )
+    else:
+        reads_logits = config.classifier == "linear_mask" and config.verbalizer_input != "hidden"
+        modules["classifier"] = nn.Linear(config.vocab_size if reads_logits else config.hidden_size, config.num_labels)
+    return modules
+
+
+def readout_features(config: VPTMConfig, normed: torch.Tensor, token_logits: torch.Tensor | None) -> torch.Tensor:
+    """What the task head reads: the normed read-out state, or the MIM head's logits or probabilities."""
+    if config.classifier == "linear_cls" or config.verbalizer_input == "hidden":
+        return normed
+    if config.verbalizer_input == "probs":
+        return token_logits.float().softmax(-1).to(token_logits.dtype)
+    return token_logits
+
+
 class VPTMPreTrainedModel(BeitPreTrainedModel):
     config: VPTMConfig
     config_class = VPTMConfig
@@ -247,30 +284,8 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
 
-        self.prompt_embeddings = VPTMPromptEmbeddings(config) if config.prompted_layers else None
-        self.trainable_mask_token = (
-            nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-            if config.train_mask_token and config.uses_mask_token
-            else None
-        )
-        self.verbalizer, self.classifier = None, None
-        if config.classifier == "prototypical_verbalizer":
-            input_dim = config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
-            self.verbalizer = PrototypicalVerbalizer(
-                input_dim,
-                config.num_labels,
-                config.prototype_dim,
-                config.prototypes_per_class,
-                config.logit_scale_init,
-                config.learn_logit_scale,
-            )
-        else:
-            input_dim = (
-                config.vocab_size
-                if config.classifier == "linear_mask" and config.verbalizer_input != "hidden"
-                else config.hidden_size
-            )
-            self.classifier = nn.Linear(input_dim, config.num_labels)
+        for name, module in build_task_modules(config).items():
+            setattr(self, name, module)
         self.post_init()
         self.freeze_backbone()
 
@@ -336,7 +351,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             if bad.numel():
                 raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
 
-    def _position_biases(self, pixel_values: torch.Tensor, num_extra: int) -> list[torch.Tensor | None]:
+    def _position_biases(self, pixel_values: torch.Tensor, num_extra: int, mode: str) -> list[torch.Tensor | None]:
         """Per-block attention bias for a sequence with `num_extra` tokens after CLS, `(1, heads, L, L)` each."""
         window = tuple(s // self.config.patch_size for s in pixel_values.shape[2:])
         num_tokens = 1 + window[0] * window[1]
@@ -350,7 +365,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 own = layer.relative_position_bias(window, dim_size=num_tokens)
                 bias = own if bias is None else bias + own
             if bias is not None:
-                bias = extend_relative_position_bias(bias, num_extra, self.config.extra_token_bias)
+                bias = extend_relative_position_bias(bias, num_extra, mode)
             biases.append(bias)
         return biases
 
@@ -374,23 +389,22 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         mlp = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
         return layer.drop_path(layer.lambda_2 * mlp) + hidden
 
-    def _mask_embedding(self) -> torch.Tensor:
-        if self.trainable_mask_token is not None:
-            return self.trainable_mask_token
-        return self.beit.embeddings.mask_token  # (1, 1, D)
-
     def forward_features(
         self,
         pixel_values: torch.Tensor,
         prompts: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        mask_embeddings: torch.Tensor | None = None,
+        layout: VPTMConfig | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Runs the prompted backbone and returns the final state of the read-out token, `(batch, D)` (not normed).
 
-        `prompts`: `(num_prompted_blocks, P, D)` for the whole batch (default: this model's), or `(batch,
-        num_prompted_blocks, P, D)`, one set per image (multi-task serving).
+        For multi-task serving, everything that belongs to a task can be given per image: `prompts` `(batch,
+        num_prompted_blocks, P, D)` (or `(num_prompted_blocks, P, D)` for the whole batch; default: this model's),
+        `mask_embeddings` `(batch, 1, D)` (default: this model's mask token), and `layout`, the config whose prompt
+        and [MASK] fields lay out the sequence (default: this model's).
         """
-        config = self.config
+        config = self.config if layout is None else layout
         batch = pixel_values.shape[0]
         if prompts is None and self.prompt_embeddings is not None:
             prompts = self.prompt_embeddings()
@@ -401,31 +415,38 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         append_mask = config.uses_mask_token and config.mask_token_mode == "append"
         replace_mask = config.uses_mask_token and config.mask_token_mode == "replace"
 
+        if mask_embeddings is None and layout is None and self.trainable_mask_token is not None:
+            mask_embeddings = self.trainable_mask_token
+        mask_position = config.num_patches // 2 if config.mask_token_position is None else config.mask_token_position
         bool_masked_pos = None
-        if replace_mask and self.trainable_mask_token is None:
+        if replace_mask and mask_embeddings is None:
             bool_masked_pos = torch.zeros(batch, config.num_patches, dtype=torch.bool, device=pixel_values.device)
-            bool_masked_pos[:, self._mask_position()] = True
+            bool_masked_pos[:, mask_position] = True
         embeddings = self.beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # (batch, 1 + N, D)
-        if replace_mask and self.trainable_mask_token is not None:
-            position = 1 + self._mask_position()
-            mask = self.trainable_mask_token.to(embeddings.dtype).expand(batch, 1, -1)
+        if mask_embeddings is None:
+            mask_embeddings = self.beit.embeddings.mask_token  # (1, 1, D), the pre-trained one
+        mask = mask_embeddings.to(embeddings.dtype).expand(batch, 1, -1)  # (batch, 1, D)
+        if replace_mask and bool_masked_pos is None:
+            position = 1 + mask_position
             embeddings = torch.cat([embeddings[:, :position], mask, embeddings[:, position + 1 :]], dim=1)
         cls, patches = embeddings[:, :1], embeddings[:, 1:]
-        mask_tokens = [self._mask_embedding().to(embeddings.dtype).expand(batch, 1, -1)] if append_mask else []
+        mask_tokens = [mask] if append_mask else []
 
         # Sequence before the first prompted block: [CLS] + [MASK]? + patches. Prompts are inserted at the first
         # prompted block and overwritten at every later one.
         hidden = torch.cat([cls, *mask_tokens, patches], dim=1)  # (batch, 1 + 1? + N, D)
         num_extra_before = len(mask_tokens)
-        biases_before = self._position_biases(pixel_values, num_extra_before) if prompted and prompted[0] > 0 else None
-        biases_after = self._position_biases(pixel_values, num_extra_before + num_prompts)
+        biases_before = None
+        if prompted and prompted[0] > 0:
+            biases_before = self._position_biases(pixel_values, num_extra_before, config.extra_token_bias)
+        biases_after = self._position_biases(pixel_values, num_extra_before + num_prompts, config.extra_token_bias)
 
         # index of the read-out token in the final sequence: [MASK] (appended or in place of a patch), else CLS
         readout = 0
         if append_mask:
             readout = 1 + num_prompts
         elif replace_mask:
-            readout = 1 + num_prompts + self._mask_position()
+            readout = 1 + num_prompts + mask_position
         skip_last = config.fast_inference and not output_hidden_states
         all_hidden = (hidden,) if output_hidden_states else None
         # gradient_checkpointing_enable() flags each BeitLayer; the layers themselves never checkpoint here because
@@ -455,10 +476,6 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         state = hidden[:, 0] if query is not None else hidden[:, readout]  # (batch, D)
         return state, all_hidden
 
-    def _mask_position(self) -> int:
-        position = self.config.mask_token_position
-        return self.config.num_patches // 2 if position is None else position
-
     # ---------------------------------------------------------------------------------------------------- the head
     def classify(
         self, state: torch.Tensor
@@ -466,14 +483,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         """Read-out state `(batch, D)` -> `(class logits, visual-token logits, normed state, projected features)`."""
         normed = self.layernorm(state)  # (batch, D)
         token_logits = self.lm_head(normed) if self.config.uses_mask_token else None  # (batch, V)
-        if self.config.classifier == "linear_cls":
-            return self.classifier(normed), None, normed, None
-        if self.config.verbalizer_input == "hidden":
-            features = normed
-        elif self.config.verbalizer_input == "probs":
-            features = token_logits.float().softmax(-1).to(token_logits.dtype)
-        else:
-            features = token_logits
+        features = readout_features(self.config, normed, token_logits)
         if self.verbalizer is None:
             return self.classifier(features), token_logits, normed, None
         logits, projected = self.verbalizer(features)

@@ -1,0 +1,86 @@
+"""One backbone, many tasks: mixed batches equal each task's model run alone; tasks come and go without reloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_backbone
+
+import modeling_vptm.serving as serving
+from modeling_vptm import VPTMForImageClassification
+from modeling_vptm.serving import MultiTaskVPTM
+
+
+TASKS = {
+    "deep": dict(prompt_length=3, num_labels=4),
+    "deep-other": dict(prompt_length=3, num_labels=2, prototype_dim=8),  # same layout as "deep"
+    "vpt-shallow": dict(prompt_length=2, prompt_layers="shallow", classifier="linear_cls", num_labels=3),
+    "replace-trained-mask": dict(prompt_length=1, mask_token_mode="replace", train_mask_token=True, num_labels=5),
+    "hidden-linear": dict(prompt_length=3, classifier="linear_mask", verbalizer_input="hidden", num_labels=3),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(backbone_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    paths = {}
+    for i, (name, fields) in enumerate(TASKS.items()):
+        torch.manual_seed(i)
+        fields = dict(fields)
+        model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=fields.pop("num_labels"), **fields)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)  # as if trained
+        model.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def test_mixed_batch_equals_each_task_alone(backbone_dir, checkpoints):
+    server = MultiTaskVPTM(backbone_dir)
+    for name, path in checkpoints.items():
+        server.add_task(name, path)
+    names = list(TASKS) * 2 + ["deep", "vpt-shallow"]
+    pixel_values = torch.randn(len(names), 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    outputs = server(pixel_values, tasks=names)
+    for name, path in checkpoints.items():
+        alone = VPTMForImageClassification.from_pretrained(path)
+        rows = [i for i, n in enumerate(names) if n == name]
+        with torch.no_grad():
+            expected = alone(pixel_values[rows]).logits
+        for k, row in enumerate(rows):
+            assert outputs[row].shape == (TASKS[name]["num_labels"],)
+            torch.testing.assert_close(outputs[row], expected[k], atol=1e-5, rtol=1e-5)
+
+
+def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
+    server = MultiTaskVPTM(backbone_dir)
+    backbone = server.shell.beit
+    calls = []
+    monkeypatch.setattr(serving, "load_mim_backbone", lambda *a, **k: calls.append(a))
+    server.add_task("deep", checkpoints["deep"])
+    server.add_task("vpt", checkpoints["vpt-shallow"])
+    server.remove_task("deep")
+    server.add_task("deep", checkpoints["deep"])
+    assert calls == [] and server.shell.beit is backbone and sorted(server.tasks) == ["deep", "vpt"]
+    with pytest.raises(KeyError, match=r"no task 'gone'"):
+        server.remove_task("gone")
+    with pytest.raises(KeyError, match=r"unknown tasks \['gone'\]"):
+        server(torch.randn(1, 3, 20, 20), tasks=["gone"])
+    with pytest.raises(ValueError, match=r"one task per image: got 1 task names for 2 images"):
+        server(torch.randn(2, 3, 20, 20), tasks=["deep"])
+
+
+def test_checkpoints_of_another_backbone_are_refused(backbone_dir, checkpoints, tmp_path):
+    make_backbone(tmp_path / "other", seed=5)
+    other = VPTMForImageClassification.from_backbone(str(tmp_path / "other"), num_labels=2)
+    other.save_pretrained(tmp_path / "other-task")
+    server = MultiTaskVPTM(backbone_dir)
+    with pytest.raises(ValueError, match=r"was made on backbone .*other.* but this server holds"):
+        server.add_task("other", str(tmp_path / "other-task"))
+    server_with_revision = MultiTaskVPTM(backbone_dir, revision=None)
+    same_name_other_weights = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=2)
+    same_name_other_weights.config.backbone_fingerprint = "0" * 64
+    with pytest.raises(ValueError, match=r"trained on other weights"):
+        server_with_revision.add_task("x", same_name_other_weights)
