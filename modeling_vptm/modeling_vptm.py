@@ -358,14 +358,14 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         shared = None
         if self.beit.shared_position_bias is not None:
             shared = self.beit.shared_position_bias(window, dim_size=num_tokens)  # (1, heads, 1 + N, 1 + N)
+            shared = extend_relative_position_bias(shared, num_extra, mode)  # extended once for all blocks
         biases = []
         for layer in self.beit.layers:
             bias = shared
             if layer.relative_position_bias is not None:
                 own = layer.relative_position_bias(window, dim_size=num_tokens)
+                own = extend_relative_position_bias(own, num_extra, mode)
                 bias = own if bias is None else bias + own
-            if bias is not None:
-                bias = extend_relative_position_bias(bias, num_extra, mode)
             biases.append(bias)
         return biases
 

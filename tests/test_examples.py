@@ -289,3 +289,23 @@ def test_predict_prints_the_labels_of_a_trained_model(tmp_path, capsys):
     assert len(open(tmp_path / "p.jsonl").read().splitlines()) == 2
     with pytest.raises(FileNotFoundError, match=r"neither an image file nor a folder"):
         predict.main(["--model", str(tmp_path / "model"), str(tmp_path / "missing.png")])
+
+
+def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
+    import benchmark
+
+    results = benchmark.main(["--quick", "--arch", "tiny", "--output_dir", str(tmp_path)])
+    rows = results["archs"]["tiny"]["rows"]
+    assert {"full", "linear", "vpt_deep", "vptm_deep", "infer_beit", "infer_vptm", "serve_one_task",
+            "serve_eight_tasks"} <= set(rows)  # fmt: skip
+    assert all(rows[k]["images_per_s"] > 0 for k in rows if k != "checkpoint")
+    assert rows["vptm_deep"]["trainable"] == 6 * 10 * 128 + 512 * 64 + 100 * 64 + 1
+    assert rows["full"]["trainable"] > 20 * rows["vptm_deep"]["trainable"]
+    assert 0 < rows["checkpoint"]["ratio"] < 0.05
+    saved = json.load(open(tmp_path / "benchmark.json"))
+    assert (
+        saved["archs"]["tiny"]["ratios"]["vptm_train_vs_full"]
+        == results["archs"]["tiny"]["ratios"]["vptm_train_vs_full"]
+    )
+    assert "| vptm_deep |" in (tmp_path / "benchmark.md").read_text()
+    assert results["plot"] and (tmp_path / "benchmark.png").stat().st_size > 1000

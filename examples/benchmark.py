@@ -1,0 +1,273 @@
+"""Speed and memory of VPTM against its baselines, side by side in one run (same machine, batch and dtype).
+
+Measures, for each architecture (`base`: the layout of microsoft/beit-base-patch16-224-pt22k; `tiny`: the shipped
+backbone's; random weights, speed does not depend on them):
+
+* training images/s and peak memory of one optimiser step: full fine-tuning (`BeitForImageClassification`), linear
+  probe, VPT-deep and VPTM-deep (10 prompts per block);
+* inference images/s of VPTM against `BeitForImageClassification` (eager, and `torch.compile` with `--compile`);
+* a mixed batch over 8 tasks (`MultiTaskVPTM`) against a batch of one task, same size;
+* prompt-checkpoint bytes against backbone bytes.
+
+On CUDA it uses bf16 autocast and SDPA; on CPU float32. Writes `benchmark.json`, `benchmark.md` and (with
+matplotlib) `benchmark.png` to `--output_dir`, and prints the table with the ratios.
+
+    python examples/benchmark.py --quick --output_dir runs/bench          # CPU, under 2 minutes
+    python examples/benchmark.py --arch base --batch 128 --output_dir runs/bench-gpu   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from modeling_vptm import VPTMConfig, VPTMForImageClassification  # noqa: E402
+
+
+ARCHS = {
+    "base": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, vocab_size=8192),
+    "tiny": dict(image_size=28, patch_size=4, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                 intermediate_size=512, vocab_size=512),
+}  # fmt: skip
+COMMON = dict(use_mask_token=True, use_shared_relative_position_bias=True, use_relative_position_bias=False,
+              layer_scale_init_value=0.1, drop_path_rate=0.0, num_channels=3)  # fmt: skip
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step, device: str, batch: int, steps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"images_per_s": round(batch / seconds, 1), "step_ms": round(seconds * 1e3, 2),
+            "peak_gib": None if peak is None else round(peak, 3)}  # fmt: skip
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, dtype):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            loss = model(pixel_values=x, labels=y).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+def vptm(arch: str, **fields) -> VPTMForImageClassification:
+    config = VPTMConfig(**ARCHS[arch], **COMMON, num_labels=fields.pop("num_labels", 100), **fields)
+    return VPTMForImageClassification(config)
+
+
+def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_compile: bool) -> dict:
+    from transformers import BeitConfig, BeitForImageClassification
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = ARCHS[arch]["image_size"]
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    rows = {}
+
+    def train(name, model):
+        model = model.to(device).train()
+        step, trainable = training_step(model, x, y, device, dtype)
+        rows[name] = dict(measure(step, device, batch, steps, warmup), trainable=trainable)
+        print(f"[{arch}] train {name}: {rows[name]}", flush=True)
+        del model, step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    beit_config = BeitConfig(**ARCHS[arch], **COMMON, num_labels=100)
+    train("full", BeitForImageClassification(beit_config))
+    train("linear", vptm(arch, prompt_length=0, classifier="linear_cls"))
+    train("vpt_deep", vptm(arch, classifier="linear_cls"))
+    train("vptm_deep", vptm(arch))
+
+    def infer(name, model, fn):
+        model = model.to(device).eval()
+        if device == "cuda":
+            model = model.to(dtype)
+        inputs = x.to(dtype) if device == "cuda" else x
+
+        @torch.no_grad()
+        def step():
+            fn(model, inputs)
+
+        rows[name] = measure(step, device, batch, steps, warmup)
+        print(f"[{arch}] {name}: {rows[name]}", flush=True)
+
+    classifier = BeitForImageClassification(beit_config)
+    ours = vptm(arch)
+    infer("infer_beit", classifier, lambda m, i: m(pixel_values=i).logits)
+    infer("infer_vptm", ours, lambda m, i: m(pixel_values=i).logits)
+    if use_compile:
+        infer("infer_beit_compiled", torch.compile(classifier), lambda m, i: m(pixel_values=i).logits)
+        infer("infer_vptm_compiled", torch.compile(ours), lambda m, i: m(pixel_values=i).logits)
+    rows.update(mixed_batch(arch, ours, x, device, dtype, batch, steps, warmup))
+    rows["checkpoint"] = checkpoint_bytes(ours)
+    return rows
+
+
+def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
+    """A batch spread over 8 tasks against the same batch under one task (MultiTaskVPTM, same backbone)."""
+    from modeling_vptm.serving import MultiTaskVPTM, VPTMTask
+
+    server = MultiTaskVPTM.__new__(MultiTaskVPTM)
+    nn.Module.__init__(server)
+    server.shell, server.tasks = model.eval(), nn.ModuleDict()  # reuse the loaded backbone
+    for t in range(8):
+        task = VPTMTask(model.config)
+        task.load_state_dict({k: v + 0.01 * t for k, v in model.task_state_dict().items()})
+        server.tasks[f"task{t}"] = task.to(device)
+    if device == "cuda":
+        server = server.to(dtype)
+    inputs = x.to(next(server.parameters()).dtype)
+    mixed = [f"task{i % 8}" for i in range(batch)]
+    single = ["task0"] * batch
+    result = {}
+    for name, names in (("serve_one_task", single), ("serve_eight_tasks", mixed)):
+        result[name] = measure(lambda n=names: server(inputs, n), device, batch, steps, warmup)
+        print(f"[{arch}] {name}: {result[name]}", flush=True)
+    return result
+
+
+def checkpoint_bytes(model: VPTMForImageClassification) -> dict:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        task = os.path.join(folder, "task.safetensors")
+        backbone = os.path.join(folder, "backbone.safetensors")
+        save_file({k: v.float().contiguous().cpu() for k, v in model.task_state_dict().items()}, task)
+        backbone_tensors = {k: v.float().contiguous().cpu() for k, v in model.state_dict().items()
+                            if k.split(".")[0] in ("beit", "layernorm", "lm_head")}  # fmt: skip
+        save_file(backbone_tensors, backbone)
+        sizes = {"prompt_checkpoint_bytes": os.path.getsize(task), "backbone_bytes": os.path.getsize(backbone)}
+    sizes["ratio"] = round(sizes["prompt_checkpoint_bytes"] / sizes["backbone_bytes"], 5)
+    return sizes
+
+
+def ratios(rows: dict) -> dict:
+    full, beit = rows["full"], rows["infer_beit"]
+    out = {
+        "vptm_train_vs_full": round(rows["vptm_deep"]["images_per_s"] / full["images_per_s"], 3),
+        "vptm_train_vs_vpt_deep": round(rows["vptm_deep"]["images_per_s"] / rows["vpt_deep"]["images_per_s"], 3),
+        "vptm_infer_vs_beit": round(rows["infer_vptm"]["images_per_s"] / beit["images_per_s"], 3),
+        "mixed_8_tasks_vs_one": round(
+            rows["serve_eight_tasks"]["images_per_s"] / rows["serve_one_task"]["images_per_s"], 3
+        ),
+        "checkpoint_vs_backbone": rows["checkpoint"]["ratio"],
+    }
+    if full["peak_gib"]:
+        out["vptm_train_memory_vs_full"] = round(rows["vptm_deep"]["peak_gib"] / full["peak_gib"], 3)
+    if "infer_vptm_compiled" in rows:
+        out["vptm_compiled_vs_beit_compiled"] = round(
+            rows["infer_vptm_compiled"]["images_per_s"] / rows["infer_beit_compiled"]["images_per_s"], 3
+        )
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Device: {results['device']}; torch {results['torch']}; dtype {results['dtype']}.", ""]
+    for arch, data in results["archs"].items():
+        rows = data["rows"]
+        lines += [f"### {arch} (batch {data['batch']})", ""]
+        lines += ["| measurement | images/s | step ms | peak GiB | trainable params |", "|---|---|---|---|---|"]
+        for name, row in rows.items():
+            if name == "checkpoint":
+                continue
+            peak = "–" if row.get("peak_gib") is None else row["peak_gib"]
+            trainable = f"{row['trainable']:,}" if "trainable" in row else "–"
+            lines.append(f"| {name} | {row['images_per_s']:,} | {row['step_ms']} | {peak} | {trainable} |")
+        c = rows["checkpoint"]
+        lines += ["", f"Prompt checkpoint {c['prompt_checkpoint_bytes']:,} bytes vs backbone {c['backbone_bytes']:,}"
+                  f" bytes ({100 * c['ratio']:.2f} %).", "", "Ratios: " + ", ".join(
+                      f"{k} {v}" for k, v in data["ratios"].items()), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    archs = list(results["archs"])
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        rows = results["archs"][arch]["rows"]
+        names = [n for n in rows if n != "checkpoint"]
+        ax.barh(names, [rows[n]["images_per_s"] for n in names], color="tab:blue")
+        ax.set_xlabel("images/s")
+        ax.set_title(f"{arch} on {results['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["base", "tiny", "both"], default="both")
+    parser.add_argument("--batch", type=int, default=None, help="Default: 128 on CUDA, 8 (base) / 64 (tiny) on CPU.")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="Also time torch.compile inference.")
+    parser.add_argument("--quick", action="store_true", help="Few steps and small batches (CI).")
+    parser.add_argument("--output_dir", default="runs/benchmark")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "dtype": "bf16 autocast" if device == "cuda" else "float32",
+        "archs": {},
+    }
+    for arch in ["base", "tiny"] if args.arch == "both" else [args.arch]:
+        cpu_batch = {"base": 2 if args.quick else 8, "tiny": 32 if args.quick else 128}[arch]
+        batch = args.batch or (128 if device == "cuda" else cpu_batch)
+        steps = args.steps or (2 if args.quick else (20 if device == "cuda" else 5))
+        warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+        rows = run_arch(arch, batch, steps, warmup, device, args.compile)
+        results["archs"][arch] = {"batch": batch, "steps": steps, "rows": rows, "ratios": ratios(rows)}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown(results)
+    with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
+        f.write(table + "\n")
+    results["plot"] = plot(results, os.path.join(args.output_dir, "benchmark.png"))
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
