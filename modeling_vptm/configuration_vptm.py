@@ -77,7 +77,9 @@ class VPTMConfig(BeitConfig):
         contrastive_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of that contrastive loss. Only used if `contrastive_weight > 0`.
         fast_inference (`bool`, *optional*, defaults to `True`):
-            In eval mode, compute the last block for the read-out token only (exact: no later token is read).
+            Skip outputs that nothing reads, in training and inference (exact): the last block computes the read-out
+            token only, and a block followed by a prompted block skips its prompt slots' outputs, which that block
+            overwrites. Off when `output_hidden_states=True`.
     """
 
     model_type = "vptm"

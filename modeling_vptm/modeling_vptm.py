@@ -371,20 +371,33 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
     @staticmethod
     def _block(
-        layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, query_index: int | None = None
+        layer: BeitLayer,
+        hidden: torch.Tensor,
+        bias: torch.Tensor | None,
+        query_index: int | None = None,
+        skip: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
 
-        With `query_index`, only that token's output is computed, `(batch, 1, D)`: exact when nothing else of this
-        block's output is read.
+        Every token stays a key and value; outputs nobody reads are not computed, which is exact: with
+        `query_index`, only that token's output, `(batch, 1, D)`; with `skip=(start, stop)`, every output but those
+        rows, `(batch, L - (stop - start), D)` (the prompt slots that the next block overwrites).
         """
         normed = layer.layernorm_before(hidden)
-        if query_index is None:
+        if query_index is None and skip is None:
             attention, _ = layer.attention(normed, attention_mask=bias)
             residual = hidden
         else:
-            attention = _single_query_attention(layer.attention, normed, query_index, bias)
-            residual = hidden[:, query_index : query_index + 1]
+            if query_index is not None:
+                start, stop = query_index, query_index + 1
+                queries, residual = normed[:, start:stop], hidden[:, start:stop]
+                rows = bias[:, :, start:stop] if bias is not None else None
+            else:
+                start, stop = skip
+                queries = torch.cat([normed[:, :start], normed[:, stop:]], dim=1)  # (batch, L - skipped, D)
+                residual = torch.cat([hidden[:, :start], hidden[:, stop:]], dim=1)
+                rows = torch.cat([bias[:, :, :start], bias[:, :, stop:]], dim=2) if bias is not None else None
+            attention = _partial_attention(layer.attention, normed, queries, rows)
         hidden = layer.drop_path(layer.lambda_1 * layer.dropout(attention)) + residual
         mlp = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
         return layer.drop_path(layer.lambda_2 * mlp) + hidden
@@ -447,29 +460,34 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             readout = 1 + num_prompts
         elif replace_mask:
             readout = 1 + num_prompts + mask_position
-        skip_last = config.fast_inference and not output_hidden_states
+        # Exact savings (config.fast_inference): the last block computes the read-out token only, and a block
+        # followed by a prompted block skips the outputs of its prompt slots, which that block overwrites.
+        fast = config.fast_inference and not output_hidden_states
         all_hidden = (hidden,) if output_hidden_states else None
         # gradient_checkpointing_enable() flags each BeitLayer; the layers themselves never checkpoint here because
         # the frozen backbone stays in eval mode, so the flag is honoured by this loop instead.
         checkpointing = (
             self.training and torch.is_grad_enabled() and any(l.gradient_checkpointing for l in self.beit.layers)
         )
-        inserted = False
+        inserted = has_slots = False
         last = len(self.beit.layers) - 1
         for i, layer in enumerate(self.beit.layers):
             if i in prompted:
                 block_prompts = prompts[:, prompted.index(i)].to(hidden.dtype)  # (batch, P, D)
-                rest = hidden[:, 1 + num_prompts :] if inserted else hidden[:, 1:]
+                rest = hidden[:, 1 + num_prompts :] if has_slots else hidden[:, 1:]
                 hidden = torch.cat([hidden[:, :1], block_prompts, rest], dim=1)  # (batch, 1 + P + 1? + N, D)
-                inserted = True
+                inserted = has_slots = True
             bias = biases_after[i] if inserted or not prompted else biases_before[i]
-            query = readout if (skip_last and i == last) else None
+            query = readout if (fast and i == last) else None
+            skip = None
+            if fast and i < last and has_slots and (i + 1) in prompted and num_prompts:
+                skip, has_slots = (1, 1 + num_prompts), False
             if checkpointing:
                 hidden = torch.utils.checkpoint.checkpoint(
-                    self._block, layer, hidden, bias, query, use_reentrant=False
+                    self._block, layer, hidden, bias, query, skip, use_reentrant=False
                 )
             else:
-                hidden = self._block(layer, hidden, bias, query)
+                hidden = self._block(layer, hidden, bias, query, skip)
             if all_hidden is not None:
                 all_hidden = all_hidden + (hidden,)
         hidden = self.beit.layernorm(hidden)  # Identity for MIM checkpoints with mean pooling
@@ -730,17 +748,20 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _single_query_attention(attention, normed: torch.Tensor, index: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """`BeitAttention` for one query token against all keys: `(batch, 1, D)`."""
+def _partial_attention(
+    attention, normed: torch.Tensor, queries: torch.Tensor, bias_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`BeitAttention` for a subset of query tokens `(batch, Lq, D)` against all `(batch, L, D)` keys and values."""
     batch, length, _ = normed.shape
     heads, head_dim = attention.num_attention_heads, attention.head_dim
-    query = attention.q_proj(normed[:, index : index + 1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    num_queries = queries.shape[1]
+    query = attention.q_proj(queries).view(batch, num_queries, heads, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
     value = attention.v_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    row = bias[:, :, index : index + 1] if bias is not None else None  # (1, heads, 1, L)
-    out, _ = interface(attention, query, key, value, row, dropout=0.0, scaling=attention.scaling)
-    return attention.o_proj(out.reshape(batch, 1, heads * head_dim))
+    # bias_rows: (1, heads, Lq, L)
+    out, _ = interface(attention, query, key, value, bias_rows, dropout=0.0, scaling=attention.scaling)
+    return attention.o_proj(out.reshape(batch, num_queries, heads * head_dim))
 
 
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

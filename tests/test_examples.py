@@ -309,3 +309,17 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     )
     assert "| vptm_deep |" in (tmp_path / "benchmark.md").read_text()
     assert results["plot"] and (tmp_path / "benchmark.png").stat().st_size > 1000
+
+
+def test_every_vptm_config_field_is_an_argument():
+    import dataclasses
+
+    from transformers import BeitConfig
+
+    from modeling_vptm import VPTMConfig
+
+    vptm_fields = {f.name for f in dataclasses.fields(VPTMConfig)} - {f.name for f in dataclasses.fields(BeitConfig)}
+    set_by_the_script = {"backbone_name_or_path", "backbone_revision", "backbone_fingerprint", "classifier",
+                         "fast_inference"}  # fmt: skip
+    arguments = {f.name for f in dataclasses.fields(run_classification.ModelArguments)}
+    assert vptm_fields - set_by_the_script <= arguments, vptm_fields - set_by_the_script - arguments

@@ -214,14 +214,36 @@ def test_per_layer_relative_bias_backbone(tmp_path, pixel_values):
         assert torch.isfinite(prompted(pixel_values).logits).all()
 
 
-@pytest.mark.parametrize("classifier", ["prototypical_verbalizer", "linear_cls"])
-def test_fast_last_block_equals_full_computation(backbone_dir, pixel_values, classifier):
-    model = from_backbone(backbone_dir, classifier=classifier).eval()
-    with torch.no_grad():
-        fast = model(pixel_values).logits
-        model.config.fast_inference = False
-        full = model(pixel_values).logits
-    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(classifier="linear_cls"),
+        dict(prompt_layers=[0, 1]),
+        dict(prompt_layers=[1, 2], mask_token_mode="replace"),
+        dict(prompt_layers="shallow"),
+        dict(prompt_length=0),
+    ],
+    ids=["deep", "vpt-deep", "blocks-0-1", "blocks-1-2-replace", "shallow", "no-prompts"],
+)
+def test_skipping_unread_outputs_is_exact_in_inference_and_training(backbone_dir, pixel_values, fields):
+    torch.manual_seed(0)
+    model = from_backbone(backbone_dir, **fields)
+    labels = torch.tensor([0, 1, 2])
+    results = []
+    for fast in (True, False):
+        model.config.fast_inference = fast
+        model.eval()
+        with torch.no_grad():
+            logits = model(pixel_values).logits
+        model.train()
+        model.zero_grad()
+        model(pixel_values, labels=labels).loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((logits, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for fast_grad, full_grad in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(fast_grad, full_grad, atol=1e-5, rtol=1e-4)
 
 
 def test_eager_and_sdpa_agree(backbone_dir, pixel_values):
