@@ -84,3 +84,48 @@ def test_checkpoints_of_another_backbone_are_refused(backbone_dir, checkpoints, 
     same_name_other_weights.config.backbone_fingerprint = "0" * 64
     with pytest.raises(ValueError, match=r"trained on other weights"):
         server_with_revision.add_task("x", same_name_other_weights)
+
+
+def test_serve_batch_cli_matches_each_model(tmp_path, capsys):
+    import os
+    import sys
+
+    import numpy as np
+    from conftest import REPO_ROOT
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from modeling_vptm import SHIPPED_BACKBONE, shipped_backbone_path
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+    import serve_batch
+
+    models = {}
+    for seed, (name, fields) in enumerate(
+        {"a": dict(num_labels=3), "b": dict(num_labels=4, classifier="linear_cls", prompt_layers="shallow")}.items()
+    ):
+        torch.manual_seed(seed)
+        model = VPTMForImageClassification.from_backbone(SHIPPED_BACKBONE, **fields)
+        model.save_pretrained(tmp_path / name)
+        models[name] = model.eval()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / f"in-{name}")
+        for j in range(3):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / f"in-{name}" / f"{j}.png")
+    results = serve_batch.main(["--backbone", SHIPPED_BACKBONE, "--task", f"a={tmp_path / 'a'}", "--task",
+                                f"b={tmp_path / 'b'}", "--input", f"a={tmp_path / 'in-a'}", "--input",
+                                f"b={tmp_path / 'in-b'}", "--batch_size", "4", "--top_k", "2"])  # fmt: skip
+    assert [r["task"] for r in results] == ["a"] * 3 + ["b"] * 3
+    processor = AutoImageProcessor.from_pretrained(shipped_backbone_path())
+    for r in results:
+        pixel_values = processor(Image.open(r["file"]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            probs = models[r["task"]](pixel_values).logits[0].softmax(-1)
+        best = int(probs.argmax())
+        assert r["predictions"][0]["label"] == models[r["task"]].config.id2label[best]
+        assert abs(r["predictions"][0]["score"] - float(probs[best])) < 1e-5
+    assert len(capsys.readouterr().out.strip().splitlines()) == 6
+    with pytest.raises(ValueError, match=r"--input names task 'c', but the tasks are \['a', 'b'\]"):
+        serve_batch.main(["--backbone", SHIPPED_BACKBONE, "--task", f"a={tmp_path / 'a'}", "--task",
+                          f"b={tmp_path / 'b'}", "--input", f"c={tmp_path / 'in-a'}"])  # fmt: skip
