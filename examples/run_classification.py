@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("vptm", "vpt", "linear", "full")
 SHIPPED_DATASET = "vptm:fashion-mnist-1k"
+# the shipped 1,000 training images, evaluated on the 10,000 official test images (Debian dataset-fashion-mnist)
+FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
 RUN_ARGS_FILE = "vptm_run_args.json"
 CARD_TEMPLATE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "prompt_checkpoint_template.md"
@@ -89,6 +91,10 @@ class ModelArguments:
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
     prototype_init: str = field(default="random", metadata={"help": "random or class_mean (one pass over the data)."})
+    vptm_head: str = field(
+        default="prototypical_verbalizer",
+        metadata={"help": "For --method vptm: prototypical_verbalizer, or linear_mask (ablation: a linear head)."},
+    )
 
 
 @dataclass
@@ -146,6 +152,12 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
         from modeling_vptm.data import shipped_dataset
 
         dataset = shipped_dataset()
+    elif data_args.dataset_name == FULL_TEST_DATASET:
+        from datasets import DatasetDict
+
+        from modeling_vptm.data import fashion_mnist_dataset, shipped_dataset
+
+        dataset = DatasetDict(train=shipped_dataset()["train"], test=fashion_mnist_dataset("test"))
     elif data_args.dataset_name:
         dataset = load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
@@ -289,18 +301,21 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
         except ValueError as error:
             raise ValueError(f"--prompt_layers must be deep, shallow or indices like 0,1,2; got {layers!r}") from error
     fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)}
-    for key in (
+    not_config = (
         "model_name_or_path",
         "model_revision",
         "cache_dir",
         "token",
         "method",
-        "prompt_init_from",
         "prototype_init",
-    ):
+        "vptm_head",
+    )
+    for key in not_config:
         fields.pop(key, None)
     fields["prompt_layers"] = layers
-    fields["classifier"] = "prototypical_verbalizer" if model_args.method == "vptm" else "linear_cls"
+    if model_args.vptm_head not in ("prototypical_verbalizer", "linear_mask"):
+        raise ValueError(f"--vptm_head must be prototypical_verbalizer or linear_mask, got {model_args.vptm_head!r}")
+    fields["classifier"] = model_args.vptm_head if model_args.method == "vptm" else "linear_cls"
     if model_args.method == "linear":
         fields["prompt_length"] = 0
     return VPTMForImageClassification.from_backbone(

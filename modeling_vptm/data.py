@@ -126,3 +126,16 @@ def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nda
             raise ValueError(f"class {cls} has {len(candidates)} examples, fewer than per_class={per_class}")
         picked.append(rng.choice(candidates, size=per_class, replace=False))
     return np.sort(np.concatenate(picked))
+
+
+def fashion_mnist_dataset(split: str = "test", data_dir: str | os.PathLike | None = None):
+    """A Fashion-MNIST split from the IDX files as a ``datasets.Dataset`` (``image`` PIL, ``label`` ClassLabel)."""
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    images, labels = load_fashion_mnist(split, data_dir)
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
+    return Dataset.from_dict(
+        {"image": [PILImage.fromarray(x, mode="L") for x in images], "label": labels.astype(int).tolist()},
+        features=features,
+    )

@@ -1,0 +1,250 @@
+"""The paper's claims, measured on the shipped backbone: VPTM against its baselines, robustness sweeps, verbalizer
+ablations, and one default configuration for every run ("deployed uniformly").
+
+Every run is `run_classification.py` on the shipped 1,000 Fashion-MNIST training images, evaluated on the 10,000
+official test images (Debian `dataset-fashion-mnist`; without it, on the 3,000 shipped test images, and the results
+say so). Runs are kept in `--output_dir/<run>/`; rerunning skips finished runs, so a long comparison can be resumed.
+
+    python examples/compare_methods.py --output_dir runs/compare                          # everything (hours on CPU)
+    python examples/compare_methods.py --output_dir runs/compare --sections methods       # the main table only
+    python examples/compare_methods.py --output_dir runs/compare-quick --quick            # CI: a tiny slice
+
+Writes `results.json`, `results.md` and (with matplotlib) `accuracy_vs_parameters.png` and `sweeps.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import run_classification  # noqa: E402
+
+
+METHODS = {
+    "linear": dict(method="linear"),
+    "full": dict(method="full"),
+    "vpt_shallow": dict(method="vpt", prompt_layers="shallow"),
+    "vpt_deep": dict(method="vpt"),
+    "vptm_shallow": dict(method="vptm", prompt_layers="shallow"),
+    "vptm_deep": dict(method="vptm"),
+}
+LAYERS = {"shallow": "shallow", "first_half": "0,1,2", "second_half": "3,4,5", "deep": "deep"}  # 6-block backbone
+SWEEPS = {
+    "prompt_length": {"values": [1, 5, 10, 50], "methods": ["vptm", "vpt"]},
+    "prompt_layers": {"values": list(LAYERS), "methods": ["vptm", "vpt"]},
+    "prototype_dim": {"values": [16, 32, 64, 128, 256], "methods": ["vptm"]},
+}
+ABLATIONS = {
+    "prototypical_logits": dict(method="vptm"),
+    "linear_head_on_mask_logits": dict(method="vptm", vptm_head="linear_mask"),
+    "verbalizer_on_probs": dict(method="vptm", verbalizer_input="probs"),
+    "verbalizer_on_hidden": dict(method="vptm", verbalizer_input="hidden"),
+    "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),
+}
+DEFAULTS = {"prompt_length": 10, "prompt_layers": "deep", "prototype_dim": 64}
+
+
+def has_full_test_set() -> bool:
+    from modeling_vptm.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("test")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def arguments(settings: dict, seed: int, args) -> list[str]:
+    settings = dict(settings)
+    argv = ["--method", settings.pop("method"), "--seed", str(seed), "--dataset_name", args.dataset,
+            "--save_strategy", "no", "--disable_tqdm", "true", "--num_train_epochs", str(args.epochs)]  # fmt: skip
+    for key, value in settings.items():
+        argv += [f"--{key}", str(LAYERS.get(value, value) if key == "prompt_layers" else value)]
+    if args.quick:
+        argv += ["--max_train_samples", "40", "--max_eval_samples", "40", "--per_device_train_batch_size", "8"]
+    return argv
+
+
+def run_one(name: str, settings: dict, seed: int, args) -> dict:
+    folder = os.path.join(args.output_dir, f"{name}-seed{seed}")
+    done = os.path.join(folder, "all_results.json")
+    if os.path.isfile(done):  # finished earlier: a long comparison resumes where it stopped
+        return json.load(open(done))
+    return run_classification.main(arguments(settings, seed, args) + ["--output_dir", folder, "--overwrite_output_dir",
+                                                                      "true"])  # fmt: skip
+
+
+def summarise(results: list[dict]) -> dict:
+    accuracies = [r["accuracy"] for r in results]
+    return {
+        "accuracy_mean": statistics.mean(accuracies),
+        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "runs": len(accuracies),
+        "trainable_parameters": results[0]["trainable_parameters"],
+        "checkpoint_bytes": results[0].get("checkpoint_bytes"),
+        "train_seconds": statistics.mean(r["train_seconds"] for r in results),
+    }
+
+
+def raw_pixel_baseline(args) -> dict:
+    """Logistic regression on raw pixels of the same 1,000 training images (C = 0.1)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    data = run_classification.load_data(
+        run_classification.DataTrainingArguments(dataset_name=args.dataset), run_classification.ModelArguments()
+    )[0]
+
+    def arrays(split, limit):
+        subset = data[split] if limit is None else data[split].select(range(min(limit, len(data[split]))))
+        x = np.stack([np.asarray(image.convert("L"), dtype=np.float32).ravel() / 255.0 for image in subset["image"]])
+        return x, np.asarray(subset["label"])
+
+    limit = 40 if args.quick else None
+    train_x, train_y = arrays("train", limit)
+    test_x, test_y = arrays("eval", limit)
+    model = LogisticRegression(C=0.1, max_iter=3000).fit(train_x, train_y)
+    return {"accuracy": float(model.score(test_x, test_y)), "trainable_parameters": int(model.coef_.size + 10)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument("--sections", nargs="+", default=["methods", "sweeps", "ablations", "uniform"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=30)
+    parser.add_argument("--quick", action="store_true", help="A tiny slice, one seed, one epoch (CI).")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs = args.seeds[:1], 1
+    full_test = has_full_test_set()
+    args.dataset = run_classification.FULL_TEST_DATASET if full_test else run_classification.SHIPPED_DATASET
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.perf_counter()
+    results = {
+        "evaluation": "10,000 official test images" if full_test else
+        "the 3,000 shipped test images (dataset-fashion-mnist not installed)",
+        "epochs": args.epochs, "seeds": args.seeds, "quick": args.quick,
+    }  # fmt: skip
+    if "methods" in args.sections:
+        results["methods"] = {
+            name: summarise([run_one(name, settings, seed, args) for seed in args.seeds])
+            for name, settings in METHODS.items()
+        }
+        results["methods"]["raw_pixel_logreg"] = raw_pixel_baseline(args)
+    if "sweeps" in args.sections:
+        results["sweeps"] = {}
+        for field, sweep in SWEEPS.items():
+            for method in sweep["methods"]:
+                points = {}
+                for value in sweep["values"]:
+                    settings = {"method": method, field: value}
+                    name = f"sweep-{method}-{field}-{value}"
+                    points[str(value)] = summarise([run_one(name, settings, s, args) for s in args.seeds[:1]])
+                accuracies = [p["accuracy_mean"] for p in points.values()]
+                results["sweeps"][f"{method}/{field}"] = {
+                    "points": points, "spread": max(accuracies) - min(accuracies), "best": max(accuracies),
+                    "default": points.get(str(DEFAULTS[field]), {}).get("accuracy_mean"),
+                }  # fmt: skip
+    if "ablations" in args.sections:
+        results["ablations"] = {
+            name: summarise([run_one(f"ablation-{name}", settings, s, args) for s in args.seeds[:1]])
+            for name, settings in ABLATIONS.items()
+        }
+    if "uniform" in args.sections and "sweeps" in results:
+        results["uniform"] = {
+            key: {"default": sweep["default"], "best_per_sweep": sweep["best"],
+                  "gap": None if sweep["default"] is None else sweep["best"] - sweep["default"]}
+            for key, sweep in results["sweeps"].items()
+        }  # fmt: skip
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown(results)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    results["plots"] = plots(results, args.output_dir)
+    print(table)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Evaluated on {results['evaluation']}; {results['epochs']:g} epochs; seeds {results['seeds']}.", ""]
+    if "methods" in results:
+        lines += ["| method | accuracy (mean ± std) | trainable parameters | checkpoint bytes | train s |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name, row in results["methods"].items():
+            if name == "raw_pixel_logreg":
+                lines.append(f"| raw-pixel logistic regression | {100 * row['accuracy']:.2f} | "
+                             f"{row['trainable_parameters']:,} | – | – |")  # fmt: skip
+                continue
+            lines.append(
+                f"| {name} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} | "
+                f"{row['trainable_parameters']:,} | {row['checkpoint_bytes'] or 0:,} | {row['train_seconds']:.0f} |"
+            )
+        lines.append("")
+    if "sweeps" in results:
+        lines += ["| sweep | values: accuracy | spread |", "|---|---|---|"]
+        for key, sweep in results["sweeps"].items():
+            points = ", ".join(f"{v}: {100 * p['accuracy_mean']:.2f}" for v, p in sweep["points"].items())
+            lines.append(f"| {key} | {points} | {100 * sweep['spread']:.2f} |")
+        lines.append("")
+    if "ablations" in results:
+        lines += ["| verbalizer ablation (VPTM-deep) | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {100 * v['accuracy_mean']:.2f} |" for k, v in results["ablations"].items()]
+        lines.append("")
+    if "uniform" in results:
+        lines += ["| sweep | default config | best value | gap (points) |", "|---|---|---|---|"]
+        for key, row in results["uniform"].items():
+            default = "–" if row["default"] is None else f"{100 * row['default']:.2f}"
+            gap = "–" if row["gap"] is None else f"{100 * row['gap']:.2f}"
+            lines.append(f"| {key} | {default} | {100 * row['best_per_sweep']:.2f} | {gap} |")
+    return "\n".join(lines)
+
+
+def plots(results: dict, folder: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    if "methods" in results:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, row in results["methods"].items():
+            accuracy = row.get("accuracy_mean", row.get("accuracy"))
+            ax.scatter(row["trainable_parameters"], 100 * accuracy)
+            ax.annotate(name, (row["trainable_parameters"], 100 * accuracy), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test accuracy (%)")
+        fig.tight_layout()
+        path = os.path.join(folder, "accuracy_vs_parameters.png")
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    if "sweeps" in results:
+        keys = list(results["sweeps"])
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            points = results["sweeps"][key]["points"]
+            ax.plot(list(points), [100 * p["accuracy_mean"] for p in points.values()], marker="o")
+            ax.set_title(key, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(folder, "sweeps.png")
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
