@@ -323,3 +323,27 @@ def test_every_vptm_config_field_is_an_argument():
                          "fast_inference"}  # fmt: skip
     arguments = {f.name for f in dataclasses.fields(run_classification.ModelArguments)}
     assert vptm_fields - set_by_the_script <= arguments, vptm_fields - set_by_the_script - arguments
+
+
+def test_compare_methods_quick_mode_and_resume(tmp_path):
+    import compare_methods
+
+    results = compare_methods.main(["--quick", "--output_dir", str(tmp_path)])
+    methods = results["methods"]
+    assert set(methods) == {"linear", "full", "vpt_shallow", "vpt_deep", "vptm_shallow", "vptm_deep",
+                            "raw_pixel_logreg"}  # fmt: skip
+    assert methods["vptm_deep"]["trainable_parameters"] > methods["vpt_deep"]["trainable_parameters"]
+    assert methods["full"]["trainable_parameters"] > 1_000_000
+    assert set(results["sweeps"]) == {"vptm/prompt_length", "vpt/prompt_length", "vptm/prompt_layers",
+                                      "vpt/prompt_layers", "vptm/prototype_dim"}  # fmt: skip
+    sweep = results["sweeps"]["vptm/prototype_dim"]
+    accuracies = [p["accuracy_mean"] for p in sweep["points"].values()]
+    assert sweep["spread"] == pytest.approx(max(accuracies) - min(accuracies))
+    assert set(results["ablations"]) == set(compare_methods.ABLATIONS)
+    assert results["uniform"]["vptm/prototype_dim"]["gap"] == pytest.approx(sweep["best"] - sweep["default"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| vptm_deep |" in table and "raw-pixel logistic regression" in table
+    assert sorted(os.path.basename(p) for p in results["plots"]) == ["accuracy_vs_parameters.png", "sweeps.png"]
+    again = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "methods"])
+    assert again["methods"]["vptm_deep"] == methods["vptm_deep"]  # finished runs are read back, not rerun
+    assert again["seconds"] < results["seconds"]
