@@ -503,6 +503,14 @@ def main(argv: list[str] | None = None) -> dict:
             device=device,
             repo_id=repo_id,
             revision="<commit>",
+            contents=(
+                f"It holds every weight of the fine-tuned BEiT ({trainable:,d} parameters, "
+                f"{results['checkpoint_bytes']:,d} bytes)."
+                if model_args.method == "full"
+                else f"It holds only the task's small tensors ({trainable:,d} trainable parameters, "
+                f"{results['checkpoint_bytes']:,d} bytes); the frozen backbone is loaded from its own repository "
+                "when this model is loaded."
+            ),
             arguments=json.dumps(run_args, indent=2, sort_keys=True),
         )
         write_model_card(out, card)

@@ -69,7 +69,7 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
     value = metadata["model-index"][0]["results"][0]["metrics"][0]["value"]
     assert value == round(results["accuracy"], 4)
     assert "trust_remote_code=True" in body and "revision=" in body
-    assert f"{results['trainable_parameters']:,d} trainable" in body
+    assert f"only the task's small tensors ({results['trainable_parameters']:,d} trainable" in body
     printed = capsys.readouterr().out
     assert f"{method}: eval accuracy {results['accuracy']:.4f}" in printed and "trainable parameters" in printed
 
@@ -83,6 +83,7 @@ def test_vptm_trainable_count_and_class_mean_init(tmp_path):
 def test_full_fine_tuning_trains_the_backbone(tmp_path):
     results = run(tmp_path, "--method", "full")
     assert results["trainable_parameters"] == results["total_parameters"]
+    assert "It holds every weight of the fine-tuned BEiT" in read_card(tmp_path)[1]
     assert any(k.startswith("beit.encoder.layer.") or k.startswith("beit.layers.") for k in task_keys(tmp_path))
 
 
