@@ -28,13 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_classification  # noqa: E402
 
 
-METHODS = {
+METHODS = {  # cheapest first, so an interrupted comparison has the prompt methods
     "linear": dict(method="linear"),
-    "full": dict(method="full"),
     "vpt_shallow": dict(method="vpt", prompt_layers="shallow"),
     "vpt_deep": dict(method="vpt"),
     "vptm_shallow": dict(method="vptm", prompt_layers="shallow"),
     "vptm_deep": dict(method="vptm"),
+    "full": dict(method="full"),
 }
 LAYERS = {"shallow": "shallow", "first_half": "0,1,2", "second_half": "3,4,5", "deep": "deep"}  # 6-block backbone
 SWEEPS = {

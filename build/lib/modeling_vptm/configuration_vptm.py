@@ -1,0 +1,206 @@
+"""VPTM configuration: a BEiT configuration plus the fields of the visual prompts and the verbalizer.
+
+VPTM (Liao et al., "Rethinking Visual Prompt Learning as Masked Visual Token Modeling", arXiv 2303.04998) adapts
+a frozen masked-image-modeling BEiT to classification by adding prompt tokens and a [MASK] token to its input and
+mapping the MIM head's prediction at [MASK] to class labels with a prototypical verbalizer. This file is a Hub
+code file: it imports only transformers and the standard library.
+"""
+
+from __future__ import annotations
+
+from transformers import BeitConfig
+
+
+PROMPT_LAYER_PRESETS = ("deep", "shallow")
+PROMPT_INITS = ("uniform", "normal")
+MASK_TOKEN_MODES = ("append", "replace")
+EXTRA_TOKEN_BIASES = ("cls", "zero")
+CLASSIFIERS = ("prototypical_verbalizer", "linear_cls", "linear_mask")
+VERBALIZER_INPUTS = ("logits", "probs", "hidden")
+
+
+class VPTMConfig(BeitConfig):
+    r"""
+    Configuration of [`VPTMForImageClassification`]. Holds the frozen backbone's BEiT fields (its architecture must
+    match the checkpoint named by `backbone_name_or_path`) and the following VPTM fields.
+
+    Args:
+        backbone_name_or_path (`str`, *optional*):
+            Hub id or local folder of the `BeitForMaskedImageModeling` checkpoint the prompts are trained on. A
+            prompt checkpoint loads its backbone from here. `None` builds a backbone from this config alone (tests).
+        backbone_revision (`str`, *optional*):
+            Git revision (branch, tag or commit) of `backbone_name_or_path` on the Hub.
+        backbone_fingerprint (`str`, *optional*):
+            SHA-256 over the backbone tensors the prompts were trained on, written by `from_backbone`. Loading a
+            prompt checkpoint on different backbone weights is refused when it is set.
+        prompt_length (`int`, *optional*, defaults to 10):
+            Number of learnable prompt tokens P per prompted block; 0 disables prompts.
+        prompt_layers (`str` or `list[int]`, *optional*, defaults to `"deep"`):
+            Which blocks get prompts: `"deep"` (every block its own P prompts), `"shallow"` (block 0 only), or a
+            list of block indices (the prompt-location ablation). Before a prompted block i > 0 the prompt slice of
+            the sequence is overwritten with block i's prompts; unprompted blocks carry the previous outputs on.
+        prompt_init (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"`: U(-v, v) with v = sqrt(6 / (3 * patch_size**2 + hidden_size)), as VPT does; `"normal"`:
+            N(0, initializer_range).
+        mask_token_mode (`str`, *optional*, defaults to `"append"`):
+            `"append"`: the backbone's pre-trained mask token is inserted as an extra token after the prompts
+            (sequence `[CLS] + prompts + [MASK] + patches`); `"replace"`: it replaces the patch at
+            `mask_token_position`, exactly as in pre-training. Only used by the `prototypical_verbalizer` and
+            `linear_mask` classifiers.
+        mask_token_position (`int`, *optional*):
+            Patch index (raster order) replaced by the mask token when `mask_token_mode="replace"`; defaults to
+            the centre patch.
+        extra_token_bias (`str`, *optional*, defaults to `"cls"`):
+            Relative position bias of the added tokens (prompts, appended [MASK]): `"cls"` reuses BEiT's three CLS
+            entries (extra→patch as CLS→patch, patch→extra as patch→CLS, extra↔extra and extra↔CLS as CLS→CLS);
+            `"zero"` gives them zero bias. The CLS+patch block is always the pre-trained bias, unchanged.
+        train_mask_token (`bool`, *optional*, defaults to `False`):
+            Also train a copy of the mask token (initialised from the pre-trained one).
+        classifier (`str`, *optional*, defaults to `"prototypical_verbalizer"`):
+            `"prototypical_verbalizer"` (VPTM): the MIM head's output at [MASK] is mapped to classes by
+            prototypes. `"linear_cls"` (the VPT baseline): a linear head on the final CLS state, no [MASK], no MIM
+            head. `"linear_mask"` (an ablation): a linear head on the same [MASK] readout as the verbalizer.
+        verbalizer_input (`str`, *optional*, defaults to `"logits"`):
+            What the verbalizer reads at [MASK]: the MIM head's `"logits"` over the visual vocabulary, their
+            softmax `"probs"`, or the normalised `"hidden"` state before the MIM head.
+        prototype_dim (`int`, *optional*, defaults to 64):
+            Dimension d of the projection (no bias) into which the verbalizer input and the prototypes are put.
+        prototypes_per_class (`int`, *optional*, defaults to 1):
+            M prototypes per class; a class scores the maximum cosine over its prototypes.
+        logit_scale_init (`float`, *optional*, defaults to 10.0):
+            Initial scale s of the class logits `s * cosine`.
+        learn_logit_scale (`bool`, *optional*, defaults to `True`):
+            Whether s is trained.
+        contrastive_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a supervised instance–instance contrastive loss on the projected features, added to the
+            cross-entropy (0 disables it).
+        contrastive_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of that contrastive loss. Only used if `contrastive_weight > 0`.
+        fast_inference (`bool`, *optional*, defaults to `True`):
+            Skip outputs that nothing reads, in training and inference (exact): the last block computes the read-out
+            token only, and a block followed by a prompted block skips its prompt slots' outputs, which that block
+            overwrites. Off when `output_hidden_states=True`.
+    """
+
+    model_type = "vptm"
+    # save_pretrained copies this file beside the weights and maps AutoConfig to it in auto_map
+    _auto_class = "AutoConfig"
+
+    backbone_name_or_path: str | None = None
+    backbone_revision: str | None = None
+    backbone_fingerprint: str | None = None
+    prompt_length: int = 10
+    prompt_layers: str | list[int] = "deep"
+    prompt_init: str = "uniform"
+    mask_token_mode: str = "append"
+    mask_token_position: int | None = None
+    extra_token_bias: str = "cls"
+    train_mask_token: bool = False
+    classifier: str = "prototypical_verbalizer"
+    verbalizer_input: str = "logits"
+    prototype_dim: int = 64
+    prototypes_per_class: int = 1
+    logit_scale_init: float = 10.0
+    learn_logit_scale: bool = True
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    fast_inference: bool = True
+
+    def __post_init__(self, **kwargs):
+        # A dict taken from a BEiT config carries model_type="beit"; this config is always "vptm".
+        kwargs.pop("model_type", None)
+        # BEiT's default drop_path_rate (0.1) would matter only in train mode, which the frozen backbone never
+        # enters; keep the stored value, it is the checkpoint's.
+        super().__post_init__(**kwargs)
+        self._check_vptm_fields()
+
+    def _check_vptm_fields(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"VPTMConfig.{name} must be one of {list(allowed)}, got {value!r}")
+
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"VPTMConfig.{name} must be an integer >= {low}, got {value!r}")
+
+        if self.num_labels < 1:
+            raise ValueError(f"VPTMConfig needs at least one label (num_labels or id2label), got {self.num_labels}")
+        integer("prompt_length", 0)
+        integer("prototype_dim", 1)
+        integer("prototypes_per_class", 1)
+        choice("prompt_init", PROMPT_INITS)
+        choice("mask_token_mode", MASK_TOKEN_MODES)
+        choice("extra_token_bias", EXTRA_TOKEN_BIASES)
+        choice("classifier", CLASSIFIERS)
+        choice("verbalizer_input", VERBALIZER_INPUTS)
+        if isinstance(self.prompt_layers, str):
+            choice("prompt_layers", PROMPT_LAYER_PRESETS)
+        elif not isinstance(self.prompt_layers, (list, tuple)):
+            raise ValueError(
+                f"VPTMConfig.prompt_layers must be 'deep', 'shallow' or a list of block indices, got "
+                f"{self.prompt_layers!r}"
+            )
+        else:
+            layers = list(self.prompt_layers)
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)]
+            bad += [i for i in layers if isinstance(i, int) and not 0 <= i < self.num_hidden_layers]
+            if not layers or bad or len(set(layers)) != len(layers):
+                raise ValueError(
+                    "VPTMConfig.prompt_layers must be 'deep', 'shallow' or a non-empty list of distinct block indices "
+                    f"in [0, {self.num_hidden_layers}) (num_hidden_layers={self.num_hidden_layers}), got "
+                    f"{self.prompt_layers!r}"
+                )
+            self.prompt_layers = sorted(layers)
+        num_patches = self.num_patches
+        if self.mask_token_position is not None and not (
+            isinstance(self.mask_token_position, int) and 0 <= self.mask_token_position < num_patches
+        ):
+            raise ValueError(
+                f"VPTMConfig.mask_token_position must be a patch index in [0, {num_patches}) for image_size="
+                f"{self.image_size} and patch_size={self.patch_size}, got {self.mask_token_position!r}"
+            )
+        for name in ("logit_scale_init", "contrastive_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"VPTMConfig.{name} must be a number > 0, got {value!r}")
+        if not isinstance(self.contrastive_weight, (int, float)) or self.contrastive_weight < 0:
+            raise ValueError(f"VPTMConfig.contrastive_weight must be a number >= 0, got {self.contrastive_weight!r}")
+        if not self.use_mask_token and self.classifier != "linear_cls":
+            raise ValueError(
+                f"VPTMConfig.classifier={self.classifier!r} reads the backbone's mask token, so use_mask_token must "
+                "be "
+                "True (a BEiT masked-image-modeling checkpoint), got use_mask_token=False"
+            )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid ``(rows, columns)`` of the configured image size."""
+        size = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,) * 2
+        patch = self.patch_size if isinstance(self.patch_size, (list, tuple)) else (self.patch_size,) * 2
+        return size[0] // patch[0], size[1] // patch[1]
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    @property
+    def prompted_layers(self) -> list[int]:
+        """Block indices that receive prompts (empty when `prompt_length` is 0)."""
+        if self.prompt_length == 0:
+            return []
+        if self.prompt_layers == "deep":
+            return list(range(self.num_hidden_layers))
+        if self.prompt_layers == "shallow":
+            return [0]
+        return list(self.prompt_layers)
+
+    @property
+    def uses_mask_token(self) -> bool:
+        """Whether the model reads out at a [MASK] token (every classifier but the VPT baseline)."""
+        return self.classifier != "linear_cls"
+
+
+__all__ = ["VPTMConfig"]

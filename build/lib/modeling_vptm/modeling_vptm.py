@@ -1,0 +1,834 @@
+"""VPTM: visual prompt learning as masked visual token modeling, on a frozen transformers BEiT.
+
+Paper: Liao, Shi, Zhang, Cao, Yan, Tian, "Rethinking Visual Prompt Learning as Masked Visual Token Modeling",
+arXiv 2303.04998. No public implementation exists; this one follows the project's METHOD.md, where every choice
+the paper's abstract leaves open is a documented `VPTMConfig` field.
+
+Data flow of `VPTMForImageClassification` (`P` prompts, `N` patches, `D` hidden size, `V` visual vocabulary):
+
+    pixels -> frozen BEiT patch embedding                        (batch, 1 + N, D)
+           -> [CLS] + P prompts + [MASK] + patches               (batch, 1 + P + 1 + N, D)
+           -> frozen BEiT blocks (deep prompts: each block its own P prompts; relative position bias extended
+              to the added tokens, the CLS+patch block left as pre-trained)
+           -> final state at [MASK] -> frozen layernorm -> frozen MIM head     (batch, V)
+           -> prototypical verbalizer: projection to d, cosine with class prototypes, scaled   (batch, num_labels)
+
+The backbone is composed, not forked: `self.beit` is transformers' `BeitModel` and `layernorm` / `lm_head` sit
+beside it exactly as in `BeitForMaskedImageModeling`, so every BEiT MIM checkpoint maps onto it 1:1. Only the
+prompts and the verbalizer are trained and saved. This is a Hub code file: it imports only torch, transformers
+and its sibling `configuration_vptm.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import BeitForMaskedImageModeling, BeitModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.beit.modeling_beit import BeitLayer, BeitPreTrainedModel, eager_attention_forward
+from transformers.utils import logging
+
+from .configuration_vptm import VPTMConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Name of the single weights file of a prompt checkpoint (not "adapter_model.safetensors": with peft installed
+# the Auto classes would take the folder for a PEFT adapter).
+WEIGHTS_NAME = "model.safetensors"
+# Modules and parameters that make up a task; everything else is the frozen backbone.
+TASK_MODULES = ("prompt_embeddings", "verbalizer", "classifier", "trainable_mask_token")
+BACKBONE_MODULES = ("beit", "layernorm", "lm_head")
+# The shipped backbone is named portably as "vptm:<name>" and resolved to the installed package's data folder.
+SHIPPED_PREFIX = "vptm:"
+
+
+@dataclass
+class VPTMImageClassifierOutput(ImageClassifierOutput):
+    r"""
+    Output of [`VPTMForImageClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy over the class logits (plus the weighted contrastive term), when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Class scores.
+        visual_token_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`, *optional*):
+            The frozen MIM head's prediction at [MASK] (`None` for the `linear_cls` classifier).
+        mask_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            The final [MASK] state after the backbone's final layer norm (the CLS state for `linear_cls`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
+            when `output_hidden_states=True`.
+    """
+
+    visual_token_logits: torch.FloatTensor | None = None
+    mask_hidden_state: torch.FloatTensor | None = None
+
+
+class VPTMPromptEmbeddings(nn.Module):
+    """The learnable prompts: `prompt_length` tokens for each prompted block, `(num_prompted_blocks, P, D)`."""
+
+    def __init__(self, config: VPTMConfig) -> None:
+        super().__init__()
+        self.layers = config.prompted_layers
+        self.prompts = nn.Parameter(torch.zeros(len(self.layers), config.prompt_length, config.hidden_size))
+
+    def forward(self) -> torch.Tensor:
+        return self.prompts
+
+
+class PrototypicalVerbalizer(nn.Module):
+    """Maps a read-out vector to class logits by cosine similarity with learnable class prototypes.
+
+    `(batch, input_dim)` -> projection without bias to `prototype_dim` -> cosine with `num_labels *
+    prototypes_per_class` prototypes -> max over each class's prototypes -> times a scale `s`. Knows nothing of
+    BEiT: any `(batch, input_dim)` tensor works.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_labels: int,
+        prototype_dim: int = 64,
+        prototypes_per_class: int = 1,
+        logit_scale_init: float = 10.0,
+        learn_logit_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_labels, self.prototypes_per_class = num_labels, prototypes_per_class
+        self.logit_scale_init = logit_scale_init
+        self.projection = nn.Linear(input_dim, prototype_dim, bias=False)
+        self.prototypes = nn.Parameter(torch.zeros(num_labels * prototypes_per_class, prototype_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)), requires_grad=learn_logit_scale)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-norm projected features, `(batch, prototype_dim)`."""
+        return F.normalize(self.projection(features), dim=-1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(class_logits (batch, num_labels), projected (batch, prototype_dim))`."""
+        projected = self.project(features)
+        cosine = projected @ F.normalize(self.prototypes, dim=-1).T  # (batch, num_labels * M)
+        cosine = cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)  # (batch, num_labels)
+        return self.logit_scale * cosine, projected
+
+    @torch.no_grad()
+    def set_prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Sets every prototype of class k to the mean projected feature of class k (the `class_mean` init).
+
+        Classes without examples keep their current prototypes; their indices are returned (and logged).
+        """
+        projected = self.project(features.to(self.projection.weight.dtype))
+        missing = []
+        for k in range(self.num_labels):
+            chosen = labels == k
+            if not chosen.any():
+                missing.append(k)
+                continue
+            rows = slice(k * self.prototypes_per_class, (k + 1) * self.prototypes_per_class)
+            self.prototypes[rows] = projected[chosen].mean(0)
+        if missing:
+            logger.warning("class-mean prototypes: no examples of classes %s; they keep their random init", missing)
+        return missing
+
+
+def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str) -> torch.Tensor:
+    """Extends a BEiT relative position bias `(1, heads, 1 + N, 1 + N)` to `num_extra` tokens inserted after CLS.
+
+    `mode="cls"` gives each added token the CLS entries: added->patch = CLS->patch, patch->added = patch->CLS,
+    added<->added and added<->CLS = CLS->CLS. `mode="zero"` gives them zero bias. The CLS+patch block is copied
+    unchanged. Returns `(1, heads, 1 + num_extra + N, 1 + num_extra + N)`.
+    """
+    if num_extra == 0:
+        return bias
+    length = bias.shape[-1]
+    # position in the extended sequence -> position in the original one (added tokens act as CLS)
+    index = torch.cat([torch.zeros(1 + num_extra, dtype=torch.long), torch.arange(1, length, dtype=torch.long)]).to(
+        bias.device
+    )
+    extended = bias[:, :, index][:, :, :, index]  # (1, heads, 1 + E + N, 1 + E + N)
+    if mode == "zero":
+        extended = extended.clone()
+        extended[:, :, 1 : 1 + num_extra, :] = 0
+        extended[:, :, :, 1 : 1 + num_extra] = 0
+    return extended
+
+
+def backbone_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the backbone tensors (float32 on the CPU)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        if not name.startswith(tuple(m + "." for m in BACKBONE_MODULES)):
+            continue
+        tensor = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_backbone_path(name_or_path: str) -> str:
+    """Resolves `vptm:<name>` to the folder shipped inside the installed `vptm` package; other names pass through.
+
+    Found by file lookup, without importing the package, so this Hub file keeps importing only torch and
+    transformers.
+    """
+    if not name_or_path.startswith(SHIPPED_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    name = name_or_path[len(SHIPPED_PREFIX) :]
+    spec = importlib.util.find_spec("modeling_vptm")
+    if spec is None or not spec.submodule_search_locations:
+        raise OSError(
+            f"backbone {name_or_path!r} is the backbone shipped with the vptm package, which is not installed here; "
+            "install it (`pip install vptm`) or pass a local folder or Hub id as backbone_name_or_path"
+        )
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "shipped", name)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise OSError(f"backbone {name_or_path!r}: the installed vptm package has no shipped backbone at {folder}")
+    return folder
+
+
+def build_task_modules(config: VPTMConfig) -> dict[str, nn.Module | nn.Parameter | None]:
+    """The modules that make up a task, by attribute name: prompts, trained mask token, verbalizer or linear head."""
+    modules: dict[str, nn.Module | nn.Parameter | None] = {
+        "prompt_embeddings": VPTMPromptEmbeddings(config) if config.prompted_layers else None,
+        "trainable_mask_token": (
+            nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+            if config.train_mask_token and config.uses_mask_token
+            else None
+        ),
+        "verbalizer": None,
+        "classifier": None,
+    }
+    if config.classifier == "prototypical_verbalizer":
+        input_dim = config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
+        modules["verbalizer"] = PrototypicalVerbalizer(
+            input_dim,
+            config.num_labels,
+            config.prototype_dim,
+            config.prototypes_per_class,
+            config.logit_scale_init,
+            config.learn_logit_scale,
+        )
+    else:
+        reads_logits = config.classifier == "linear_mask" and config.verbalizer_input != "hidden"
+        modules["classifier"] = nn.Linear(config.vocab_size if reads_logits else config.hidden_size, config.num_labels)
+    return modules
+
+
+def readout_features(config: VPTMConfig, normed: torch.Tensor, token_logits: torch.Tensor | None) -> torch.Tensor:
+    """What the task head reads: the normed read-out state, or the MIM head's logits or probabilities."""
+    if config.classifier == "linear_cls" or config.verbalizer_input == "hidden":
+        return normed
+    if config.verbalizer_input == "probs":
+        return token_logits.float().softmax(-1).to(token_logits.dtype)
+    return token_logits
+
+
+class VPTMPreTrainedModel(BeitPreTrainedModel):
+    config: VPTMConfig
+    config_class = VPTMConfig
+    base_model_prefix = "beit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BeitLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*"]
+    # save_pretrained copies this file and configuration_vptm.py and writes auto_map (see save_pretrained)
+    _auto_class = "AutoModelForImageClassification"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Backbone modules are initialised as BEiT does (they are overwritten by the checkpoint in practice).
+        super()._init_weights(module)
+        if isinstance(module, VPTMPromptEmbeddings):
+            if self.config.prompt_init == "uniform":
+                # VPT's init: fan-in of a patch (channels * patch_size**2) plus the hidden size
+                patch = (
+                    self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
+                )
+                bound = math.sqrt(6.0 / (self.config.num_channels * patch**2 + self.config.hidden_size))
+                init.uniform_(module.prompts, -bound, bound)
+            else:
+                init.normal_(module.prompts, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, PrototypicalVerbalizer):
+            init.xavier_uniform_(module.projection.weight)
+            init.normal_(module.prototypes, mean=0.0, std=1.0)
+            init.constant_(module.logit_scale, module.logit_scale_init)
+        elif isinstance(module, VPTMForImageClassification) and module.trainable_mask_token is not None:
+            init.zeros_(module.trainable_mask_token)  # from_backbone copies the pre-trained mask token in
+
+
+class VPTMForImageClassification(VPTMPreTrainedModel):
+    """A frozen BEiT MIM backbone with visual prompts and a prototypical verbalizer (or the VPT baseline head)."""
+
+    def __init__(self, config: VPTMConfig) -> None:
+        super().__init__(config)
+        if config.num_labels < 1:
+            raise ValueError(f"VPTMForImageClassification needs num_labels >= 1, got {config.num_labels}")
+        self.num_labels = config.num_labels
+        self.beit = BeitModel(config, add_pooling_layer=False)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+
+        for name, module in build_task_modules(config).items():
+            setattr(self, name, module)
+        self.post_init()
+        self.freeze_backbone()
+
+    # ----------------------------------------------------------------------------------------------- training state
+    def freeze_backbone(self) -> None:
+        """Freezes every backbone tensor and puts the backbone in eval mode (no dropout, no drop-path)."""
+        for name in BACKBONE_MODULES:
+            getattr(self, name).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> VPTMForImageClassification:
+        super().train(mode)
+        for name in BACKBONE_MODULES:  # the frozen backbone never leaves eval mode
+            getattr(self, name).eval()
+        return self
+
+    def task_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that make up the task (prompts, verbalizer or head, trained mask token): all that is saved."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in TASK_MODULES}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """`(trainable, total)` parameter counts, as PEFT reports them."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------------------------------------ the backbone
+    def _check_inputs(self, pixel_values: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must be a tensor (batch, channels, height, width), got {shape}")
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have {self.config.num_channels} channels (the backbone's num_channels), got "
+                f"{pixel_values.shape[1]} in shape {tuple(pixel_values.shape)}"
+            )
+        height, width = pixel_values.shape[2:]
+        expected = self.config.image_size
+        expected = tuple(expected) if isinstance(expected, (list, tuple)) else (expected, expected)
+        if (height, width) != expected:
+            raise ValueError(
+                f"pixel_values must be {expected[0]}x{expected[1]} (the backbone's image_size), got {height}x{width}; "
+                "resize with the backbone's image processor"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch (batch size 0)")
+        if labels is not None:
+            # Training on a non-finite image would silently turn the loss (and then the prompts) into NaN. In
+            # inference a non-finite image only gives that image non-finite logits, so it is not checked there
+            # (the check would cost a device sync per batch).
+            if not torch.isfinite(pixel_values).all():
+                bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(f"pixel_values hold NaN or infinite values (images {bad} of the batch)")
+            if labels.shape != pixel_values.shape[:1]:
+                raise ValueError(f"labels must have shape ({pixel_values.shape[0]},), got {tuple(labels.shape)}")
+            bad = labels[(labels < 0) | (labels >= self.num_labels)]
+            if bad.numel():
+                raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
+
+    def _position_biases(self, pixel_values: torch.Tensor, num_extra: int, mode: str) -> list[torch.Tensor | None]:
+        """Per-block attention bias for a sequence with `num_extra` tokens after CLS, `(1, heads, L, L)` each."""
+        window = tuple(s // self.config.patch_size for s in pixel_values.shape[2:])
+        num_tokens = 1 + window[0] * window[1]
+        shared = None
+        if self.beit.shared_position_bias is not None:
+            shared = self.beit.shared_position_bias(window, dim_size=num_tokens)  # (1, heads, 1 + N, 1 + N)
+            shared = extend_relative_position_bias(shared, num_extra, mode)  # extended once for all blocks
+        biases = []
+        for layer in self.beit.layers:
+            bias = shared
+            if layer.relative_position_bias is not None:
+                own = layer.relative_position_bias(window, dim_size=num_tokens)
+                own = extend_relative_position_bias(own, num_extra, mode)
+                bias = own if bias is None else bias + own
+            biases.append(bias)
+        return biases
+
+    @staticmethod
+    def _block(
+        layer: BeitLayer,
+        hidden: torch.Tensor,
+        bias: torch.Tensor | None,
+        query_index: int | None = None,
+        skip: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
+
+        Every token stays a key and value; outputs nobody reads are not computed, which is exact: with
+        `query_index`, only that token's output, `(batch, 1, D)`; with `skip=(start, stop)`, every output but those
+        rows, `(batch, L - (stop - start), D)` (the prompt slots that the next block overwrites).
+        """
+        normed = layer.layernorm_before(hidden)
+        if query_index is None and skip is None:
+            attention, _ = layer.attention(normed, attention_mask=bias)
+            residual = hidden
+        else:
+            if query_index is not None:
+                start, stop = query_index, query_index + 1
+                queries, residual = normed[:, start:stop], hidden[:, start:stop]
+                rows = bias[:, :, start:stop] if bias is not None else None
+            else:
+                start, stop = skip
+                queries = torch.cat([normed[:, :start], normed[:, stop:]], dim=1)  # (batch, L - skipped, D)
+                residual = torch.cat([hidden[:, :start], hidden[:, stop:]], dim=1)
+                rows = torch.cat([bias[:, :, :start], bias[:, :, stop:]], dim=2) if bias is not None else None
+            attention = _partial_attention(layer.attention, normed, queries, rows)
+        hidden = layer.drop_path(layer.lambda_1 * layer.dropout(attention)) + residual
+        mlp = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
+        return layer.drop_path(layer.lambda_2 * mlp) + hidden
+
+    def forward_features(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        mask_embeddings: torch.Tensor | None = None,
+        layout: VPTMConfig | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Runs the prompted backbone and returns the final state of the read-out token, `(batch, D)` (not normed).
+
+        For multi-task serving, everything that belongs to a task can be given per image: `prompts` `(batch,
+        num_prompted_blocks, P, D)` (or `(num_prompted_blocks, P, D)` for the whole batch; default: this model's),
+        `mask_embeddings` `(batch, 1, D)` (default: this model's mask token), and `layout`, the config whose prompt
+        and [MASK] fields lay out the sequence (default: this model's).
+        """
+        config = self.config if layout is None else layout
+        batch = pixel_values.shape[0]
+        if prompts is None and self.prompt_embeddings is not None:
+            prompts = self.prompt_embeddings()
+        prompted = config.prompted_layers
+        if prompts is not None and prompts.ndim == 3:
+            prompts = prompts.unsqueeze(0).expand(batch, -1, -1, -1)  # (batch, blocks, P, D), no copy
+        num_prompts = config.prompt_length if prompted else 0
+        append_mask = config.uses_mask_token and config.mask_token_mode == "append"
+        replace_mask = config.uses_mask_token and config.mask_token_mode == "replace"
+
+        if mask_embeddings is None and layout is None and self.trainable_mask_token is not None:
+            mask_embeddings = self.trainable_mask_token
+        mask_position = config.num_patches // 2 if config.mask_token_position is None else config.mask_token_position
+        bool_masked_pos = None
+        if replace_mask and mask_embeddings is None:
+            bool_masked_pos = torch.zeros(batch, config.num_patches, dtype=torch.bool, device=pixel_values.device)
+            bool_masked_pos[:, mask_position] = True
+        embeddings = self.beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # (batch, 1 + N, D)
+        if mask_embeddings is None:
+            mask_embeddings = self.beit.embeddings.mask_token  # (1, 1, D), the pre-trained one
+        mask = mask_embeddings.to(embeddings.dtype).expand(batch, 1, -1)  # (batch, 1, D)
+        if replace_mask and bool_masked_pos is None:
+            position = 1 + mask_position
+            embeddings = torch.cat([embeddings[:, :position], mask, embeddings[:, position + 1 :]], dim=1)
+        cls, patches = embeddings[:, :1], embeddings[:, 1:]
+        mask_tokens = [mask] if append_mask else []
+
+        # Sequence before the first prompted block: [CLS] + [MASK]? + patches. Prompts are inserted at the first
+        # prompted block and overwritten at every later one.
+        hidden = torch.cat([cls, *mask_tokens, patches], dim=1)  # (batch, 1 + 1? + N, D)
+        num_extra_before = len(mask_tokens)
+        biases_before = None
+        if prompted and prompted[0] > 0:
+            biases_before = self._position_biases(pixel_values, num_extra_before, config.extra_token_bias)
+        biases_after = self._position_biases(pixel_values, num_extra_before + num_prompts, config.extra_token_bias)
+
+        # index of the read-out token in the final sequence: [MASK] (appended or in place of a patch), else CLS
+        readout = 0
+        if append_mask:
+            readout = 1 + num_prompts
+        elif replace_mask:
+            readout = 1 + num_prompts + mask_position
+        # Exact savings (config.fast_inference): the last block computes the read-out token only, and a block
+        # followed by a prompted block skips the outputs of its prompt slots, which that block overwrites.
+        fast = config.fast_inference and not output_hidden_states
+        all_hidden = (hidden,) if output_hidden_states else None
+        # gradient_checkpointing_enable() flags each BeitLayer; the layers themselves never checkpoint here because
+        # the frozen backbone stays in eval mode, so the flag is honoured by this loop instead.
+        checkpointing = (
+            self.training and torch.is_grad_enabled() and any(l.gradient_checkpointing for l in self.beit.layers)
+        )
+        inserted = has_slots = False
+        last = len(self.beit.layers) - 1
+        for i, layer in enumerate(self.beit.layers):
+            if i in prompted:
+                block_prompts = prompts[:, prompted.index(i)].to(hidden.dtype)  # (batch, P, D)
+                rest = hidden[:, 1 + num_prompts :] if has_slots else hidden[:, 1:]
+                hidden = torch.cat([hidden[:, :1], block_prompts, rest], dim=1)  # (batch, 1 + P + 1? + N, D)
+                inserted = has_slots = True
+            bias = biases_after[i] if inserted or not prompted else biases_before[i]
+            query = readout if (fast and i == last) else None
+            skip = None
+            if fast and i < last and has_slots and (i + 1) in prompted and num_prompts:
+                skip, has_slots = (1, 1 + num_prompts), False
+            if checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    self._block, layer, hidden, bias, query, skip, use_reentrant=False
+                )
+            else:
+                hidden = self._block(layer, hidden, bias, query, skip)
+            if all_hidden is not None:
+                all_hidden = all_hidden + (hidden,)
+        hidden = self.beit.layernorm(hidden)  # Identity for MIM checkpoints with mean pooling
+        state = hidden[:, 0] if query is not None else hidden[:, readout]  # (batch, D)
+        return state, all_hidden
+
+    # ---------------------------------------------------------------------------------------------------- the head
+    def classify(
+        self, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Read-out state `(batch, D)` -> `(class logits, visual-token logits, normed state, projected features)`."""
+        normed = self.layernorm(state)  # (batch, D)
+        token_logits = self.lm_head(normed) if self.config.uses_mask_token else None  # (batch, V)
+        features = readout_features(self.config, normed, token_logits)
+        if self.verbalizer is None:
+            return self.classifier(features), token_logits, normed, None
+        logits, projected = self.verbalizer(features)
+        return logits, token_logits, normed, projected
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> VPTMImageClassifierOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images as the backbone's image processor prepares them. With `labels`, non-finite values raise a
+            `ValueError`; without, a non-finite image gets non-finite logits and the other images are unaffected.
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, num_labels)`; when given, the loss is computed.
+        """
+        if pixel_values is None:
+            raise ValueError("VPTMForImageClassification needs pixel_values")
+        self._check_inputs(pixel_values, labels)
+        # float64 or float16 images for a float32 model (and the reverse) are cast to the backbone's dtype
+        pixel_values = pixel_values.to(self.beit.embeddings.patch_embeddings.projection.weight.dtype)
+        output_hidden_states = bool(output_hidden_states)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        state, hidden_states = self.forward_features(pixel_values, output_hidden_states=output_hidden_states)
+        logits, token_logits, normed, projected = self.classify(state)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels)
+            if self.config.contrastive_weight > 0 and projected is not None:
+                loss = loss + self.config.contrastive_weight * supervised_contrastive_loss(
+                    projected.float(), labels, self.config.contrastive_temperature
+                )
+        output = VPTMImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=hidden_states,
+            visual_token_logits=token_logits,
+            mask_hidden_state=normed,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def initialize_prototypes(self, batches, max_batches: int | None = None) -> None:
+        """The `class_mean` prototype init: one pass over `(pixel_values, labels)` batches (or dicts with those
+        keys), each prototype set to the mean projected feature of its class."""
+        if self.verbalizer is None:
+            raise ValueError(
+                f"initialize_prototypes needs the prototypical verbalizer, not classifier={self.config.classifier!r}"
+            )
+        was_training = self.training
+        self.eval()
+        features, labels = [], []
+        device = next(self.verbalizer.parameters()).device
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            pixel_values, y = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
+            state, _ = self.forward_features(pixel_values.to(device))
+            normed = self.layernorm(state)
+            if self.config.verbalizer_input == "hidden":
+                feats = normed
+            else:
+                feats = self.lm_head(normed)
+                feats = feats.softmax(-1) if self.config.verbalizer_input == "probs" else feats
+            features.append(feats.float())
+            labels.append(y.to(device))
+        self.verbalizer.set_prototypes_from_features(torch.cat(features), torch.cat(labels))
+        self.train(was_training)
+
+    # ---------------------------------------------------------------------------------------- building and loading
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone_name_or_path: str,
+        *,
+        num_labels: int | None = None,
+        id2label: dict[int, str] | None = None,
+        label2id: dict[str, int] | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **vptm_config_fields,
+    ) -> VPTMForImageClassification:
+        """Loads a BEiT MIM checkpoint (Hub id, local folder or `vptm:<shipped name>`), freezes it and adds fresh
+        prompts and a fresh verbalizer. `vptm_config_fields` are `VPTMConfig` fields (prompt_length, ...)."""
+        if id2label is not None:
+            id2label = {int(k): v for k, v in id2label.items()}
+            if num_labels is not None and num_labels != len(id2label):
+                raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} labels")
+            num_labels = len(id2label)
+            label2id = label2id or {v: k for k, v in id2label.items()}
+        if num_labels is None or num_labels < 1:
+            raise ValueError(
+                f"from_backbone needs the labels: num_labels >= 1 or id2label, got num_labels={num_labels}"
+            )
+        hub = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        mim = load_mim_backbone(backbone_name_or_path, **hub)
+        fields = mim.config.to_dict()
+        for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
+            fields.pop(key, None)
+        fields.update(vptm_config_fields)
+        fields.update(backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)
+        config = VPTMConfig(
+            **fields,
+            id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
+            label2id=label2id or {f"LABEL_{i}": i for i in range(num_labels)},
+        )
+        config.backbone_fingerprint = backbone_fingerprint(mim.state_dict())
+        model = cls(config)
+        model._load_backbone_weights(mim)
+        return model
+
+    def _load_backbone_weights(self, mim: BeitForMaskedImageModeling) -> None:
+        source = mim.state_dict()
+        own = {k for k in self.state_dict() if k.split(".")[0] in BACKBONE_MODULES}
+        missing = sorted(own - set(source))
+        if missing:
+            raise ValueError(f"the backbone checkpoint lacks {len(missing)} tensors VPTM needs, e.g. {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                if name in own:
+                    if tensor.shape != source[name].shape:
+                        raise ValueError(
+                            f"backbone tensor {name} has shape {tuple(source[name].shape)} in the checkpoint but "
+                            f"{tuple(tensor.shape)} in this model's config"
+                        )
+                    tensor.copy_(source[name])
+            if self.trainable_mask_token is not None:
+                self.trainable_mask_token.copy_(source["beit.embeddings.mask_token"])
+        self.freeze_backbone()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Loads a prompt checkpoint: rebuilds the frozen backbone it names, then loads the task tensors.
+
+        A folder whose config names no backbone holds full weights and loads the ordinary way.
+        """
+        config = kwargs.pop("config", None)
+        hub = {
+            k: kwargs.pop(k)
+            for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+            if k in kwargs
+        }
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        attn_implementation = kwargs.pop("attn_implementation", None)
+        if not isinstance(config, VPTMConfig):
+            config = VPTMConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        if config.backbone_name_or_path is None:
+            return super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                config=config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                **hub,
+                **kwargs,
+            )
+        from safetensors.torch import load_file
+        from transformers.utils.hub import cached_file
+
+        # Only safetensors is read: a pickled pytorch_model.bin offered instead is never unpickled.
+        weights = cached_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub)
+        try:
+            task_tensors = load_file(weights)
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
+            raise ValueError(
+                f"cannot read the prompt weights {weights}: the file is truncated or not a safetensors file ({error})"
+            ) from error
+        backbone_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only")}
+        mim = load_mim_backbone(config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        if config.backbone_fingerprint is not None:
+            found = backbone_fingerprint(mim.state_dict())
+            if found != config.backbone_fingerprint:
+                raise ValueError(
+                    f"the prompt checkpoint {pretrained_model_name_or_path} was trained on backbone "
+                    f"{config.backbone_name_or_path!r} (revision {config.backbone_revision}) with weights fingerprint "
+                    f"{config.backbone_fingerprint[:16]}..., but the weights loaded now have fingerprint "
+                    f"{found[:16]}...: the prompts do not fit these weights"
+                )
+        check_backbone_fits(config, mim.config, pretrained_model_name_or_path)
+        model = cls(config)
+        model._load_backbone_weights(mim)
+        model.load_task_state_dict(task_tensors, source=str(pretrained_model_name_or_path))
+        if dtype not in (None, "auto"):
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        device_map = kwargs.pop("device_map", None)
+        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            model = model.to(device_map)
+        model.eval()
+        return model
+
+    def load_task_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Loads prompts and verbalizer tensors, refusing missing, unexpected or wrongly shaped ones."""
+        expected = self.task_state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not hold this model's task tensors: missing {missing}, unexpected {unexpected}"
+            )
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but the config and backbone need "
+                    f"{tuple(expected[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                if name in tensors:
+                    tensor.copy_(tensors[name])
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs) -> None:
+        """Saves the config, the Hub code files and **only the task tensors** (never the backbone's), atomically:
+        everything is written to a temporary folder that then replaces `save_directory`'s files."""
+        if self.config.backbone_name_or_path is None:
+            # nothing to rebuild the backbone from: this folder must hold it
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        task = self.task_state_dict()
+        if state_dict is not None:  # e.g. from Trainer: keep only the task tensors, with their (synced) values
+            task = {k: v for k, v in state_dict.items() if k in task}
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
+        # _auto_class adds the AutoModelForImageClassification entry; the other two are set here
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(
+            AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification"
+        )
+        self.config.auto_map = auto_map
+        try:
+            super().save_pretrained(staging, *args, state_dict=task, **kwargs)
+            os.makedirs(save_directory, exist_ok=True)
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _partial_attention(
+    attention, normed: torch.Tensor, queries: torch.Tensor, bias_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`BeitAttention` for a subset of query tokens `(batch, Lq, D)` against all `(batch, L, D)` keys and values."""
+    batch, length, _ = normed.shape
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+    num_queries = queries.shape[1]
+    query = attention.q_proj(queries).view(batch, num_queries, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    # bias_rows: (1, heads, Lq, L)
+    out, _ = interface(attention, query, key, value, bias_rows, dropout=0.0, scaling=attention.scaling)
+    return attention.o_proj(out.reshape(batch, num_queries, heads * head_dim))
+
+
+def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised instance–instance contrastive loss (Khosla et al., 2020) on unit-norm `(batch, d)` features."""
+    similarity = features @ features.T / temperature  # (batch, batch)
+    self_mask = torch.eye(len(features), dtype=torch.bool, device=features.device)
+    similarity = similarity.masked_fill(self_mask, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    log_prob = similarity - similarity.logsumexp(dim=1, keepdim=True)
+    has_positive = positives.any(1)
+    if not has_positive.any():
+        return features.sum() * 0.0
+    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has_positive] / positives.sum(1)[has_positive]
+    return -mean_log_prob.mean()
+
+
+def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwargs) -> BeitForMaskedImageModeling:
+    """Loads a `BeitForMaskedImageModeling` checkpoint, refusing anything that is not one (no random weights)."""
+    from transformers import AutoConfig
+
+    path = resolve_backbone_path(name_or_path)
+    try:
+        backbone_config = AutoConfig.from_pretrained(path, revision=revision, **hub_kwargs)
+    except OSError as error:
+        raise OSError(
+            f"cannot load the backbone {name_or_path!r} (revision {revision}): {error}. Offline, pass the path of a "
+            "local folder holding its config.json and weights, or download it first with "
+            "`hf download <id>` while online (HF_HUB_OFFLINE=1 then finds it in the cache)"
+        ) from error
+    if backbone_config.model_type not in ("beit", "vptm") or not getattr(backbone_config, "use_mask_token", False):
+        raise ValueError(
+            f"{name_or_path!r} is not a BEiT masked-image-modeling checkpoint: expected model_type 'beit' with "
+            f"use_mask_token=True and an lm_head, got model_type {backbone_config.model_type!r}, architectures "
+            f"{getattr(backbone_config, 'architectures', None)}"
+        )
+    mim, info = BeitForMaskedImageModeling.from_pretrained(
+        path, revision=revision, output_loading_info=True, **hub_kwargs
+    )
+    missing = [k for k in info["missing_keys"] if "relative_position_index" not in k]
+    if missing:
+        raise ValueError(
+            f"{name_or_path!r} is not a complete BEiT masked-image-modeling checkpoint: {len(missing)} tensors would "
+            f"be random, e.g. {sorted(missing)[:5]} (fine-tuned BEiT classifiers have no MIM head and cannot be used)"
+        )
+    return mim.eval()
+
+
+def check_backbone_fits(config: VPTMConfig, backbone_config, source: str) -> None:
+    """Refuses a prompt checkpoint whose architecture fields disagree with the backbone it names."""
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "patch_size", "image_size")
+    diff = {
+        f: (getattr(config, f), getattr(backbone_config, f))
+        for f in fields
+        if getattr(config, f) != getattr(backbone_config, f)
+    }
+    if diff:
+        detail = ", ".join(f"{f}: checkpoint {a} vs backbone {b}" for f, (a, b) in diff.items())
+        raise ValueError(
+            f"the prompt checkpoint {source} does not fit the backbone {config.backbone_name_or_path!r}: {detail}"
+        )
+
+
+__all__ = [
+    "PrototypicalVerbalizer",
+    "VPTMForImageClassification",
+    "VPTMImageClassifierOutput",
+    "VPTMPreTrainedModel",
+    "VPTMPromptEmbeddings",
+    "extend_relative_position_bias",
+]

@@ -1,0 +1,154 @@
+"""One loaded backbone serving many VPTM/VPT tasks, mixed within one batch.
+
+A task is only its prompts, its (optional) trained mask token and its head; all tasks made on the same backbone
+share its weights, so `MultiTaskVPTM` loads the backbone once and adds or removes tasks without touching it. A
+mixed batch (each image with its own task) runs through the backbone in one pass per *sequence layout* (prompt
+length, prompted blocks, [MASK] placement and bias mode); tasks of the same layout share that pass.
+
+    server = MultiTaskVPTM("vptm:tiny-beit-fashion-mnist")
+    server.add_task("fashion", "runs/vptm")
+    server.add_task("fashion-vpt", "runs/vpt")
+    logits = server(pixel_values, tasks=["fashion", "fashion-vpt", "fashion"])   # a list, one tensor per image
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .configuration_vptm import VPTMConfig
+from .modeling_vptm import (
+    WEIGHTS_NAME,
+    VPTMForImageClassification,
+    backbone_fingerprint,
+    build_task_modules,
+    check_backbone_fits,
+    load_mim_backbone,
+    readout_features,
+)
+
+
+LAYOUT_FIELDS = ("prompt_length", "prompt_layers", "mask_token_mode", "mask_token_position", "extra_token_bias",
+                 "classifier")  # fmt: skip
+
+
+class VPTMTask(nn.Module):
+    """The small tensors of one task, under the same names as in `VPTMForImageClassification`."""
+
+    def __init__(self, config: VPTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        for name, module in build_task_modules(config).items():
+            setattr(self, name, module)
+
+    def layout(self) -> tuple:
+        """Tasks with equal layouts share one backbone pass (the [MASK] read-out vs CLS is part of it)."""
+        config = self.config
+        return tuple(str(getattr(config, f)) if f != "classifier" else config.uses_mask_token for f in LAYOUT_FIELDS)
+
+
+class MultiTaskVPTM(nn.Module):
+    """A frozen BEiT MIM backbone and any number of prompt checkpoints made on it."""
+
+    def __init__(self, backbone_name_or_path: str, revision: str | None = None, **hub_kwargs) -> None:
+        super().__init__()
+        mim = load_mim_backbone(backbone_name_or_path, revision=revision, **hub_kwargs)
+        fields = mim.config.to_dict()
+        for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
+            fields.pop(key, None)
+        fields.update(prompt_length=0, classifier="linear_cls", num_labels=1,
+                      backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)  # fmt: skip
+        # a task-less VPTM model: the backbone and the prompted forward every task goes through
+        self.shell = VPTMForImageClassification(VPTMConfig(**fields))
+        self.shell._load_backbone_weights(mim)
+        self.shell.eval()
+        self.backbone_name_or_path, self.revision = backbone_name_or_path, revision
+        self.fingerprint = backbone_fingerprint(mim.state_dict())
+        self.tasks = nn.ModuleDict()
+
+    # --------------------------------------------------------------------------------------------------- tasks
+    def add_task(self, name: str, checkpoint: str | os.PathLike | VPTMForImageClassification, **hub_kwargs) -> None:
+        """Adds a prompt checkpoint (folder, Hub id or loaded model) made on this backbone; the backbone is not
+        reloaded. Refuses checkpoints made on another backbone, revision or weights."""
+        if isinstance(checkpoint, VPTMForImageClassification):
+            config, tensors, source = checkpoint.config, checkpoint.task_state_dict(), "the given model"
+        else:
+            from safetensors.torch import load_file
+            from transformers.utils.hub import cached_file
+
+            config = VPTMConfig.from_pretrained(checkpoint, **hub_kwargs)
+            tensors, source = load_file(cached_file(checkpoint, WEIGHTS_NAME, **hub_kwargs)), str(checkpoint)
+        if (config.backbone_name_or_path, config.backbone_revision) != (self.backbone_name_or_path, self.revision):
+            raise ValueError(
+                f"task {name!r} ({source}) was made on backbone {config.backbone_name_or_path!r} (revision "
+                f"{config.backbone_revision}), but this server holds {self.backbone_name_or_path!r} (revision "
+                f"{self.revision})"
+            )
+        if config.backbone_fingerprint is not None and config.backbone_fingerprint != self.fingerprint:
+            raise ValueError(
+                f"task {name!r} ({source}) was trained on other weights of {config.backbone_name_or_path!r}: "
+                f"fingerprint {config.backbone_fingerprint[:16]}... vs {self.fingerprint[:16]}..."
+            )
+        check_backbone_fits(config, self.shell.config, source)
+        task = VPTMTask(config)
+        expected = task.state_dict()
+        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+            raise ValueError(
+                f"task {name!r} ({source}): tensors {sorted((k, tuple(v.shape)) for k, v in tensors.items())} do "
+                f"not match its config, which needs {sorted((k, tuple(v.shape)) for k, v in expected.items())}"
+            )
+        task.load_state_dict(tensors)
+        param = next(self.shell.parameters())
+        self.tasks[name] = task.to(param.device, param.dtype).eval().requires_grad_(False)
+
+    def remove_task(self, name: str) -> None:
+        if name not in self.tasks:
+            raise KeyError(f"no task {name!r}; tasks are {sorted(self.tasks)}")
+        del self.tasks[name]
+
+    # -------------------------------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+        """Class logits for each image under its own task: a list of `(num_labels_of_its_task,)` tensors."""
+        if len(tasks) != len(pixel_values):
+            raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
+        self.shell._check_inputs(pixel_values, None)
+        pixel_values = pixel_values.to(next(self.shell.parameters()).dtype)
+        groups: dict[tuple, list[int]] = {}
+        for index, name in enumerate(tasks):
+            groups.setdefault(self.tasks[name].layout(), []).append(index)
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        for rows in groups.values():
+            members = [self.tasks[tasks[i]] for i in rows]
+            layout = members[0].config
+            prompts = None
+            if layout.prompted_layers:
+                prompts = torch.stack([t.prompt_embeddings.prompts for t in members])  # (rows, blocks, P, D)
+            mask = None
+            if any(t.trainable_mask_token is not None for t in members):
+                default = self.shell.beit.embeddings.mask_token
+                mask = torch.cat([t.trainable_mask_token if t.trainable_mask_token is not None else default
+                                  for t in members])  # (rows, 1, D)  # fmt: skip
+            index = torch.tensor(rows, device=pixel_values.device)
+            state, _ = self.shell.forward_features(
+                pixel_values[index], prompts=prompts, mask_embeddings=mask, layout=layout
+            )  # (rows, D)
+            normed = self.shell.layernorm(state)
+            token_logits = self.shell.lm_head(normed) if layout.uses_mask_token else None
+            by_task: dict[str, list[int]] = {}
+            for position, row in enumerate(rows):
+                by_task.setdefault(tasks[row], []).append(position)
+            for name, positions in by_task.items():  # each head runs once on its task's images
+                task, select = self.tasks[name], torch.tensor(positions, device=normed.device)
+                features = readout_features(
+                    task.config, normed[select], None if token_logits is None else token_logits[select]
+                )
+                logits = task.verbalizer(features)[0] if task.verbalizer is not None else task.classifier(features)
+                for position, row_logits in zip(positions, logits, strict=True):
+                    out[rows[position]] = row_logits
+        return out

@@ -1,0 +1,174 @@
+"""A visual tokenizer for masked visual token modeling: k-means codes of (context-widened) image patches.
+
+BEiT (Bao et al., 2021) predicts the codes of a DALL-E dVAE at masked patches; BEiT v2 the codes of a VQ-KD
+tokenizer distilled from a teacher. Neither is available offline, so the project's backbone is pre-trained on
+a tokenizer that is fitted on the training images themselves: each patch, widened by ``context`` pixels on
+every side (zero padding at the border), is flattened, standardised with per-dimension statistics of the
+training patches and assigned to its nearest of ``vocab_size`` k-means centroids. Channels are averaged first:
+tokens describe luminance structure, which keeps the codes few and the encoding cheap. A wider window gives a code
+that describes the patch *in its surroundings* (part of an edge, a sleeve, a sole), which is closer to the
+semantic tokens BEiT v2 uses than raw patch colours are.
+
+The tokenizer works on the model's own input (``pixel_values`` after the image processor), so tokens can be
+recomputed from any batch, and is saved as one safetensors file beside the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+
+TOKENIZER_FILE = "visual_tokenizer.safetensors"
+
+
+class PatchKMeansTokenizer(nn.Module):
+    """Maps images ``(batch, channels, height, width)`` to visual tokens ``(batch, num_patches)``.
+
+    Args:
+        patch_size: side of the backbone's patches, in pixels.
+        num_channels: channels of ``pixel_values``.
+        vocab_size: number of k-means codes (the backbone's ``vocab_size``).
+        context: pixels added on each side of a patch before it is described (0: the patch alone).
+    """
+
+    def __init__(self, patch_size: int, num_channels: int, vocab_size: int, context: int = 0) -> None:
+        super().__init__()
+        if patch_size < 1 or num_channels < 1 or vocab_size < 2 or context < 0:
+            raise ValueError(
+                "expected patch_size >= 1, num_channels >= 1, vocab_size >= 2 and context >= 0, got "
+                f"patch_size={patch_size}, num_channels={num_channels}, vocab_size={vocab_size}, context={context}"
+            )
+        self.patch_size, self.num_channels, self.vocab_size, self.context = (
+            patch_size,
+            num_channels,
+            vocab_size,
+            context,
+        )
+        self.window = patch_size + 2 * context
+        dim = self.window**2
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("centroids", torch.zeros(vocab_size, dim))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.centroids.shape[1]
+
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Standardised window features, ``(batch, num_patches, window**2)``, patches in raster order."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"expected pixel_values of shape (batch, {self.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        # (batch, channels * window**2, num_patches): one column per patch, same raster order as BEiT's patches
+        return (self._windows(pixel_values) - self.mean) / self.std
+
+    def _windows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        gray = pixel_values.float().mean(1, keepdim=True)  # (batch, 1, height, width)
+        # (batch, window**2, num_patches): one column per patch, in the raster order of BEiT's patches
+        windows = F.unfold(gray, kernel_size=self.window, stride=self.patch_size, padding=self.context)
+        return windows.transpose(1, 2)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(batch, num_patches)``, ``int64``."""
+        # exact float32 distances even inside a bf16/fp16 autocast region: codes must not depend on precision
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            feats = self.patch_features(pixel_values)
+            batch, length, dim = feats.shape
+            return self._nearest(feats.reshape(-1, dim)).view(batch, length)
+
+    def _nearest(self, feats: torch.Tensor) -> torch.Tensor:
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the first term does not change the argmin
+        scores = feats @ self.centroids.T - 0.5 * (self.centroids**2).sum(1)
+        return scores.argmax(1)
+
+    @torch.no_grad()
+    def fit(
+        self,
+        pixel_values: torch.Tensor,
+        num_samples: int = 200_000,
+        num_iters: int = 30,
+        generator: torch.Generator | None = None,
+        batch_size: int = 4096,
+    ) -> dict[str, float]:
+        """Fits statistics and centroids on patches of ``pixel_values`` (training images only) with k-means.
+
+        Initialisation is k-means++ on a subsample; empty clusters are re-seeded with the points farthest from
+        their centroid. Returns ``{"inertia": ..., "used_codes": ...}`` of the final assignment.
+        """
+        device = self.centroids.device
+        windows = []
+        for start in range(0, len(pixel_values), batch_size):
+            chunk = pixel_values[start : start + batch_size].to(device)
+            windows.append(self._windows(chunk).reshape(-1, self.feature_dim))
+        data = torch.cat(windows)
+        if len(data) < self.vocab_size:
+            raise ValueError(f"k-means needs at least vocab_size={self.vocab_size} patches, got {len(data)}")
+        index = torch.randperm(len(data), generator=generator, device="cpu")[:num_samples].to(device)
+        data = data[index]
+        self.mean.copy_(data.mean(0))
+        self.std.copy_(data.std(0).clamp_min(1e-6))
+        data = (data - self.mean) / self.std
+        self.centroids.copy_(_kmeans_plus_plus(data, self.vocab_size, generator))
+        for _ in range(num_iters):
+            assign = self._nearest(data)
+            sums = torch.zeros_like(self.centroids).index_add_(0, assign, data)
+            counts = torch.bincount(assign, minlength=self.vocab_size)
+            alive = counts > 0
+            self.centroids[alive] = sums[alive] / counts[alive, None].to(data.dtype)
+            if not alive.all():
+                dist = ((data - self.centroids[assign]) ** 2).sum(1)
+                far = dist.topk(int((~alive).sum())).indices
+                self.centroids[~alive] = data[far]
+        assign = self._nearest(data)
+        inertia = ((data - self.centroids[assign]) ** 2).sum(1).mean().item()
+        return {"inertia": inertia, "used_codes": int(torch.bincount(assign, minlength=self.vocab_size).gt(0).sum())}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        meta = {
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "vocab_size": self.vocab_size,
+            "context": self.context,
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, TOKENIZER_FILE), metadata={"config": json.dumps(meta)})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> PatchKMeansTokenizer:
+        from safetensors import safe_open
+
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no visual tokenizer in {directory}: expected the file {TOKENIZER_FILE}")
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("config", "{}"))
+        missing = {"patch_size", "num_channels", "vocab_size", "context"} - set(meta)
+        if missing:
+            raise ValueError(f"{path} lacks the tokenizer metadata {sorted(missing)}")
+        tokenizer = cls(**meta)
+        tokenizer.load_state_dict(load_file(path))
+        return tokenizer
+
+
+def _kmeans_plus_plus(data: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007) on at most 20,000 points, for speed."""
+    sub = data[torch.randperm(len(data), generator=generator)[:20_000].to(data.device)]
+    first = int(torch.randint(len(sub), (1,), generator=generator))
+    centers = [sub[first]]
+    dist = ((sub - sub[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        probs = (dist / dist.sum()).cpu()
+        nxt = int(torch.multinomial(probs, 1, generator=generator))
+        centers.append(sub[nxt])
+        dist = torch.minimum(dist, ((sub - sub[nxt]) ** 2).sum(1))
+    return torch.stack(centers)
