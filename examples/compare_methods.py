@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/compare")
     parser.add_argument("--sections", nargs="+", default=["methods", "sweeps", "ablations", "uniform"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--quick", action="store_true", help="A tiny slice, one seed, one epoch (CI).")
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["methods"] = {
             name: summarise([run_one(name, settings, seed, args) for seed in args.seeds])
             for name, settings in METHODS.items()
+            if name in args.methods
         }
         results["methods"]["raw_pixel_logreg"] = raw_pixel_baseline(args)
     if "sweeps" in args.sections:
