@@ -93,14 +93,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 {"label": model.config.id2label[i], "score": s} for i, s in zip(row_indices, row_scores, strict=True)
             ]
             results.append({"file": path, "predictions": top})
-            print(f"{path}\t" + "\t".join(f"{p['label']}={p['score']:.4f}" for p in top))
+            print(f"{path}\t{format_top(top)}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): {skipped}", file=sys.stderr)
-    if args.output:
-        with open(args.output, "w") as f:
-            for row in results:
-                f.write(json.dumps(row) + "\n")
+    write_jsonl(args.output, results)
     return results
+
+
+def write_jsonl(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def format_top(top: list[dict]) -> str:
+    return "\t".join(f"{p['label']}={p['score']:.4f}" for p in top)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ image gets its own task's prompts, mask token and head.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     from PIL import Image
-    from predict import list_images
+    from predict import format_top, list_images, write_jsonl
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor
 
@@ -76,11 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             id2label = server.tasks[task].config.id2label
             top = [{"label": id2label[i], "score": s} for i, s in zip(indices.tolist(), scores.tolist(), strict=True)]
             results.append({"file": file, "task": task, "predictions": top})
-            print(f"{file}\t{task}\t" + "\t".join(f"{p['label']}={p['score']:.4f}" for p in top))
-    if args.output:
-        with open(args.output, "w") as f:
-            for row in results:
-                f.write(json.dumps(row) + "\n")
+            print(f"{file}\t{task}\t{format_top(top)}")
+    write_jsonl(args.output, results)
     return results
 
 
