@@ -49,7 +49,7 @@ ABLATIONS = {
     "verbalizer_on_hidden": dict(method="vptm", verbalizer_input="hidden"),
     "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),
 }
-DEFAULTS = {"prompt_length": 10, "prompt_layers": "deep", "prototype_dim": 64}
+DEFAULTS = {"prompt_length": 10, "prompt_layers": "deep", "prototype_dim": 64}  # run_classification.py's defaults
 
 
 def has_full_test_set() -> bool:
@@ -73,8 +73,15 @@ def arguments(settings: dict, seed: int, args) -> list[str]:
     return argv
 
 
+def run_name(name: str, settings: dict) -> str:
+    """A sweep point or ablation that is the default configuration is the same run as a method of the main table;
+    naming it so makes it share that run's folder instead of training it again."""
+    changed = {key: value for key, value in settings.items() if str(DEFAULTS.get(key)) != str(value)}
+    return next((method for method, preset in METHODS.items() if preset == changed), name)
+
+
 def run_one(name: str, settings: dict, seed: int, args) -> dict:
-    folder = os.path.join(args.output_dir, f"{name}-seed{seed}")
+    folder = os.path.join(args.output_dir, f"{run_name(name, settings)}-seed{seed}")
     done = os.path.join(folder, "all_results.json")
     if os.path.isfile(done):  # finished earlier: a long comparison resumes where it stopped
         return json.load(open(done))

@@ -288,6 +288,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             setattr(self, name, module)
         self.post_init()
         self.freeze_backbone()
+        self._bias_cache: dict[tuple, list[torch.Tensor | None]] = {}  # see _position_biases
 
     # ----------------------------------------------------------------------------------------------- training state
     def freeze_backbone(self) -> None:
@@ -352,8 +353,34 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
 
     def _position_biases(self, pixel_values: torch.Tensor, num_extra: int, mode: str) -> list[torch.Tensor | None]:
-        """Per-block attention bias for a sequence with `num_extra` tokens after CLS, `(1, heads, L, L)` each."""
+        """Per-block attention bias for a sequence with `num_extra` tokens after CLS, `(1, heads, L, L)` each.
+
+        The bias tables are frozen, so the biases are constants: they are kept for the next call (keyed by the
+        tables' storage and version counters, which `.to()`, `load_state_dict` and in-place edits change) instead
+        of being interpolated, gathered and extended again for every batch.
+        """
         window = tuple(s // self.config.patch_size for s in pixel_values.shape[2:])
+        tables = [module.relative_position_bias_table for module in self._bias_modules()]
+        key = None
+        if not torch.compiler.is_compiling() and not any(table.requires_grad for table in tables):
+            key = (window, num_extra, mode, torch.is_inference_mode_enabled())
+            key += tuple((table.device, table.dtype, table.data_ptr(), table._version) for table in tables)
+            if key in self._bias_cache:
+                return self._bias_cache[key]
+        biases = self._compute_position_biases(window, num_extra, mode)
+        if key is not None:
+            if len(self._bias_cache) >= 8:  # a few layouts and image sizes at most; drop the oldest
+                self._bias_cache.pop(next(iter(self._bias_cache)))
+            self._bias_cache[key] = biases
+        return biases
+
+    def _bias_modules(self) -> list[nn.Module]:
+        modules = [self.beit.shared_position_bias] if self.beit.shared_position_bias is not None else []
+        return modules + [l.relative_position_bias for l in self.beit.layers if l.relative_position_bias is not None]
+
+    def _compute_position_biases(
+        self, window: tuple[int, int], num_extra: int, mode: str
+    ) -> list[torch.Tensor | None]:
         num_tokens = 1 + window[0] * window[1]
         shared = None
         if self.beit.shared_position_bias is not None:

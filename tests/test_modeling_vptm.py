@@ -246,6 +246,45 @@ def test_skipping_unread_outputs_is_exact_in_inference_and_training(backbone_dir
         torch.testing.assert_close(fast_grad, full_grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("per_block", [False, True], ids=["shared-bias", "per-block-bias"])
+def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
+    config = vptm_config(use_relative_position_bias=per_block, use_shared_relative_position_bias=not per_block)
+    model = VPTMForImageClassification(config).eval()
+    tables = [module.relative_position_bias_table for module in model._bias_modules()]
+
+    def fresh_logits():
+        model._bias_cache.clear()
+        with torch.no_grad():
+            return model(pixel_values).logits
+
+    with torch.no_grad():
+        model(pixel_values)
+    assert len(model._bias_cache) == 1 and not any("_bias_cache" in key for key in model.state_dict())
+    # an in-place edit (as load_state_dict does) must not be answered from the cache
+    with torch.no_grad():
+        tables[-1].add_(torch.randn_like(tables[-1]))
+    with torch.no_grad():
+        after_edit = model(pixel_values).logits
+    torch.testing.assert_close(after_edit, fresh_logits(), atol=0, rtol=0)
+    model.load_state_dict({k: torch.randn_like(v) if "relative_position_bias_table" in k else v
+                           for k, v in model.state_dict().items()})  # fmt: skip
+    with torch.no_grad():
+        after_load = model(pixel_values).logits
+    torch.testing.assert_close(after_load, fresh_logits(), atol=0, rtol=0)
+    assert not torch.allclose(after_edit, after_load)
+    # biases made under inference_mode are inference tensors: training after it must not reuse them
+    with torch.inference_mode():
+        model(pixel_values)
+    model.train()
+    model(pixel_values, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert model.prompt_embeddings.prompts.grad is not None
+    # a trainable table (a user unfreezing the backbone) is never cached: its gradient must flow
+    model._bias_cache.clear()
+    tables[0].requires_grad_(True)
+    model(pixel_values, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert tables[0].grad is not None and not model._bias_cache
+
+
 def test_eager_and_sdpa_agree(backbone_dir, pixel_values):
     model = from_backbone(backbone_dir).eval()
     with torch.no_grad():
