@@ -143,13 +143,16 @@ class PrototypicalVerbalizer(nn.Module):
         return missing
 
 
-def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str) -> torch.Tensor:
-    """Extends a BEiT relative position bias `(1, heads, 1 + N, 1 + N)` to `num_extra` tokens inserted after CLS.
+def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str, leading: int = 0) -> torch.Tensor:
+    """Extends a BEiT relative position bias `(1, heads, 1 + N, 1 + N)` to `num_extra` added tokens placed around
+    CLS: `leading` of them before it, the rest right after it, the patches last.
 
     `mode="cls"` gives each added token the CLS entries: added->patch = CLS->patch, patch->added = patch->CLS,
     added<->added and added<->CLS = CLS->CLS. `mode="zero"` gives them zero bias. The CLS+patch block is copied
     unchanged. Returns `(1, heads, 1 + num_extra + N, 1 + num_extra + N)`.
     """
+    if not 0 <= leading <= num_extra:
+        raise ValueError(f"leading must be in [0, num_extra={num_extra}], got {leading}")
     if num_extra == 0:
         return bias
     length = bias.shape[-1]
@@ -159,9 +162,10 @@ def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str)
     )
     extended = bias[:, :, index][:, :, :, index]  # (1, heads, 1 + E + N, 1 + E + N)
     if mode == "zero":
+        added = [position for position in range(1 + num_extra) if position != leading]  # every slot but CLS
         extended = extended.clone()
-        extended[:, :, 1 : 1 + num_extra, :] = 0
-        extended[:, :, :, 1 : 1 + num_extra] = 0
+        extended[:, :, added, :] = 0
+        extended[:, :, :, added] = 0
     return extended
 
 
@@ -352,8 +356,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             if bad.numel():
                 raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
 
-    def _position_biases(self, pixel_values: torch.Tensor, num_extra: int, mode: str) -> list[torch.Tensor | None]:
-        """Per-block attention bias for a sequence with `num_extra` tokens after CLS, `(1, heads, L, L)` each.
+    def _position_biases(
+        self, pixel_values: torch.Tensor, num_extra: int, mode: str, leading: int = 0
+    ) -> list[torch.Tensor | None]:
+        """Per-block attention bias, `(1, heads, L, L)` each, for a sequence with `num_extra` added tokens, `leading`
+        of them before CLS (see `extend_relative_position_bias`).
 
         The bias tables are frozen, so the biases are constants: they are kept for the next call (keyed by the
         tables' storage and version counters, which `.to()`, `load_state_dict` and in-place edits change) instead
@@ -363,11 +370,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         tables = [module.relative_position_bias_table for module in self._bias_modules()]
         key = None
         if not torch.compiler.is_compiling() and not any(table.requires_grad for table in tables):
-            key = (window, num_extra, mode, torch.is_inference_mode_enabled())
+            key = (window, num_extra, mode, leading, torch.is_inference_mode_enabled())
             key += tuple((table.device, table.dtype, table.data_ptr(), table._version) for table in tables)
             if key in self._bias_cache:
                 return self._bias_cache[key]
-        biases = self._compute_position_biases(window, num_extra, mode)
+        biases = self._compute_position_biases(window, num_extra, mode, leading)
         if key is not None:
             if len(self._bias_cache) >= 8:  # a few layouts and image sizes at most; drop the oldest
                 self._bias_cache.pop(next(iter(self._bias_cache)))
@@ -379,19 +386,19 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         return modules + [l.relative_position_bias for l in self.beit.layers if l.relative_position_bias is not None]
 
     def _compute_position_biases(
-        self, window: tuple[int, int], num_extra: int, mode: str
+        self, window: tuple[int, int], num_extra: int, mode: str, leading: int
     ) -> list[torch.Tensor | None]:
         num_tokens = 1 + window[0] * window[1]
         shared = None
         if self.beit.shared_position_bias is not None:
             shared = self.beit.shared_position_bias(window, dim_size=num_tokens)  # (1, heads, 1 + N, 1 + N)
-            shared = extend_relative_position_bias(shared, num_extra, mode)  # extended once for all blocks
+            shared = extend_relative_position_bias(shared, num_extra, mode, leading)  # extended once for all blocks
         biases = []
         for layer in self.beit.layers:
             bias = shared
             if layer.relative_position_bias is not None:
                 own = layer.relative_position_bias(window, dim_size=num_tokens)
-                own = extend_relative_position_bias(own, num_extra, mode)
+                own = extend_relative_position_bias(own, num_extra, mode, leading)
                 bias = own if bias is None else bias + own
             biases.append(bias)
         return biases
@@ -402,28 +409,22 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         hidden: torch.Tensor,
         bias: torch.Tensor | None,
         query_index: int | None = None,
-        skip: tuple[int, int] | None = None,
+        skip: int = 0,
     ) -> torch.Tensor:
         """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
 
         Every token stays a key and value; outputs nobody reads are not computed, which is exact: with
-        `query_index`, only that token's output, `(batch, 1, D)`; with `skip=(start, stop)`, every output but those
-        rows, `(batch, L - (stop - start), D)` (the prompt slots that the next block overwrites).
+        `query_index`, only that token's output, `(batch, 1, D)`; with `skip`, every output but the first `skip`
+        rows, `(batch, L - skip, D)` (the prompt slots that the next block overwrites).
         """
         normed = layer.layernorm_before(hidden)
-        if query_index is None and skip is None:
+        if query_index is None and not skip:
             attention, _ = layer.attention(normed, attention_mask=bias)
             residual = hidden
         else:
-            if query_index is not None:
-                start, stop = query_index, query_index + 1
-                queries, residual = normed[:, start:stop], hidden[:, start:stop]
-                rows = bias[:, :, start:stop] if bias is not None else None
-            else:
-                start, stop = skip
-                queries = torch.cat([normed[:, :start], normed[:, stop:]], dim=1)  # (batch, L - skipped, D)
-                residual = torch.cat([hidden[:, :start], hidden[:, stop:]], dim=1)
-                rows = torch.cat([bias[:, :, :start], bias[:, :, stop:]], dim=2) if bias is not None else None
+            start, stop = (query_index, query_index + 1) if query_index is not None else (skip, hidden.shape[1])
+            queries, residual = normed[:, start:stop], hidden[:, start:stop]  # views, no copies
+            rows = bias[:, :, start:stop] if bias is not None else None
             attention = _partial_attention(layer.attention, normed, queries, rows)
         hidden = layer.drop_path(layer.lambda_1 * layer.dropout(attention)) + residual
         mlp = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
@@ -473,20 +474,25 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         mask_tokens = [mask] if append_mask else []
 
         # Sequence before the first prompted block: [CLS] + [MASK]? + patches. Prompts are inserted at the first
-        # prompted block and overwritten at every later one.
+        # prompted block and overwritten at every later one. They are stored *before* CLS, P + [CLS] + [MASK]? +
+        # patches, with the relative bias permuted to match, which is the same attention as METHOD.md's [CLS] + P +
+        # [MASK]? + patches (attention has no order but the bias), and makes the prompt slots a prefix: skipping
+        # their outputs is then a view instead of three copies per block. Hidden states are returned in METHOD's order.
         hidden = torch.cat([cls, *mask_tokens, patches], dim=1)  # (batch, 1 + 1? + N, D)
         num_extra_before = len(mask_tokens)
         biases_before = None
         if prompted and prompted[0] > 0:
             biases_before = self._position_biases(pixel_values, num_extra_before, config.extra_token_bias)
-        biases_after = self._position_biases(pixel_values, num_extra_before + num_prompts, config.extra_token_bias)
+        biases_after = self._position_biases(
+            pixel_values, num_extra_before + num_prompts, config.extra_token_bias, leading=num_prompts
+        )
 
         # index of the read-out token in the final sequence: [MASK] (appended or in place of a patch), else CLS
-        readout = 0
+        readout = num_prompts
         if append_mask:
-            readout = 1 + num_prompts
+            readout = num_prompts + 1
         elif replace_mask:
-            readout = 1 + num_prompts + mask_position
+            readout = num_prompts + 1 + mask_position
         # Exact savings (config.fast_inference): the last block computes the read-out token only, and a block
         # followed by a prompted block skips the outputs of its prompt slots, which that block overwrites.
         fast = config.fast_inference and not output_hidden_states
@@ -501,22 +507,25 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         for i, layer in enumerate(self.beit.layers):
             if i in prompted:
                 block_prompts = prompts[:, prompted.index(i)].to(hidden.dtype)  # (batch, P, D)
-                rest = hidden[:, 1 + num_prompts :] if has_slots else hidden[:, 1:]
-                hidden = torch.cat([hidden[:, :1], block_prompts, rest], dim=1)  # (batch, 1 + P + 1? + N, D)
+                rest = hidden[:, num_prompts:] if has_slots else hidden
+                hidden = torch.cat([block_prompts, rest], dim=1)  # (batch, P + 1 + 1? + N, D)
                 inserted = has_slots = True
             bias = biases_after[i] if inserted or not prompted else biases_before[i]
             query = readout if (fast and i == last) else None
-            skip = None
+            skip = 0
             if fast and i < last and has_slots and (i + 1) in prompted and num_prompts:
-                skip, has_slots = (1, 1 + num_prompts), False
+                skip, has_slots = num_prompts, False
             if checkpointing:
                 hidden = torch.utils.checkpoint.checkpoint(
                     self._block, layer, hidden, bias, query, skip, use_reentrant=False
                 )
             else:
                 hidden = self._block(layer, hidden, bias, query, skip)
-            if all_hidden is not None:
-                all_hidden = all_hidden + (hidden,)
+            if all_hidden is not None:  # never fast, so the prompt slots are there once inserted
+                reordered = torch.cat(
+                    [hidden[:, num_prompts:][:, :1], hidden[:, :num_prompts], hidden[:, num_prompts + 1 :]], 1
+                )
+                all_hidden = all_hidden + (reordered if inserted else hidden,)
         hidden = self.beit.layernorm(hidden)  # Identity for MIM checkpoints with mean pooling
         state = hidden[:, 0] if query is not None else hidden[:, readout]  # (batch, D)
         return state, all_hidden

@@ -199,6 +199,35 @@ def test_extended_bias_keeps_pretrained_block_and_uses_cls_entries(backbone):
     assert zero[:, :, 1:5].abs().sum() == 0 and zero[:, :, :, 1:5].abs().sum() == 0
 
 
+@pytest.mark.parametrize("mode", ["cls", "zero"])
+def test_extended_bias_with_leading_tokens_is_the_permuted_bias(backbone, mode):
+    bias = backbone.beit.shared_position_bias((5, 5), dim_size=26)
+    after_cls = extend_relative_position_bias(bias, 4, mode)  # [CLS, a0, a1, a2, a3, patches]
+    leading = extend_relative_position_bias(bias, 4, mode, leading=3)  # [a0, a1, a2, CLS, a3, patches]
+    order = torch.cat([torch.tensor([1, 2, 3, 0, 4]), torch.arange(5, 30)])
+    assert torch.equal(leading, after_cls[:, :, order][:, :, :, order])
+    with pytest.raises(ValueError, match=r"leading must be in \[0, num_extra=4\], got 5"):
+        extend_relative_position_bias(bias, 4, mode, leading=5)
+
+
+@pytest.mark.parametrize("mode", ["cls", "zero"])
+def test_hidden_states_are_in_method_order(pixel_values, mode):
+    """Block outputs are reported as [CLS] + P + [MASK] + patches and equal a library BeitLayer run on that order."""
+    model = VPTMForImageClassification(vptm_config(prompt_layers=[1, 2], extra_token_bias=mode)).eval()
+    with torch.no_grad():
+        model.prompt_embeddings.prompts.normal_()
+        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+        states = model(pixel_values, output_hidden_states=True).hidden_states
+        bias = model.beit.shared_position_bias((5, 5), dim_size=26)
+        bias = extend_relative_position_bias(bias, 1 + 3, mode)  # prompts and [MASK] right after CLS
+        before = states[1]  # output of block 0: [CLS, MASK, patches]
+        for block, (inputs, prompts) in enumerate([(before, 0), (states[2], 1)], start=1):
+            rest = inputs[:, 1:] if block == 1 else inputs[:, 4:]  # block 2 overwrites the prompt slots
+            sequence = torch.cat([inputs[:, :1], model.prompt_embeddings.prompts[prompts].expand(3, -1, -1), rest], 1)
+            expected = model.beit.layers[block](sequence, attention_mask=bias)
+            torch.testing.assert_close(states[block + 1], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_per_layer_relative_bias_backbone(tmp_path, pixel_values):
     """Backbones with one relative bias per block (no shared one) get each block's own extended bias."""
     reference = make_backbone(tmp_path, use_shared_relative_position_bias=False, use_relative_position_bias=True)
