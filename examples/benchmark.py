@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -50,19 +51,38 @@ def sync(device: str) -> None:
 
 
 def measure(step, device: str, batch: int, steps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        step()
+    return measure_side_by_side({"step": step}, device, batch, steps, warmup)["step"]
+
+
+def measure_side_by_side(step_fns: dict, device: str, batch: int, steps: int, warmup: int) -> dict:
+    """Times the steps in interleaved rounds (A, B, A, B, ...) and reports each one's median step.
+
+    Compared steps then share whatever else the machine is doing at that moment, and one slow step (another
+    process, a frequency change) moves a median little; timing A's steps and then B's would charge any drift to one
+    of them. Peak memory is each step's own peak above what is allocated before it.
+    """
+    for step in step_fns.values():
+        for _ in range(warmup):
+            step()
     sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    times = {name: [] for name in step_fns}
+    peaks = dict.fromkeys(step_fns, 0)
     for _ in range(steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return {"images_per_s": round(batch / seconds, 1), "step_ms": round(seconds * 1e3, 2),
-            "peak_gib": None if peak is None else round(peak, 3)}  # fmt: skip
+        for name, step in step_fns.items():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            if device == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
+    out = {}
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        out[name] = {"images_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 2),
+                     "peak_gib": round(peaks[name] / 2**30, 3) if device == "cuda" else None}  # fmt: skip
+    return out
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, dtype):
@@ -108,26 +128,28 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
     train("vpt_deep", vptm(arch, classifier="linear_cls"))
     train("vptm_deep", vptm(arch))
 
-    def infer(name, model, fn):
+    inputs = x.to(dtype) if device == "cuda" else x
+
+    def inference(model):
         model = model.to(device).eval()
         if device == "cuda":
             model = model.to(dtype)
-        inputs = x.to(dtype) if device == "cuda" else x
 
         @torch.no_grad()
         def step():
-            fn(model, inputs)
+            return model(pixel_values=inputs).logits
 
-        rows[name] = measure(step, device, batch, steps, warmup)
-        print(f"[{arch}] {name}: {rows[name]}", flush=True)
+        return step
 
     classifier = BeitForImageClassification(beit_config)
     ours = vptm(arch)
-    infer("infer_beit", classifier, lambda m, i: m(pixel_values=i).logits)
-    infer("infer_vptm", ours, lambda m, i: m(pixel_values=i).logits)
+    compared = {"infer_beit": inference(classifier), "infer_vptm": inference(ours)}
     if use_compile:
-        infer("infer_beit_compiled", torch.compile(classifier), lambda m, i: m(pixel_values=i).logits)
-        infer("infer_vptm_compiled", torch.compile(ours), lambda m, i: m(pixel_values=i).logits)
+        compared.update(infer_beit_compiled=inference(torch.compile(classifier)),
+                        infer_vptm_compiled=inference(torch.compile(ours)))  # fmt: skip
+    for name, row in measure_side_by_side(compared, device, batch, steps, warmup).items():
+        rows[name] = row
+        print(f"[{arch}] {name}: {row}", flush=True)
     rows.update(mixed_batch(arch, ours, x, device, dtype, batch, steps, warmup))
     rows["checkpoint"] = checkpoint_bytes(ours)
     return rows
@@ -149,10 +171,11 @@ def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
     inputs = x.to(next(server.parameters()).dtype)
     mixed = [f"task{i % 8}" for i in range(batch)]
     single = ["task0"] * batch
-    result = {}
-    for name, names in (("serve_one_task", single), ("serve_eight_tasks", mixed)):
-        result[name] = measure(lambda n=names: server(inputs, n), device, batch, steps, warmup)
-        print(f"[{arch}] {name}: {result[name]}", flush=True)
+    compared = {"serve_one_task": lambda: server(inputs, single), "serve_eight_tasks": lambda: server(inputs, mixed)}
+    with torch.no_grad():
+        result = measure_side_by_side(compared, device, batch, steps, warmup)
+    for name, row in result.items():
+        print(f"[{arch}] {name}: {row}", flush=True)
     return result
 
 
@@ -254,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arch in ["base", "tiny"] if args.arch == "both" else [args.arch]:
         cpu_batch = {"base": 2 if args.quick else 8, "tiny": 32 if args.quick else 128}[arch]
         batch = args.batch or (128 if device == "cuda" else cpu_batch)
-        steps = args.steps or (2 if args.quick else (20 if device == "cuda" else 5))
+        steps = args.steps or (3 if args.quick else (21 if device == "cuda" else 9))  # odd: a true median
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
         rows = run_arch(arch, batch, steps, warmup, device, args.compile)
         results["archs"][arch] = {"batch": batch, "steps": steps, "rows": rows, "ratios": ratios(rows)}

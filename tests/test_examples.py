@@ -312,6 +312,27 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     assert results["plot"] and (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
+def test_benchmark_times_compared_steps_in_interleaved_rounds():
+    import time
+
+    import benchmark
+
+    calls = []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    rows = benchmark.measure_side_by_side({"a": step("a", 0.0), "b": step("b", 0.03)}, "cpu", 6, steps=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then rounds that alternate
+    assert rows["b"]["step_ms"] >= 30 and rows["a"]["step_ms"] < rows["b"]["step_ms"]
+    assert rows["b"]["images_per_s"] == pytest.approx(6 / (rows["b"]["step_ms"] / 1e3), rel=0.01)
+    assert rows["a"]["peak_gib"] is None  # no CUDA here
+
+
 def test_every_vptm_config_field_is_an_argument():
     import dataclasses
 
