@@ -51,6 +51,7 @@ def sync(device: str) -> None:
 
 
 def measure(step, device: str, batch: int, steps: int, warmup: int) -> dict:
+    """Median step time (and, on CUDA, peak memory) of one step function run alone."""
     return measure_side_by_side({"step": step}, device, batch, steps, warmup)["step"]
 
 
@@ -59,7 +60,7 @@ def measure_side_by_side(step_fns: dict, device: str, batch: int, steps: int, wa
 
     Compared steps then share whatever else the machine is doing at that moment, and one slow step (another
     process, a frequency change) moves a median little; timing A's steps and then B's would charge any drift to one
-    of them. Peak memory is each step's own peak above what is allocated before it.
+    of them. On CUDA, peak memory is the most allocated during each of the step's runs, everything resident included.
     """
     for step in step_fns.values():
         for _ in range(warmup):
@@ -113,20 +114,29 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
     y = torch.randint(0, 100, (batch,), device=device)
     rows = {}
 
-    def train(name, model):
-        model = model.to(device).train()
-        step, trainable = training_step(model, x, y, device, dtype)
-        rows[name] = dict(measure(step, device, batch, steps, warmup), trainable=trainable)
-        print(f"[{arch}] train {name}: {rows[name]}", flush=True)
-        del model, step
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
     beit_config = BeitConfig(**ARCHS[arch], **COMMON, num_labels=100)
-    train("full", BeitForImageClassification(beit_config))
-    train("linear", vptm(arch, prompt_length=0, classifier="linear_cls"))
-    train("vpt_deep", vptm(arch, classifier="linear_cls"))
-    train("vptm_deep", vptm(arch))
+    builders = {
+        "full": lambda: BeitForImageClassification(beit_config),
+        "linear": lambda: vptm(arch, prompt_length=0, classifier="linear_cls"),
+        "vpt_deep": lambda: vptm(arch, classifier="linear_cls"),
+        "vptm_deep": lambda: vptm(arch),
+    }
+    if device == "cuda":
+        # one model at a time, so that each peak is that method's own memory (as in PERFORMANCE.md's anchors)
+        for name, build in builders.items():
+            step, trainable = training_step(build().to(device).train(), x, y, device, dtype)
+            rows[name] = dict(measure(step, device, batch, steps, warmup), trainable=trainable)
+            print(f"[{arch}] train {name}: {rows[name]}", flush=True)
+            del step
+            torch.cuda.empty_cache()
+    else:  # no memory figure on the CPU: all four side by side, which keeps the ratios steady on a busy machine
+        steps_fns, trainables = {}, {}
+        for name, build in builders.items():
+            steps_fns[name], trainables[name] = training_step(build().train(), x, y, device, dtype)
+        for name, row in measure_side_by_side(steps_fns, device, batch, steps, warmup).items():
+            rows[name] = dict(row, trainable=trainables[name])
+            print(f"[{arch}] train {name}: {rows[name]}", flush=True)
+        del steps_fns
 
     inputs = x.to(dtype) if device == "cuda" else x
 

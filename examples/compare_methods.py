@@ -3,7 +3,10 @@ ablations, and one default configuration for every run ("deployed uniformly").
 
 Every run is `run_classification.py` on the shipped 1,000 Fashion-MNIST training images, evaluated on the 10,000
 official test images (Debian `dataset-fashion-mnist`; without it, on the 3,000 shipped test images, and the results
-say so). Runs are kept in `--output_dir/<run>/`; rerunning skips finished runs, so a long comparison can be resumed.
+say so). The main table and the verbalizer ablations use every seed (mean ± std); each sweep point uses the first
+seed only, which is what keeps the sweeps affordable on a CPU. Runs are kept in `--output_dir/<run>/`; rerunning skips
+finished runs (and a sweep point or ablation that is a default configuration reuses the main table's run), so a long
+comparison can be resumed.
 
     python examples/compare_methods.py --output_dir runs/compare                          # everything (hours on CPU)
     python examples/compare_methods.py --output_dir runs/compare --sections methods       # the main table only
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                 }  # fmt: skip
     if "ablations" in args.sections:
         results["ablations"] = {
-            name: summarise([run_one(f"ablation-{name}", settings, s, args) for s in args.seeds[:1]])
+            name: summarise([run_one(f"ablation-{name}", settings, s, args) for s in args.seeds])
             for name, settings in ABLATIONS.items()
         }
     if "uniform" in args.sections and "sweeps" in results:
@@ -207,8 +210,13 @@ def markdown(results: dict) -> str:
             lines.append(f"| {key} | {points} | {100 * sweep['spread']:.2f} |")
         lines.append("")
     if "ablations" in results:
-        lines += ["| verbalizer ablation (VPTM-deep) | accuracy |", "|---|---|"]
-        lines += [f"| {k} | {100 * v['accuracy_mean']:.2f} |" for k, v in results["ablations"].items()]
+        lines += [
+            "| verbalizer ablation (VPTM-deep) | accuracy (mean ± std) | trainable parameters |",
+            "|---|---|---|",
+        ]
+        for name, row in results["ablations"].items():
+            accuracy = f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f}"
+            lines.append(f"| {name} | {accuracy} | {row['trainable_parameters']:,} |")
         lines.append("")
     if "uniform" in results:
         lines += ["| sweep | default config | best value | gap (points) |", "|---|---|---|---|"]
@@ -242,12 +250,21 @@ def plots(results: dict, folder: str) -> list[str]:
         fig.savefig(path, dpi=120)
         written.append(path)
     if "sweeps" in results:
-        keys = list(results["sweeps"])
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
-            points = results["sweeps"][key]["points"]
-            ax.plot(list(points), [100 * p["accuracy_mean"] for p in points.values()], marker="o")
-            ax.set_title(key, fontsize=9)
+        # one panel per swept field, VPTM and VPT overlaid on one shared accuracy axis, so spreads compare by eye
+        fields = list(dict.fromkeys(key.split("/")[1] for key in results["sweeps"]))
+        fig, axes = plt.subplots(1, len(fields), figsize=(3.6 * len(fields), 3.2), squeeze=False, sharey=True)
+        for ax, field in zip(axes[0], fields, strict=True):
+            for key, sweep in results["sweeps"].items():
+                method, swept = key.split("/")
+                if swept == field:
+                    points = sweep["points"]
+                    ax.plot(list(points), [100 * p["accuracy_mean"] for p in points.values()], marker="o",
+                            label=f"{method} (spread {100 * sweep['spread']:.2f})")  # fmt: skip
+            ax.set_title(field, fontsize=9)
+            ax.set_xlabel("value", fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("test accuracy (%)")
         fig.tight_layout()
         path = os.path.join(folder, "sweeps.png")
         fig.savefig(path, dpi=120)
