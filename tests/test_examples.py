@@ -369,3 +369,10 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     again = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "methods"])
     assert again["methods"]["vptm_deep"] == methods["vptm_deep"]  # finished runs are read back, not rerun
     assert again["seconds"] < results["seconds"]
+    # default sweep points and the default ablation share the main table's run folder instead of training again
+    folders = sorted(name for name in os.listdir(tmp_path) if name.endswith("-seed0"))
+    assert "sweep-vptm-prompt_length-10-seed0" not in folders and "ablation-prototypical_logits-seed0" not in folders
+    assert "sweep-vptm-prompt_length-5-seed0" in folders and "ablation-verbalizer_on_hidden-seed0" in folders
+    assert sweep["points"]["64"] == results["ablations"]["prototypical_logits"]
+    assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_deep"]["accuracy_mean"]
+    assert len(folders) == 6 + 14 + 4  # methods, non-default sweep points, non-default ablations
