@@ -9,8 +9,9 @@ backbone's; random weights, speed does not depend on them):
 * a mixed batch over 8 tasks (`MultiTaskVPTM`) against a batch of one task, same size;
 * prompt-checkpoint bytes against backbone bytes.
 
-On CUDA it uses bf16 autocast and SDPA; on CPU float32. Writes `benchmark.json`, `benchmark.md` and (with
-matplotlib) `benchmark.png` to `--output_dir`, and prints the table with the ratios.
+On CUDA it uses bf16 autocast and SDPA, and peak memory is `max_memory_allocated`; on CPU float32, and peak memory
+is read from one profiled step's memory timeline (tensors only, as on CUDA). Writes `benchmark.json`, `benchmark.md`
+and (with matplotlib) `benchmark.png` to `--output_dir`, and prints the table with the ratios.
 
     python examples/benchmark.py --quick --output_dir runs/bench          # CPU, under 2 minutes
     python examples/benchmark.py --arch base --batch 128 --output_dir runs/bench-gpu   # on a GPU
@@ -86,6 +87,24 @@ def measure_side_by_side(step_fns: dict, device: str, batch: int, steps: int, wa
     return out
 
 
+def cpu_peak_gib(step) -> float:
+    """Peak tensor memory of one CPU step, in GiB, from the profiler's memory timeline: like CUDA's
+    `max_memory_allocated`, it counts tensors (weights, gradients, optimiser state, activations), not the process's
+    other memory."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "timeline.json.gz")
+        prof.export_memory_timeline(path, device="cpu")
+        with gzip.open(path, "rt") as f:
+            _, sizes = json.load(f)  # [times, bytes per category at each time]
+    return round(max(sum(row) for row in sizes) / 2**30, 3)
+
+
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, dtype):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -129,12 +148,12 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
             print(f"[{arch}] train {name}: {rows[name]}", flush=True)
             del step
             torch.cuda.empty_cache()
-    else:  # no memory figure on the CPU: all four side by side, which keeps the ratios steady on a busy machine
+    else:  # all four side by side, which keeps the ratios steady on a busy machine; memory from one profiled step
         steps_fns, trainables = {}, {}
         for name, build in builders.items():
             steps_fns[name], trainables[name] = training_step(build().train(), x, y, device, dtype)
         for name, row in measure_side_by_side(steps_fns, device, batch, steps, warmup).items():
-            rows[name] = dict(row, trainable=trainables[name])
+            rows[name] = dict(row, trainable=trainables[name], peak_gib=cpu_peak_gib(steps_fns[name]))
             print(f"[{arch}] train {name}: {rows[name]}", flush=True)
         del steps_fns
 

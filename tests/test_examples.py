@@ -302,6 +302,10 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     assert all(rows[k]["images_per_s"] > 0 for k in rows if k != "checkpoint")
     assert rows["vptm_deep"]["trainable"] == 6 * 10 * 128 + 512 * 64 + 100 * 64 + 1
     assert rows["full"]["trainable"] > 20 * rows["vptm_deep"]["trainable"]
+    # tensor memory of a training step, from the CPU profiler: full fine-tuning holds weight gradients and AdamW state
+    assert all(rows[k]["peak_gib"] > 0 for k in ("full", "linear", "vpt_deep", "vptm_deep"))
+    assert rows["linear"]["peak_gib"] < rows["vptm_deep"]["peak_gib"] < rows["full"]["peak_gib"]
+    assert results["archs"]["tiny"]["ratios"]["vptm_train_memory_vs_full"] < 1
     assert 0 < rows["checkpoint"]["ratio"] < 0.05
     saved = json.load(open(tmp_path / "benchmark.json"))
     assert (
