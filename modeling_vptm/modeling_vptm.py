@@ -69,7 +69,8 @@ class VPTMImageClassifierOutput(ImageClassifierOutput):
             The final [MASK] state after the backbone's final layer norm (the CLS state for `linear_cls`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
-            when `output_hidden_states=True`.
+            when `output_hidden_states=True`; tokens in the order `[CLS] + P prompts + [MASK] + patches` (no prompts
+            before the first prompted block).
     """
 
     visual_token_logits: torch.FloatTensor | None = None
