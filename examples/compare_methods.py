@@ -48,6 +48,7 @@ SWEEPS = {
 ABLATIONS = {
     "prototypical_logits": dict(method="vptm"),
     "linear_head_on_mask_logits": dict(method="vptm", vptm_head="linear_mask"),
+    "verbalizer_on_normalized_logits": dict(method="vptm", verbalizer_input="normalized_logits"),
     "verbalizer_on_probs": dict(method="vptm", verbalizer_input="probs"),
     "verbalizer_on_hidden": dict(method="vptm", verbalizer_input="hidden"),
     "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),

@@ -16,7 +16,7 @@ PROMPT_INITS = ("uniform", "normal")
 MASK_TOKEN_MODES = ("append", "replace")
 EXTRA_TOKEN_BIASES = ("cls", "zero")
 CLASSIFIERS = ("prototypical_verbalizer", "linear_cls", "linear_mask")
-VERBALIZER_INPUTS = ("logits", "probs", "hidden")
+VERBALIZER_INPUTS = ("logits", "normalized_logits", "probs", "hidden")
 
 
 class VPTMConfig(BeitConfig):
@@ -61,8 +61,10 @@ class VPTMConfig(BeitConfig):
             prototypes. `"linear_cls"` (the VPT baseline): a linear head on the final CLS state, no [MASK], no MIM
             head. `"linear_mask"` (an ablation): a linear head on the same [MASK] readout as the verbalizer.
         verbalizer_input (`str`, *optional*, defaults to `"logits"`):
-            What the verbalizer reads at [MASK]: the MIM head's `"logits"` over the visual vocabulary, their
-            softmax `"probs"`, or the normalised `"hidden"` state before the MIM head.
+            What the verbalizer reads at [MASK]: the MIM head's `"logits"` over the visual vocabulary, the same
+            logits standardised per image over the vocabulary (`"normalized_logits"`: zero mean, unit variance, so
+            the per-image offset and spread of the logits no longer sway the cosine), their softmax `"probs"`, or the
+            normalised `"hidden"` state before the MIM head.
         prototype_dim (`int`, *optional*, defaults to 64):
             Dimension d of the projection (no bias) into which the verbalizer input and the prototypes are put.
         prototypes_per_class (`int`, *optional*, defaults to 1):

@@ -234,11 +234,14 @@ def build_task_modules(config: VPTMConfig) -> dict[str, nn.Module | nn.Parameter
 
 
 def readout_features(config: VPTMConfig, normed: torch.Tensor, token_logits: torch.Tensor | None) -> torch.Tensor:
-    """What the task head reads: the normed read-out state, or the MIM head's logits or probabilities."""
+    """What the task head reads: the normed read-out state, or the MIM head's logits (raw or standardised per image)
+    or probabilities."""
     if config.classifier == "linear_cls" or config.verbalizer_input == "hidden":
         return normed
     if config.verbalizer_input == "probs":
         return token_logits.float().softmax(-1).to(token_logits.dtype)
+    if config.verbalizer_input == "normalized_logits":
+        return F.layer_norm(token_logits.float(), token_logits.shape[-1:]).to(token_logits.dtype)
     return token_logits
 
 

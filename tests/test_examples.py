@@ -379,4 +379,4 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert "sweep-vptm-prompt_length-5-seed0" in folders and "ablation-verbalizer_on_hidden-seed0" in folders
     assert sweep["points"]["64"] == results["ablations"]["prototypical_logits"]
     assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_deep"]["accuracy_mean"]
-    assert len(folders) == 6 + 14 + 4  # methods, non-default sweep points, non-default ablations
+    assert len(folders) == 6 + 14 + 5  # methods, non-default sweep points, non-default ablations

@@ -314,6 +314,28 @@ def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
     assert tables[0].grad is not None and not model._bias_cache
 
 
+def test_normalized_logits_ignore_the_offset_and_spread_of_the_mim_logits(pixel_values):
+    model = VPTMForImageClassification(vptm_config(verbalizer_input="normalized_logits")).eval()
+    with torch.no_grad():
+        before = model(pixel_values)
+        standardised = (before.visual_token_logits - before.visual_token_logits.mean(-1, keepdim=True)) / (
+            before.visual_token_logits.var(-1, unbiased=False, keepdim=True) + 1e-5
+        ).sqrt()
+        projected = torch.nn.functional.normalize(model.verbalizer.project(standardised), dim=-1)
+        expected = (
+            model.verbalizer.logit_scale
+            * projected
+            @ torch.nn.functional.normalize(model.verbalizer.prototypes, dim=-1).T
+        )
+        torch.testing.assert_close(before.logits, expected, atol=1e-4, rtol=1e-4)
+        assert before.logits.std() > 0.1  # non-trivial class scores (random prototypes)
+        model.lm_head.weight.mul_(3.0)  # every image's logits: 3x the spread and 2.5 higher
+        model.lm_head.bias.mul_(3.0).add_(2.5)
+        after = model(pixel_values)
+    assert not torch.allclose(after.visual_token_logits, before.visual_token_logits)
+    torch.testing.assert_close(after.logits, before.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_eager_and_sdpa_agree(backbone_dir, pixel_values):
     model = from_backbone(backbone_dir).eval()
     with torch.no_grad():
