@@ -385,6 +385,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             self._bias_cache[key] = biases
         return biases
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda() move or convert the tables; the kept biases would be stale copies holding memory
+        self._bias_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
     def _bias_modules(self) -> list[nn.Module]:
         modules = [self.beit.shared_position_bias] if self.beit.shared_position_bias is not None else []
         return modules + [l.relative_position_bias for l in self.beit.layers if l.relative_position_bias is not None]

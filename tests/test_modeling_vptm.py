@@ -289,6 +289,11 @@ def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
     with torch.no_grad():
         model(pixel_values)
     assert len(model._bias_cache) == 1 and not any("_bias_cache" in key for key in model.state_dict())
+    model.double()  # a conversion drops the kept biases instead of keeping stale float32 copies
+    assert not model._bias_cache
+    with torch.no_grad():
+        assert model(pixel_values.double()).logits.dtype == torch.float64
+    model.float()
     # an in-place edit (as load_state_dict does) must not be answered from the cache
     with torch.no_grad():
         tables[-1].add_(torch.randn_like(tables[-1]))
