@@ -530,11 +530,12 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 )
             else:
                 hidden = self._block(layer, hidden, bias, query, skip)
-            if all_hidden is not None:  # never fast, so the prompt slots are there once inserted
-                reordered = torch.cat(
-                    [hidden[:, num_prompts:][:, :1], hidden[:, :num_prompts], hidden[:, num_prompts + 1 :]], 1
-                )
-                all_hidden = all_hidden + (reordered if inserted else hidden,)
+            if all_hidden is not None:  # never fast, so once inserted the prompt slots are there: move CLS first
+                if inserted:
+                    cls_state = hidden[:, num_prompts : num_prompts + 1]
+                    all_hidden += (torch.cat([cls_state, hidden[:, :num_prompts], hidden[:, num_prompts + 1 :]], 1),)
+                else:
+                    all_hidden += (hidden,)
         hidden = self.beit.layernorm(hidden)  # Identity for MIM checkpoints with mean pooling
         state = hidden[:, 0] if query is not None else hidden[:, readout]  # (batch, D)
         return state, all_hidden
