@@ -53,7 +53,7 @@ ABLATIONS = {
     "verbalizer_on_hidden": dict(method="vptm", verbalizer_input="hidden"),
     "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),
 }
-DEFAULTS = {"prompt_length": 10, "prompt_layers": "deep", "prototype_dim": 64}  # run_classification.py's defaults
+DEFAULTS = {name: getattr(run_classification.ModelArguments, name) for name in SWEEPS}  # what a run gets unless set
 
 
 def has_full_test_set() -> bool:

@@ -49,7 +49,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification  # noqa: E402
+from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: E402
 from modeling_vptm.masking import random_shift_flip  # noqa: E402
 from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path  # noqa: E402
 
@@ -76,20 +76,23 @@ class ModelArguments:
     cache_dir: str | None = field(default=None)
     token: str | None = field(default=None, metadata={"help": "Hub token (also for --push_to_hub)."})
     method: str = field(default="vptm", metadata={"help": f"One of {METHODS}."})
-    prompt_length: int = 10
-    prompt_layers: str = field(default="deep", metadata={"help": "deep, shallow, or block indices like 0,1,2."})
-    prompt_init: str = "uniform"
-    mask_token_mode: str = "append"
-    mask_token_position: int | None = None
-    extra_token_bias: str = "cls"
-    train_mask_token: bool = False
-    verbalizer_input: str = "logits"
-    prototype_dim: int = 64
-    prototypes_per_class: int = 1
-    logit_scale_init: float = 10.0
-    learn_logit_scale: bool = True
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.1
+    # VPTMConfig fields: the defaults are the config's own, so the script and the model cannot drift apart
+    prompt_length: int = VPTMConfig.prompt_length
+    prompt_layers: str = field(
+        default=VPTMConfig.prompt_layers, metadata={"help": "deep, shallow, or block indices like 0,1,2."}
+    )
+    prompt_init: str = VPTMConfig.prompt_init
+    mask_token_mode: str = VPTMConfig.mask_token_mode
+    mask_token_position: int | None = VPTMConfig.mask_token_position
+    extra_token_bias: str = VPTMConfig.extra_token_bias
+    train_mask_token: bool = VPTMConfig.train_mask_token
+    verbalizer_input: str = VPTMConfig.verbalizer_input
+    prototype_dim: int = VPTMConfig.prototype_dim
+    prototypes_per_class: int = VPTMConfig.prototypes_per_class
+    logit_scale_init: float = VPTMConfig.logit_scale_init
+    learn_logit_scale: bool = VPTMConfig.learn_logit_scale
+    contrastive_weight: float = VPTMConfig.contrastive_weight
+    contrastive_temperature: float = VPTMConfig.contrastive_temperature
     prototype_init: str = field(default="random", metadata={"help": "random or class_mean (one pass over the data)."})
     vptm_head: str = field(
         default="prototypical_verbalizer",

@@ -349,6 +349,10 @@ def test_every_vptm_config_field_is_an_argument():
                          "fast_inference"}  # fmt: skip
     arguments = {f.name for f in dataclasses.fields(run_classification.ModelArguments)}
     assert vptm_fields - set_by_the_script <= arguments, vptm_fields - set_by_the_script - arguments
+    defaults = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments)}
+    assert {name: defaults[name] for name in vptm_fields & arguments} == {
+        name: getattr(VPTMConfig, name) for name in vptm_fields & arguments
+    }
 
 
 def test_compare_methods_quick_mode_and_resume(tmp_path):
