@@ -91,7 +91,8 @@ class ModelArguments:
     prototypes_per_class: int = VPTMConfig.prototypes_per_class
     logit_scale_init: float = VPTMConfig.logit_scale_init
     learn_logit_scale: bool = VPTMConfig.learn_logit_scale
-    contrastive_weight: float = VPTMConfig.contrastive_weight
+    prototype_contrastive_weight: float = VPTMConfig.prototype_contrastive_weight
+    instance_contrastive_weight: float = VPTMConfig.instance_contrastive_weight
     contrastive_temperature: float = VPTMConfig.contrastive_temperature
     prototype_init: str = field(default="random", metadata={"help": "random or class_mean (one pass over the data)."})
     vptm_head: str = field(
@@ -109,6 +110,14 @@ class DataTrainingArguments:
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
     validation_dir: str | None = None
     train_val_split: float = field(default=0.15, metadata={"help": "Held-out fraction if there is no eval split."})
+    validation_split: float = field(
+        default=0.0,
+        metadata={
+            "help": "Carve a stratified, seeded validation split of this fraction from train and evaluate on it "
+            "instead of the dataset's validation/test split (for choosing hyperparameters; 0: off)."
+        },
+    )
+    validation_split_seed: int = field(default=0, metadata={"help": "Seed of --validation_split."})
     image_column_name: str = "image"
     label_column_name: str = "label"
     max_train_samples: int | None = None
@@ -177,6 +186,10 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
     if eval_split is None:
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=0)
         dataset, eval_split = DatasetDict(train=split["train"], validation=split["test"]), "validation"
+    if data_args.validation_split:
+        if not 0 < data_args.validation_split < 1:
+            raise ValueError(f"--validation_split must be a fraction in (0, 1), got {data_args.validation_split}")
+        dataset, eval_split = carve_validation(dataset, data_args), "validation"
     for name in (data_args.image_column_name, data_args.label_column_name):
         if name not in dataset["train"].column_names:
             raise ValueError(
@@ -193,6 +206,22 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
     if data_args.max_eval_samples is not None:
         dataset["eval"] = dataset["eval"].select(range(min(data_args.max_eval_samples, len(dataset["eval"]))))
     return dataset, eval_split
+
+
+def carve_validation(dataset, data_args: DataTrainingArguments):
+    """Train minus a stratified, seeded validation split of it; the test split is left out of the run."""
+    from datasets import ClassLabel, DatasetDict
+
+    train = dataset["train"]
+    label = data_args.label_column_name
+    if label not in train.column_names:
+        raise ValueError(f"column {label!r} not found in the dataset; its columns are {train.column_names}")
+    if not isinstance(train.features[label], ClassLabel):
+        train = train.class_encode_column(label)
+    split = train.train_test_split(
+        test_size=data_args.validation_split, seed=data_args.validation_split_seed, stratify_by_column=label
+    )
+    return DatasetDict(train=split["train"], validation=split["test"])
 
 
 def check_image_folders(data_args: DataTrainingArguments) -> set[str]:

@@ -16,7 +16,7 @@ PROMPT_INITS = ("uniform", "normal")
 MASK_TOKEN_MODES = ("append", "replace")
 EXTRA_TOKEN_BIASES = ("cls", "zero")
 CLASSIFIERS = ("prototypical_verbalizer", "linear_cls", "linear_mask")
-VERBALIZER_INPUTS = ("logits", "normalized_logits", "probs", "hidden")
+VERBALIZER_INPUTS = ("logits", "normalized_logits", "probs", "hidden", "ensemble")
 
 
 class VPTMConfig(BeitConfig):
@@ -63,8 +63,12 @@ class VPTMConfig(BeitConfig):
         verbalizer_input (`str`, *optional*, defaults to `"logits"`):
             What the verbalizer reads at [MASK]: the MIM head's `"logits"` over the visual vocabulary, the same
             logits standardised per image over the vocabulary (`"normalized_logits"`: zero mean, unit variance, so
-            the per-image offset and spread of the logits no longer sway the cosine), their softmax `"probs"`, or the
-            normalised `"hidden"` state before the MIM head.
+            the per-image offset and spread of the logits no longer sway the cosine), their softmax `"probs"`, the
+            normalised `"hidden"` state before the MIM head, or `"ensemble"`: two verbalizers, one on the MIM logits
+            and one on the hidden state, whose class logits are each standardised per image (z-scored over the
+            classes) and averaged, as ProtoVerb ensembles its prototypes with a manual verbalizer. The token path
+            keeps the prediction of the pre-training task in use; the hidden-state path carries what the visual
+            tokens lose. Each path is trained with its own cross-entropy and contrastive terms.
         prototype_dim (`int`, *optional*, defaults to 64):
             Dimension d of the projection (no bias) into which the verbalizer input and the prototypes are put.
         prototypes_per_class (`int`, *optional*, defaults to 1):
@@ -73,11 +77,18 @@ class VPTMConfig(BeitConfig):
             Initial scale s of the class logits `s * cosine`.
         learn_logit_scale (`bool`, *optional*, defaults to `True`):
             Whether s is trained.
-        contrastive_weight (`float`, *optional*, defaults to 0.0):
-            Weight of a supervised instance–instance contrastive loss on the projected features, added to the
-            cross-entropy (0 disables it).
-        contrastive_temperature (`float`, *optional*, defaults to 0.1):
-            Temperature of that contrastive loss. Only used if `contrastive_weight > 0`.
+        prototype_contrastive_weight (`float`, *optional*, defaults to 0.0):
+            Weight of ProtoVerb's instance–prototype loss, added to the cross-entropy: InfoNCE of each projected
+            feature against the class prototypes, `-log(exp(cos(v, p_y) / t) / sum_k exp(cos(v, p_k) / t))`, averaged
+            over the batch (a class scores its best prototype). 0 disables it. Only used by the prototypical
+            verbalizer.
+        instance_contrastive_weight (`float`, *optional*, defaults to 0.0):
+            Weight of ProtoVerb's instance–instance loss: for every pair (i, j) of distinct images of the same class
+            in the batch, `-log(exp(cos(v_i, v_j) / t) / (exp(cos(v_i, v_j) / t) + sum_{k: y_k != y_i}
+            exp(cos(v_i, v_k) / t)))`, averaged over the pairs. 0 disables it. Only used by the prototypical
+            verbalizer.
+        contrastive_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature t of both contrastive terms (ProtoVerb uses exp of the plain cosine, t = 1).
         fast_inference (`bool`, *optional*, defaults to `True`):
             Skip outputs that nothing reads, in training and inference (exact): the last block computes the read-out
             token only, and a block followed by a prompted block skips its prompt slots' outputs, which that block
@@ -104,13 +115,18 @@ class VPTMConfig(BeitConfig):
     prototypes_per_class: int = 1
     logit_scale_init: float = 10.0
     learn_logit_scale: bool = True
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.1
+    prototype_contrastive_weight: float = 0.0
+    instance_contrastive_weight: float = 0.0
+    contrastive_temperature: float = 1.0
     fast_inference: bool = True
 
     def __post_init__(self, **kwargs):
         # A dict taken from a BEiT config carries model_type="beit"; this config is always "vptm".
         kwargs.pop("model_type", None)
+        # configs saved before the two ProtoVerb terms had a single supervised instance–instance weight
+        legacy = kwargs.pop("contrastive_weight", None)
+        if legacy and not self.instance_contrastive_weight:
+            self.instance_contrastive_weight = legacy
         # BEiT's default drop_path_rate (0.1) would matter only in train mode, which the frozen backbone never
         # enters; keep the stored value, it is the checkpoint's.
         super().__post_init__(**kwargs)
@@ -167,8 +183,15 @@ class VPTMConfig(BeitConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"VPTMConfig.{name} must be a number > 0, got {value!r}")
-        if not isinstance(self.contrastive_weight, (int, float)) or self.contrastive_weight < 0:
-            raise ValueError(f"VPTMConfig.contrastive_weight must be a number >= 0, got {self.contrastive_weight!r}")
+        for name in ("prototype_contrastive_weight", "instance_contrastive_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"VPTMConfig.{name} must be a number >= 0, got {value!r}")
+        if self.verbalizer_input == "ensemble" and self.classifier != "prototypical_verbalizer":
+            raise ValueError(
+                "VPTMConfig.verbalizer_input='ensemble' combines two prototypical verbalizers, so classifier must be "
+                f"'prototypical_verbalizer', got classifier={self.classifier!r}"
+            )
         if not self.use_mask_token and self.classifier != "linear_cls":
             raise ValueError(
                 f"VPTMConfig.classifier={self.classifier!r} reads the backbone's mask token, so use_mask_token must "

@@ -47,7 +47,7 @@ logger = logging.get_logger(__name__)
 # the Auto classes would take the folder for a PEFT adapter).
 WEIGHTS_NAME = "model.safetensors"
 # Modules and parameters that make up a task; everything else is the frozen backbone.
-TASK_MODULES = ("prompt_embeddings", "verbalizer", "classifier", "trainable_mask_token")
+TASK_MODULES = ("prompt_embeddings", "verbalizer", "hidden_verbalizer", "classifier", "trainable_mask_token")
 BACKBONE_MODULES = ("beit", "layernorm", "lm_head")
 # The shipped backbone is named portably as "vptm:<name>" and resolved to the installed package's data folder.
 SHIPPED_PREFIX = "vptm:"
@@ -60,7 +60,8 @@ class VPTMImageClassifierOutput(ImageClassifierOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Cross-entropy over the class logits (plus the weighted contrastive term), when `labels` are given.
+            Cross-entropy over the class logits (for `verbalizer_input="ensemble"`, the mean of each path's
+            cross-entropy) plus the weighted contrastive terms, when `labels` are given.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Class scores.
         visual_token_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`, *optional*):
@@ -117,12 +118,15 @@ class PrototypicalVerbalizer(nn.Module):
         """Unit-norm projected features, `(batch, prototype_dim)`."""
         return F.normalize(self.projection(features), dim=-1)
 
+    def class_cosine(self, projected: torch.Tensor) -> torch.Tensor:
+        """Cosine of unit-norm projected features with each class's best prototype, `(batch, num_labels)`."""
+        cosine = projected @ F.normalize(self.prototypes, dim=-1).T  # (batch, num_labels * M)
+        return cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)  # (batch, num_labels)
+
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns `(class_logits (batch, num_labels), projected (batch, prototype_dim))`."""
         projected = self.project(features)
-        cosine = projected @ F.normalize(self.prototypes, dim=-1).T  # (batch, num_labels * M)
-        cosine = cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)  # (batch, num_labels)
-        return self.logit_scale * cosine, projected
+        return self.logit_scale * self.class_cosine(projected), projected
 
     @torch.no_grad()
     def set_prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -215,18 +219,27 @@ def build_task_modules(config: VPTMConfig) -> dict[str, nn.Module | nn.Parameter
             else None
         ),
         "verbalizer": None,
+        "hidden_verbalizer": None,
         "classifier": None,
     }
     if config.classifier == "prototypical_verbalizer":
-        input_dim = config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
-        modules["verbalizer"] = PrototypicalVerbalizer(
-            input_dim,
-            config.num_labels,
-            config.prototype_dim,
-            config.prototypes_per_class,
-            config.logit_scale_init,
-            config.learn_logit_scale,
+
+        def verbalizer(input_dim: int) -> PrototypicalVerbalizer:
+            return PrototypicalVerbalizer(
+                input_dim,
+                config.num_labels,
+                config.prototype_dim,
+                config.prototypes_per_class,
+                config.logit_scale_init,
+                config.learn_logit_scale,
+            )
+
+        # "ensemble": `verbalizer` reads the MIM logits, `hidden_verbalizer` the hidden state
+        modules["verbalizer"] = verbalizer(
+            config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
         )
+        if config.verbalizer_input == "ensemble":
+            modules["hidden_verbalizer"] = verbalizer(config.hidden_size)
     else:
         reads_logits = config.classifier == "linear_mask" and config.verbalizer_input != "hidden"
         modules["classifier"] = nn.Linear(config.vocab_size if reads_logits else config.hidden_size, config.num_labels)
@@ -235,7 +248,8 @@ def build_task_modules(config: VPTMConfig) -> dict[str, nn.Module | nn.Parameter
 
 def readout_features(config: VPTMConfig, normed: torch.Tensor, token_logits: torch.Tensor | None) -> torch.Tensor:
     """What the task head reads: the normed read-out state, or the MIM head's logits (raw or standardised per image)
-    or probabilities."""
+    or probabilities. For `"ensemble"` this is the token path's input (the raw logits); the hidden path reads
+    `normed`."""
     if config.classifier == "linear_cls" or config.verbalizer_input == "hidden":
         return normed
     if config.verbalizer_input == "probs":
@@ -243,6 +257,81 @@ def readout_features(config: VPTMConfig, normed: torch.Tensor, token_logits: tor
     if config.verbalizer_input == "normalized_logits":
         return F.layer_norm(token_logits.float(), token_logits.shape[-1:]).to(token_logits.dtype)
     return token_logits
+
+
+@dataclass
+class TaskHeadOutput:
+    r"""
+    What a task's head makes of the read-out.
+
+    Attributes:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Class scores (for `"ensemble"`, the mean of the two paths' per-image standardised class logits).
+        path_logits (`tuple(torch.FloatTensor)`):
+            Class logits of each verbalizer (one, or two for `"ensemble"`: token path, then hidden path), or of the
+            linear head; each path is trained with its own cross-entropy.
+        projected (`tuple(torch.FloatTensor)`):
+            Unit-norm projected features `(batch_size, prototype_dim)` of each verbalizer (empty for a linear head).
+        prototype_cosine (`tuple(torch.FloatTensor)`):
+            Cosine of those features with each class's best prototype, `(batch_size, num_labels)` per verbalizer.
+    """
+
+    logits: torch.Tensor
+    path_logits: tuple[torch.Tensor, ...] = ()
+    projected: tuple[torch.Tensor, ...] = ()
+    prototype_cosine: tuple[torch.Tensor, ...] = ()
+
+
+def standardize_class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-image z-score over the classes (zero mean, unit variance), so that verbalizers of different scales can be
+    averaged, as ProtoVerb ensembles its verbalizers."""
+    return F.layer_norm(logits.float(), logits.shape[-1:]).to(logits.dtype)
+
+
+def run_task_head(
+    task: nn.Module, config: VPTMConfig, normed: torch.Tensor, token_logits: torch.Tensor | None
+) -> TaskHeadOutput:
+    """Class logits of one task from the normed read-out state `(batch, D)` and the MIM head's logits `(batch, V)`.
+
+    `task` is anything holding the task modules of `build_task_modules` as attributes (the classifier itself, or a
+    task of the multi-task server), so that both classify with this one function.
+    """
+    if task.verbalizer is None:
+        logits = task.classifier(readout_features(config, normed, token_logits))
+        return TaskHeadOutput(logits=logits, path_logits=(logits,))
+    paths = [(task.verbalizer, readout_features(config, normed, token_logits))]
+    if task.hidden_verbalizer is not None:
+        paths.append((task.hidden_verbalizer, normed))
+    path_logits, projected, cosine = [], [], []
+    for verbalizer, features in paths:
+        feature = verbalizer.project(features)  # (batch, prototype_dim)
+        cos = verbalizer.class_cosine(feature)  # (batch, num_labels)
+        path_logits.append(verbalizer.logit_scale * cos)
+        projected.append(feature)
+        cosine.append(cos)
+    if len(path_logits) == 1:
+        logits = path_logits[0]
+    else:
+        logits = torch.stack([standardize_class_logits(l) for l in path_logits]).mean(0)  # (batch, num_labels)
+    return TaskHeadOutput(
+        logits=logits, path_logits=tuple(path_logits), projected=tuple(projected), prototype_cosine=tuple(cosine)
+    )
+
+
+def task_loss(config: VPTMConfig, head: TaskHeadOutput, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each path (averaged over paths) plus ProtoVerb's weighted contrastive terms."""
+    loss = torch.stack([F.cross_entropy(l.float(), labels) for l in head.path_logits]).mean()
+    temperature = config.contrastive_temperature
+    for feature, cosine in zip(head.projected, head.prototype_cosine, strict=True):
+        if config.prototype_contrastive_weight > 0:
+            loss = loss + config.prototype_contrastive_weight * prototype_contrastive_loss(
+                cosine.float(), labels, temperature
+            )
+        if config.instance_contrastive_weight > 0:
+            loss = loss + config.instance_contrastive_weight * instance_contrastive_loss(
+                feature.float(), labels, temperature
+            )
+    return loss
 
 
 class VPTMPreTrainedModel(BeitPreTrainedModel):
@@ -541,17 +630,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         return state, all_hidden
 
     # ---------------------------------------------------------------------------------------------------- the head
-    def classify(
-        self, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """Read-out state `(batch, D)` -> `(class logits, visual-token logits, normed state, projected features)`."""
+    def classify(self, state: torch.Tensor) -> tuple[TaskHeadOutput, torch.Tensor | None, torch.Tensor]:
+        """Read-out state `(batch, D)` -> `(head output, visual-token logits (batch, V) or None, normed state)`."""
         normed = self.layernorm(state)  # (batch, D)
         token_logits = self.lm_head(normed) if self.config.uses_mask_token else None  # (batch, V)
-        features = readout_features(self.config, normed, token_logits)
-        if self.verbalizer is None:
-            return self.classifier(features), token_logits, normed, None
-        logits, projected = self.verbalizer(features)
-        return logits, token_logits, normed, projected
+        return run_task_head(self, self.config, normed, token_logits), token_logits, normed
 
     def forward(
         self,
@@ -576,18 +659,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         output_hidden_states = bool(output_hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         state, hidden_states = self.forward_features(pixel_values, output_hidden_states=output_hidden_states)
-        logits, token_logits, normed, projected = self.classify(state)
-
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels)
-            if self.config.contrastive_weight > 0 and projected is not None:
-                loss = loss + self.config.contrastive_weight * supervised_contrastive_loss(
-                    projected.float(), labels, self.config.contrastive_temperature
-                )
+        head, token_logits, normed = self.classify(state)
+        loss = task_loss(self.config, head, labels) if labels is not None else None
         output = VPTMImageClassifierOutput(
             loss=loss,
-            logits=logits,
+            logits=head.logits,
             hidden_states=hidden_states,
             visual_token_logits=token_logits,
             mask_hidden_state=normed,
@@ -604,22 +680,22 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             )
         was_training = self.training
         self.eval()
-        features, labels = [], []
         device = next(self.verbalizer.parameters()).device
+        features: dict[str, list[torch.Tensor]] = {"verbalizer": [], "hidden_verbalizer": []}
+        labels = []
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             pixel_values, y = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
             state, _ = self.forward_features(pixel_values.to(device))
             normed = self.layernorm(state)
-            if self.config.verbalizer_input == "hidden":
-                feats = normed
-            else:
-                feats = self.lm_head(normed)
-                feats = feats.softmax(-1) if self.config.verbalizer_input == "probs" else feats
-            features.append(feats.float())
+            # exactly what `forward` projects and scores, for every verbalizer_input
+            features["verbalizer"].append(readout_features(self.config, normed, self.lm_head(normed)).float())
+            features["hidden_verbalizer"].append(normed.float())
             labels.append(y.to(device))
-        self.verbalizer.set_prototypes_from_features(torch.cat(features), torch.cat(labels))
+        for name, verbalizer in (("verbalizer", self.verbalizer), ("hidden_verbalizer", self.hidden_verbalizer)):
+            if verbalizer is not None:
+                verbalizer.set_prototypes_from_features(torch.cat(features[name]), torch.cat(labels))
         self.train(was_training)
 
     # ---------------------------------------------------------------------------------------- building and loading
@@ -810,18 +886,31 @@ def _partial_attention(
     return attention.o_proj(out.reshape(batch, num_queries, heads * head_dim))
 
 
-def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Supervised instance–instance contrastive loss (Khosla et al., 2020) on unit-norm `(batch, d)` features."""
+def prototype_contrastive_loss(cosine: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ProtoVerb's instance–prototype loss: InfoNCE of each instance against the class prototypes.
+
+    `cosine` `(batch, num_labels)` holds each instance's cosine with each class's prototype; the loss is
+    `-log(exp(cos_iy / t) / sum_k exp(cos_ik / t))` averaged over the batch.
+    """
+    return F.cross_entropy(cosine / temperature, labels)
+
+
+def instance_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ProtoVerb's instance–instance loss on unit-norm `(batch, d)` features.
+
+    Each ordered pair (i, j) of distinct instances of the same class is contrasted with the instances of the other
+    classes only: `-log(e_ij / (e_ij + sum_{k: y_k != y_i} e_ik))` with `e_ij = exp(cos(v_i, v_j) / t)`, averaged over
+    the pairs (unlike the supervised contrastive loss of Khosla et al., the other positives are not in the
+    denominator). Zero when the batch holds no such pair.
+    """
     similarity = features @ features.T / temperature  # (batch, batch)
-    self_mask = torch.eye(len(features), dtype=torch.bool, device=features.device)
-    similarity = similarity.masked_fill(self_mask, float("-inf"))
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    log_prob = similarity - similarity.logsumexp(dim=1, keepdim=True)
-    has_positive = positives.any(1)
-    if not has_positive.any():
+    same = labels[:, None] == labels[None, :]
+    positives = same & ~torch.eye(len(features), dtype=torch.bool, device=features.device)
+    if not positives.any():
         return features.sum() * 0.0
-    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has_positive] / positives.sum(1)[has_positive]
-    return -mean_log_prob.mean()
+    negatives = similarity.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)  # (batch, 1)
+    # -log(e^s / (e^s + e^n)) = log(1 + e^(n - s)) = softplus(n - s); exp(-inf) = 0 when a row has no negatives
+    return F.softplus(negatives - similarity)[positives].mean()
 
 
 def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwargs) -> BeitForMaskedImageModeling:

@@ -26,7 +26,7 @@ from .modeling_vptm import (
     build_task_modules,
     check_backbone_fits,
     load_mim_backbone,
-    readout_features,
+    run_task_head,
 )
 
 
@@ -145,10 +145,8 @@ class MultiTaskVPTM(nn.Module):
                 by_task.setdefault(tasks[row], []).append(position)
             for name, positions in by_task.items():  # each head runs once on its task's images
                 task, select = self.tasks[name], torch.tensor(positions, device=normed.device)
-                features = readout_features(
-                    task.config, normed[select], None if token_logits is None else token_logits[select]
-                )
-                logits = task.verbalizer(features)[0] if task.verbalizer is not None else task.classifier(features)
+                selected_tokens = None if token_logits is None else token_logits[select]
+                logits = run_task_head(task, task.config, normed[select], selected_tokens).logits
                 for position, row_logits in zip(positions, logits, strict=True):
                     out[rows[position]] = row_logits
         return out

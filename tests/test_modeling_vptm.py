@@ -51,7 +51,14 @@ def from_backbone(backbone_dir, **fields) -> VPTMForImageClassification:
         ({"prototype_dim": 0}, r"prototype_dim must be an integer >= 1, got 0"),
         ({"prototypes_per_class": 0}, r"prototypes_per_class must be an integer >= 1"),
         ({"logit_scale_init": 0.0}, r"logit_scale_init must be a number > 0"),
-        ({"contrastive_weight": -1.0}, r"contrastive_weight must be a number >= 0"),
+        ({"prototype_contrastive_weight": -1.0}, r"prototype_contrastive_weight must be a number >= 0, got -1.0"),
+        ({"instance_contrastive_weight": "0.5"}, r"instance_contrastive_weight must be a number >= 0, got '0.5'"),
+        ({"contrastive_temperature": 0}, r"contrastive_temperature must be a number > 0"),
+        (
+            {"verbalizer_input": "ensemble", "classifier": "linear_mask"},
+            r"'ensemble' combines two prototypical verbalizers, so classifier must be 'prototypical_verbalizer', "
+            r"got classifier='linear_mask'",
+        ),
         ({"prompt_init": "zeros"}, r"prompt_init must be one of \['uniform', 'normal'\]"),
         ({"num_labels": 0}, r"at least one label"),
         ({"use_mask_token": False}, r"use_mask_token must be True"),
@@ -80,8 +87,9 @@ MODES = [
         ("deep", "shallow", [1, 2]),
         ("append", "replace"),
         ("prototypical_verbalizer", "linear_cls", "linear_mask"),
-        ("logits", "probs", "hidden"),
+        ("logits", "probs", "hidden", "ensemble"),
     )
+    if not (combo[3] == "ensemble" and combo[2] != "prototypical_verbalizer")
 ]
 
 
@@ -105,7 +113,8 @@ def test_every_mode_gives_shapes_and_finite_loss(fields, pixel_values):
         dict(train_mask_token=True),
         dict(train_mask_token=True, mask_token_mode="replace", mask_token_position=0),
         dict(extra_token_bias="zero"),
-        dict(prototypes_per_class=3, prototype_dim=5, contrastive_weight=0.5),
+        dict(prototypes_per_class=3, prototype_dim=5, prototype_contrastive_weight=0.5, instance_contrastive_weight=1),
+        dict(verbalizer_input="ensemble", prototype_contrastive_weight=1.0, instance_contrastive_weight=1.0),
         dict(learn_logit_scale=False, prompt_init="normal"),
     ],
 )

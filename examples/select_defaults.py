@@ -1,0 +1,135 @@
+"""Chooses VPTM's default verbalizer on validation data only: candidates trained on a stratified, seeded split of
+the shipped 1,000 training images and scored on the held-out rest; the test images are never read.
+
+Each split seed carves its own validation split (20 %: 800 training and 200 validation images) and seeds the run,
+so the candidates of one split are compared on the same images (paired differences against VPT-deep are reported
+beside the means). Runs are kept in `--output_dir/<candidate>-split<seed>/` and skipped when finished.
+
+    python examples/select_defaults.py --output_dir runs/select                 # every candidate, 3 splits
+    python examples/select_defaults.py --output_dir runs/select-quick --quick   # CI: a tiny slice
+
+Writes `selection.json` and `selection.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import run_classification  # noqa: E402
+
+
+# ProtoVerb's terms as its reference implementation trains them: both contrastive losses, temperature 1
+PROTOVERB = dict(prototype_contrastive_weight=1.0, instance_contrastive_weight=1.0, contrastive_temperature=1.0)
+CANDIDATES = {
+    "vpt_deep": dict(method="vpt"),
+    "vptm_logits": dict(method="vptm", verbalizer_input="logits"),
+    "vptm_hidden": dict(method="vptm", verbalizer_input="hidden"),
+    "vptm_hidden_protoverb": dict(method="vptm", verbalizer_input="hidden", **PROTOVERB),
+    "vptm_hidden_instance_t0.1": dict(
+        method="vptm", verbalizer_input="hidden", instance_contrastive_weight=0.5, contrastive_temperature=0.1
+    ),
+    "vptm_ensemble": dict(method="vptm", verbalizer_input="ensemble"),
+    "vptm_ensemble_protoverb": dict(method="vptm", verbalizer_input="ensemble", **PROTOVERB),
+}
+REFERENCE = "vpt_deep"
+
+
+def arguments(settings: dict, split_seed: int, args) -> list[str]:
+    settings = dict(settings)
+    argv = ["--method", settings.pop("method"), "--seed", str(split_seed), "--validation_split", str(args.fraction),
+            "--validation_split_seed", str(split_seed), "--save_strategy", "no", "--disable_tqdm", "true",
+            "--num_train_epochs", str(args.epochs)]  # fmt: skip
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    if args.quick:
+        argv += ["--max_train_samples", "40", "--per_device_train_batch_size", "8"]
+    return argv
+
+
+def run_one(name: str, settings: dict, split_seed: int, args) -> dict:
+    folder = os.path.join(args.output_dir, f"{name}-split{split_seed}")
+    done = os.path.join(folder, "all_results.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    argv = arguments(settings, split_seed, args) + ["--output_dir", folder, "--overwrite_output_dir", "true"]
+    return run_classification.main(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="runs/select")
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fraction", type=float, default=0.2, help="Validation fraction of the training images.")
+    parser.add_argument("--epochs", type=float, default=30)
+    parser.add_argument("--quick", action="store_true", help="A tiny slice, one split, one epoch (CI).")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.split_seeds, args.epochs = args.split_seeds[:1], 1
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.perf_counter()
+    runs: dict[str, dict[int, dict]] = {name: {} for name in args.candidates}
+    for seed in args.split_seeds:  # split-major: an interrupted selection has every candidate on the first splits
+        for name in args.candidates:
+            runs[name][seed] = run_one(name, CANDIDATES[name], seed, args)
+    summary = {}
+    for name, by_seed in runs.items():
+        accuracies = [r["accuracy"] for r in by_seed.values()]
+        row = {
+            "settings": CANDIDATES[name],
+            "validation_accuracy": accuracies,
+            "mean": statistics.mean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "validation_images": next(iter(by_seed.values()))["eval_images"],
+            "trainable_parameters": next(iter(by_seed.values()))["trainable_parameters"],
+        }
+        if REFERENCE in runs and name != REFERENCE:
+            differences = [r["accuracy"] - runs[REFERENCE][s]["accuracy"] for s, r in by_seed.items()]
+            row["paired_difference_vs_reference"] = statistics.mean(differences)
+        summary[name] = row
+    vptm = {k: v for k, v in summary.items() if CANDIDATES[k]["method"] == "vptm"}
+    chosen = max(vptm, key=lambda k: vptm[k]["mean"]) if vptm else None
+    results = {
+        "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
+        "candidates": summary, "chosen": chosen, "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    with open(os.path.join(args.output_dir, "selection.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown(results)
+    with open(os.path.join(args.output_dir, "selection.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Validation accuracy: {100 * results['fraction']:.0f} % of the 1,000 shipped training images held out "
+        f"(stratified), split seeds {results['split_seeds']}, {results['epochs']:g} epochs; the test images are not "
+        "used.",
+        "",
+        f"| candidate | validation accuracy (mean ± std) | paired difference vs {REFERENCE} | trainable parameters |",
+        "|---|---|---|---|",
+    ]
+    for name, row in results["candidates"].items():
+        difference = row.get("paired_difference_vs_reference")
+        difference = "–" if difference is None else f"{100 * difference:+.2f}"
+        mark = " (chosen)" if name == results["chosen"] else ""
+        lines.append(
+            f"| {name}{mark} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} | {difference} | "
+            f"{row['trainable_parameters']:,} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
