@@ -18,6 +18,7 @@ Writes `results.json`, `results.md` and (with matplotlib) `accuracy_vs_parameter
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_classification  # noqa: E402
+
+from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES  # noqa: E402
 
 
 METHODS = {  # cheapest first, so an interrupted comparison has the prompt methods
@@ -45,15 +48,22 @@ SWEEPS = {
     "prompt_layers": {"values": list(LAYERS), "methods": ["vptm", "vpt"]},
     "prototype_dim": {"values": [16, 32, 64, 128, 256], "methods": ["vptm"]},
 }
-ABLATIONS = {
-    "prototypical_logits": dict(method="vptm"),
-    "linear_head_on_mask_logits": dict(method="vptm", vptm_head="linear_mask"),
+ABLATIONS = {  # each names its read-out, so that the table keeps its meaning whatever the default is
+    "verbalizer_on_logits": dict(method="vptm", verbalizer_input="logits"),
+    "linear_head_on_mask_logits": dict(method="vptm", vptm_head="linear_mask", verbalizer_input="logits"),
     "verbalizer_on_normalized_logits": dict(method="vptm", verbalizer_input="normalized_logits"),
     "verbalizer_on_probs": dict(method="vptm", verbalizer_input="probs"),
     "verbalizer_on_hidden": dict(method="vptm", verbalizer_input="hidden"),
+    "hidden_with_protoverb_losses": dict(method="vptm", verbalizer_input="hidden", **PROTOVERB_LOSSES),
+    "ensemble_logits_and_hidden": dict(method="vptm", verbalizer_input="ensemble"),
+    "ensemble_with_protoverb_losses": dict(method="vptm", verbalizer_input="ensemble", **PROTOVERB_LOSSES),
     "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),
 }
-DEFAULTS = {name: getattr(run_classification.ModelArguments, name) for name in SWEEPS}  # what a run gets unless set
+# A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
+TRANSFER = {"dataset": run_classification.DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
+TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep")
+# what a run gets unless set
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments)}
 
 
 def has_full_test_set() -> bool:
@@ -66,9 +76,9 @@ def has_full_test_set() -> bool:
     return True
 
 
-def arguments(settings: dict, seed: int, args) -> list[str]:
+def arguments(settings: dict, seed: int, args, dataset: str | None = None) -> list[str]:
     settings = dict(settings)
-    argv = ["--method", settings.pop("method"), "--seed", str(seed), "--dataset_name", args.dataset,
+    argv = ["--method", settings.pop("method"), "--seed", str(seed), "--dataset_name", dataset or args.dataset,
             "--save_strategy", "no", "--disable_tqdm", "true", "--num_train_epochs", str(args.epochs)]  # fmt: skip
     for key, value in settings.items():
         argv += [f"--{key}", str(LAYERS.get(value, value) if key == "prompt_layers" else value)]
@@ -84,13 +94,15 @@ def run_name(name: str, settings: dict) -> str:
     return next((method for method, preset in METHODS.items() if preset == changed), name)
 
 
-def run_one(name: str, settings: dict, seed: int, args) -> dict:
-    folder = os.path.join(args.output_dir, f"{run_name(name, settings)}-seed{seed}")
+def run_one(name: str, settings: dict, seed: int, args, transfer: bool = False) -> dict:
+    name = f"transfer-{name}" if transfer else run_name(name, settings)
+    folder = os.path.join(args.output_dir, f"{name}-seed{seed}")
     done = os.path.join(folder, "all_results.json")
     if os.path.isfile(done):  # finished earlier: a long comparison resumes where it stopped
         return json.load(open(done))
-    return run_classification.main(arguments(settings, seed, args) + ["--output_dir", folder, "--overwrite_output_dir",
-                                                                      "true"])  # fmt: skip
+    argv = arguments(settings, seed, args, TRANSFER["dataset"] if transfer else None)
+    argv += TRANSFER["extra"] if transfer else []
+    return run_classification.main(argv + ["--output_dir", folder, "--overwrite_output_dir", "true"])
 
 
 def summarise(results: list[dict]) -> dict:
@@ -105,18 +117,20 @@ def summarise(results: list[dict]) -> dict:
     }
 
 
-def raw_pixel_baseline(args) -> dict:
-    """Logistic regression on raw pixels of the same 1,000 training images (C = 0.1)."""
+def raw_pixel_baseline(args, dataset: str | None = None) -> dict:
+    """Logistic regression on raw pixels of the same training images (C = 0.1), at the backbone's 28x28."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
     data = run_classification.load_data(
-        run_classification.DataTrainingArguments(dataset_name=args.dataset), run_classification.ModelArguments()
+        run_classification.DataTrainingArguments(dataset_name=dataset or args.dataset),
+        run_classification.ModelArguments(),
     )[0]
 
     def arrays(split, limit):
         subset = data[split] if limit is None else data[split].select(range(min(limit, len(data[split]))))
-        x = np.stack([np.asarray(image.convert("L"), dtype=np.float32).ravel() / 255.0 for image in subset["image"]])
+        images = [image.convert("L").resize((28, 28), 3) for image in subset["image"]]  # 3: bicubic, as the processor
+        x = np.stack([np.asarray(image, dtype=np.float32).ravel() / 255.0 for image in images])
         return x, np.asarray(subset["label"])
 
     limit = 40 if args.quick else None
@@ -129,8 +143,20 @@ def raw_pixel_baseline(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/compare")
-    parser.add_argument("--sections", nargs="+", default=["methods", "sweeps", "ablations", "uniform"])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["methods", "sweeps", "ablations", "uniform", "transfer"],
+        choices=["methods", "sweeps", "ablations", "uniform", "transfer"],
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    parser.add_argument("--sweep_methods", nargs="+", default=["vptm", "vpt"], choices=["vptm", "vpt"])
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="Start from --output_dir/results.json and replace only the rows this call runs (to rerun a part).",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--quick", action="store_true", help="A tiny slice, one seed, one epoch (CI).")
@@ -141,22 +167,25 @@ def main(argv: list[str] | None = None) -> dict:
     args.dataset = run_classification.FULL_TEST_DATASET if full_test else run_classification.SHIPPED_DATASET
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
-    results = {
+    previous = os.path.join(args.output_dir, "results.json")
+    results = json.load(open(previous)) if args.update and os.path.isfile(previous) else {}
+    results.pop("plots", None)
+    results.update({
         "evaluation": "10,000 official test images" if full_test else
         "the 3,000 shipped test images (dataset-fashion-mnist not installed)",
         "epochs": args.epochs, "seeds": args.seeds, "quick": args.quick,
-    }  # fmt: skip
+    })  # fmt: skip
     if "methods" in args.sections:
-        results["methods"] = {
+        results.setdefault("methods", {}).update({
             name: summarise([run_one(name, settings, seed, args) for seed in args.seeds])
             for name, settings in METHODS.items()
             if name in args.methods
-        }
+        })  # fmt: skip
         results["methods"]["raw_pixel_logreg"] = raw_pixel_baseline(args)
     if "sweeps" in args.sections:
-        results["sweeps"] = {}
+        results.setdefault("sweeps", {})
         for field, sweep in SWEEPS.items():
-            for method in sweep["methods"]:
+            for method in (m for m in sweep["methods"] if m in args.sweep_methods):
                 points = {}
                 for value in sweep["values"]:
                     settings = {"method": method, field: value}
@@ -168,10 +197,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "default": points.get(str(DEFAULTS[field]), {}).get("accuracy_mean"),
                 }  # fmt: skip
     if "ablations" in args.sections:
-        results["ablations"] = {
+        results.setdefault("ablations", {}).update({
             name: summarise([run_one(f"ablation-{name}", settings, s, args) for s in args.seeds])
             for name, settings in ABLATIONS.items()
+            if name in args.ablations
+        })  # fmt: skip
+        results["ablations"] = {name: results["ablations"][name] for name in ABLATIONS if name in results["ablations"]}
+    if "transfer" in args.sections:
+        results["transfer"] = {
+            name: summarise([run_one(name, METHODS[name], seed, args, transfer=True) for seed in args.seeds])
+            for name in TRANSFER_METHODS
         }
+        results["transfer"]["raw_pixel_logreg"] = raw_pixel_baseline(args, TRANSFER["dataset"])
     if "uniform" in args.sections and "sweeps" in results:
         results["uniform"] = {
             key: {"default": sweep["default"], "best_per_sweep": sweep["best"],
@@ -192,18 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(results: dict) -> str:
     lines = [f"Evaluated on {results['evaluation']}; {results['epochs']:g} epochs; seeds {results['seeds']}.", ""]
     if "methods" in results:
-        lines += ["| method | accuracy (mean ± std) | trainable parameters | checkpoint bytes | train s |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for name, row in results["methods"].items():
-            if name == "raw_pixel_logreg":
-                lines.append(f"| raw-pixel logistic regression | {100 * row['accuracy']:.2f} | "
-                             f"{row['trainable_parameters']:,} | – | – |")  # fmt: skip
-                continue
-            lines.append(
-                f"| {name} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} | "
-                f"{row['trainable_parameters']:,} | {row['checkpoint_bytes'] or 0:,} | {row['train_seconds']:.0f} |"
-            )
-        lines.append("")
+        lines += method_table(results["methods"]) + [""]
+    if "transfer" in results:
+        lines += [f"Transfer task: {TRANSFER['dataset']} (scikit-learn's handwritten digits, 50 training images per "
+                  "digit, 1,297 test images, no flips).", ""]  # fmt: skip
+        lines += method_table(results["transfer"]) + [""]
     if "sweeps" in results:
         lines += ["| sweep | values: accuracy | spread |", "|---|---|---|"]
         for key, sweep in results["sweeps"].items():
@@ -226,6 +256,21 @@ def markdown(results: dict) -> str:
             gap = "–" if row["gap"] is None else f"{100 * row['gap']:.2f}"
             lines.append(f"| {key} | {default} | {100 * row['best_per_sweep']:.2f} | {gap} |")
     return "\n".join(lines)
+
+
+def method_table(rows: dict) -> list[str]:
+    lines = ["| method | accuracy (mean ± std) | trainable parameters | checkpoint bytes | train s |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, row in rows.items():
+        if name == "raw_pixel_logreg":
+            lines.append(f"| raw-pixel logistic regression | {100 * row['accuracy']:.2f} | "
+                         f"{row['trainable_parameters']:,} | – | – |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {name} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} | "
+            f"{row['trainable_parameters']:,} | {row['checkpoint_bytes'] or 0:,} | {row['train_seconds']:.0f} |"
+        )
+    return lines
 
 
 def plots(results: dict, folder: str) -> list[str]:

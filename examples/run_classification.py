@@ -60,6 +60,8 @@ METHODS = ("vptm", "vpt", "linear", "full")
 SHIPPED_DATASET = "vptm:fashion-mnist-1k"
 # the shipped 1,000 training images, evaluated on the 10,000 official test images (Debian dataset-fashion-mnist)
 FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
+# a transfer task: scikit-learn's 8x8 handwritten digits, 50 training images per digit, the other 1,297 for test
+DIGITS_DATASET = "vptm:digits"
 RUN_ARGS_FILE = "vptm_run_args.json"
 CARD_TEMPLATE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "prompt_checkpoint_template.md"
@@ -170,6 +172,10 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
         from modeling_vptm.data import fashion_mnist_dataset, shipped_dataset
 
         dataset = DatasetDict(train=shipped_dataset()["train"], test=fashion_mnist_dataset("test"))
+    elif data_args.dataset_name == DIGITS_DATASET:
+        from modeling_vptm.data import digits_dataset
+
+        dataset = digits_dataset()
     elif data_args.dataset_name:
         dataset = load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_classification  # noqa: E402
 
+from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB  # noqa: E402
 
-# ProtoVerb's terms as its reference implementation trains them: both contrastive losses, temperature 1
-PROTOVERB = dict(prototype_contrastive_weight=1.0, instance_contrastive_weight=1.0, contrastive_temperature=1.0)
+
 CANDIDATES = {
     "vpt_deep": dict(method="vpt"),
     "vptm_logits": dict(method="vptm", verbalizer_input="logits"),

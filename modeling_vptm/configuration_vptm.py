@@ -17,6 +17,12 @@ MASK_TOKEN_MODES = ("append", "replace")
 EXTRA_TOKEN_BIASES = ("cls", "zero")
 CLASSIFIERS = ("prototypical_verbalizer", "linear_cls", "linear_mask")
 VERBALIZER_INPUTS = ("logits", "normalized_logits", "probs", "hidden", "ensemble")
+# ProtoVerb's contrastive terms as its reference implementation weights them (both at 1, exp of the plain cosine)
+PROTOVERB_LOSSES = {
+    "prototype_contrastive_weight": 1.0,
+    "instance_contrastive_weight": 1.0,
+    "contrastive_temperature": 1.0,
+}
 
 
 class VPTMConfig(BeitConfig):

@@ -139,3 +139,36 @@ def fashion_mnist_dataset(split: str = "test", data_dir: str | os.PathLike | Non
         {"image": [PILImage.fromarray(x, mode="L") for x in images], "label": labels.astype(int).tolist()},
         features=features,
     )
+
+
+def digits_dataset(train_per_class: int = 50, seed: int = 0):
+    """A transfer task for the Fashion-MNIST backbone: scikit-learn's handwritten digits (1,797 images of 8x8 pixels,
+    16 grey levels, shipped inside scikit-learn, so no download) as a ``datasets.DatasetDict``.
+
+    ``train``: ``train_per_class`` images of each digit drawn with ``seed``; ``test``: every other image. Images are
+    ``L`` mode PIL images scaled to 0-255 (light strokes on black, as in Fashion-MNIST); the backbone's image
+    processor resizes them. Digits are not mirror-symmetric: train without horizontal flips.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            "the digits transfer task needs scikit-learn (the `examples` extra: pip install -e '.[examples]')"
+        ) from error
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    labels = digits.target.astype(int)
+    train = balanced_subset(labels, train_per_class, seed)
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def split(index: np.ndarray) -> Dataset:
+        return Dataset.from_dict(
+            {"image": [PILImage.fromarray(images[i], mode="L") for i in index], "label": labels[index].tolist()},
+            features=features,
+        )
+
+    return DatasetDict(train=split(train), test=split(test))

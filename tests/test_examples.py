@@ -384,3 +384,45 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert sweep["points"]["64"] == results["ablations"]["prototypical_logits"]
     assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_deep"]["accuracy_mean"]
     assert len(folders) == 6 + 14 + 5  # methods, non-default sweep points, non-default ablations
+
+
+def test_validation_split_is_carved_from_train_stratified_and_seeded():
+    def carve(fraction, seed):
+        data_args = run_classification.DataTrainingArguments(validation_split=fraction, validation_split_seed=seed)
+        return run_classification.load_data(data_args, run_classification.ModelArguments())
+
+    dataset, eval_split = carve(0.2, 0)
+    assert eval_split == "validation" and len(dataset["train"]) == 800 and len(dataset["eval"]) == 200
+    assert np.bincount(dataset["eval"]["label"]).tolist() == [20] * 10  # stratified
+    pixels = {split: {image.tobytes() for image in dataset[split]["image"]} for split in ("train", "eval")}
+    shipped = run_classification.load_data(
+        run_classification.DataTrainingArguments(), run_classification.ModelArguments()
+    )
+    shipped_train = {image.tobytes() for image in shipped[0]["train"]["image"]}
+    assert not pixels["train"] & pixels["eval"]  # disjoint
+    assert pixels["train"] | pixels["eval"] == shipped_train  # all from train: the test images stay out
+    assert {image.tobytes() for image in carve(0.2, 0)[0]["eval"]["image"]} == pixels["eval"]  # seeded
+    assert {image.tobytes() for image in carve(0.2, 1)[0]["eval"]["image"]} != pixels["eval"]
+    with pytest.raises(ValueError, match=r"--validation_split must be a fraction in \(0, 1\), got 1.5"):
+        carve(1.5, 0)
+
+
+def test_digits_transfer_task_is_balanced_and_disjoint():
+    from modeling_vptm.data import digits_dataset
+
+    data = digits_dataset()
+    assert len(data["train"]) == 500 and len(data["test"]) == 1797 - 500
+    assert np.bincount(data["train"]["label"]).tolist() == [50] * 10
+    image = np.asarray(data["train"][0]["image"])
+    assert image.shape == (8, 8) and image.dtype == np.uint8 and image.max() > 200
+    counts = np.bincount(list(data["train"]["label"]) + list(data["test"]["label"]))
+    from sklearn.datasets import load_digits
+
+    assert counts.tolist() == np.bincount(load_digits().target).tolist()  # every image once, train or test
+
+
+def test_digits_transfer_task_trains_without_flips(tmp_path):
+    results = run(tmp_path, "--dataset_name", "vptm:digits", "--augment_flip", "false")
+    assert results["eval_split"] == "test" and results["eval_images"] == 30
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["id2label"] == {str(d): str(d) for d in range(10)}
