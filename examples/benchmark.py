@@ -141,7 +141,7 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
         "vptm_deep": lambda: vptm(arch),
     }
     if device == "cuda":
-        # one model at a time, so that each peak is that method's own memory (as in PERFORMANCE.md's anchors)
+        # one model at a time, so that each peak is that method's own memory (as in the reference measurements)
         for name, build in builders.items():
             step, trainable = training_step(build().to(device).train(), x, y, device, dtype)
             rows[name] = dict(measure(step, device, batch, steps, warmup), trainable=trainable)

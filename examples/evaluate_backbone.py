@@ -6,9 +6,9 @@ Figures (all on the 10,000 official test images unless ``--max_test_samples`` sa
   most-frequent-token baseline (the most frequent token of the training patches, predicted everywhere).
 * **Linear probe**: logistic regression on frozen features of the 1,000-image training subset (100 per class,
   seed 0, the subset shipped with the package), next to logistic regression on raw pixels of the same images
-  (C=0.1, the external anchor of METHOD.md). Features: mean of the final patch states after the MIM head's
-  layer norm, standardised with training statistics; the regularisation C is chosen by 5-fold cross-validation
-  on the 1,000 training images only.
+  (C=0.1; a backbone that cannot beat raw pixels is not worth prompting). Features: mean of the final patch states
+  after the MIM head's layer norm, standardised with training statistics; the regularisation C is chosen by 5-fold
+  cross-validation on the 1,000 training images only.
 
     python examples/evaluate_backbone.py --backbone modeling_vptm/shipped/tiny-beit-fashion-mnist --output eval.json
 

@@ -1,8 +1,8 @@
 """VPTM: visual prompt learning as masked visual token modeling, on a frozen transformers BEiT.
 
 Paper: Liao, Shi, Zhang, Cao, Yan, Tian, "Rethinking Visual Prompt Learning as Masked Visual Token Modeling",
-arXiv 2303.04998. No public implementation exists; this one follows the project's METHOD.md, where every choice
-the paper's abstract leaves open is a documented `VPTMConfig` field.
+arXiv 2303.04998. No public implementation of the paper exists; every choice its abstract leaves open is a
+documented `VPTMConfig` field, so that the paper's ablations can be run.
 
 Data flow of `VPTMForImageClassification` (`P` prompts, `N` patches, `D` hidden size, `V` visual vocabulary):
 
@@ -83,8 +83,7 @@ class VPTMPromptEmbeddings(nn.Module):
 
     def __init__(self, config: VPTMConfig) -> None:
         super().__init__()
-        self.layers = config.prompted_layers
-        self.prompts = nn.Parameter(torch.zeros(len(self.layers), config.prompt_length, config.hidden_size))
+        self.prompts = nn.Parameter(torch.zeros(len(config.prompted_layers), config.prompt_length, config.hidden_size))
 
     def forward(self) -> torch.Tensor:
         return self.prompts
@@ -573,9 +572,10 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
         # Sequence before the first prompted block: [CLS] + [MASK]? + patches. Prompts are inserted at the first
         # prompted block and overwritten at every later one. They are stored *before* CLS, P + [CLS] + [MASK]? +
-        # patches, with the relative bias permuted to match, which is the same attention as METHOD.md's [CLS] + P +
-        # [MASK]? + patches (attention has no order but the bias), and makes the prompt slots a prefix: skipping
-        # their outputs is then a view instead of three copies per block. Hidden states are returned in METHOD's order.
+        # patches, with the relative bias permuted to match, which is the same attention as the documented order
+        # [CLS] + P + [MASK]? + patches (attention has no order but the bias), and makes the prompt slots a prefix:
+        # skipping their outputs is then a view instead of three copies per block. Hidden states are returned in the
+        # documented order.
         hidden = torch.cat([cls, *mask_tokens, patches], dim=1)  # (batch, 1 + 1? + N, D)
         num_extra_before = len(mask_tokens)
         biases_before = None
@@ -765,7 +765,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads a prompt checkpoint: rebuilds the frozen backbone it names, then loads the task tensors.
 
-        A folder whose config names no backbone holds full weights and loads the ordinary way.
+        Honoured: `config`, the Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`,
+        `force_download`, `subfolder`), `dtype`, `attn_implementation`, `device_map` (a device, or `"auto"`: the
+        first CUDA device if there is one, else the CPU; the model is small enough for one device) and
+        `output_loading_info`. Any other argument is refused by name rather than silently dropped. A folder whose
+        config names no backbone holds full weights and loads the ordinary way.
         """
         config = kwargs.pop("config", None)
         hub = {
@@ -787,6 +791,23 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 **hub,
                 **kwargs,
             )
+        device_map = kwargs.pop("device_map", None)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        # Passed by the Auto classes and pipelines; they change nothing for a prompt checkpoint (only safetensors is
+        # ever read, and there is no PEFT adapter to load). Names with a leading underscore are transformers' own.
+        for key in ("trust_remote_code", "code_revision", "proxies"):
+            kwargs.pop(key, None)
+        for key, harmless in (("use_safetensors", (None, True)), ("adapter_kwargs", (None, {}))):
+            if key in kwargs and kwargs[key] in harmless:
+                del kwargs[key]
+        unsupported = sorted(k for k in kwargs if not k.startswith("_"))
+        if unsupported or model_args:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained cannot honour {unsupported or list(model_args)} for a prompt "
+                "checkpoint; it takes config, revision, cache_dir, token, local_files_only, force_download, "
+                "subfolder, dtype, attn_implementation, device_map and output_loading_info"
+            )
+        device = resolve_device_map(device_map)
         from safetensors.torch import load_file
         from transformers.utils.hub import cached_file
 
@@ -817,10 +838,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         model.load_task_state_dict(task_tensors, source=str(pretrained_model_name_or_path))
         if dtype not in (None, "auto"):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        device_map = kwargs.pop("device_map", None)
-        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
-            model = model.to(device_map)
+        if device is not None:
+            model = model.to(device)
         model.eval()
+        if output_loading_info:  # every tensor came from the backbone or the checkpoint, checked above
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
     def load_task_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
@@ -855,8 +877,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         parent = os.path.dirname(os.path.abspath(save_directory))
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
-        # _auto_class adds the AutoModelForImageClassification entry; the other two are set here
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        # The saved config maps the Auto classes to the saved code files (_auto_class adds the
+        # AutoModelForImageClassification entry, the other two are set here); the model's own config is left as it was.
+        had_auto_map = "auto_map" in self.config.__dict__
+        previous = self.config.__dict__.get("auto_map")
+        auto_map = dict(previous or {})
         auto_map.update(
             AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification"
         )
@@ -868,6 +893,10 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if had_auto_map:
+                self.config.auto_map = previous
+            else:
+                del self.config.auto_map
 
 
 def _partial_attention(
@@ -911,6 +940,30 @@ def instance_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temp
     negatives = similarity.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)  # (batch, 1)
     # -log(e^s / (e^s + e^n)) = log(1 + e^(n - s)) = softplus(n - s); exp(-inf) = 0 when a row has no negatives
     return F.softplus(negatives - similarity)[positives].mean()
+
+
+def resolve_device_map(device_map) -> torch.device | None:
+    """The one device a prompt-checkpoint model goes to: `device_map` as a device, a device index, `{"": device}`,
+    or `"auto"` (the first CUDA device if there is one, else the CPU). Maps that split the model are refused."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                "device_map must put the whole model on one device ({'': device}); a VPTM model is a frozen backbone "
+                f"plus small task tensors and is not split, got {device_map!r}"
+            )
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device_map must be a device, a device index, {{'': device}} or 'auto', got {device_map!r}"
+        ) from error
 
 
 def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwargs) -> BeitForMaskedImageModeling:

@@ -599,3 +599,25 @@ def test_remote_code_auto_classes_and_pipeline_in_fresh_process(backbone_dir, pi
     assert [p["label"] for p in out["pipeline"]] == [model.config.id2label[i] for i in order]
     assert [round(p["score"], 5) for p in out["pipeline"]] == [round(float(probs[i]), 5) for i in order]
     assert REPO_ROOT not in result.stdout
+
+
+def test_from_pretrained_honours_or_refuses_each_argument(backbone_dir, pixel_values, tmp_path):
+    model = from_backbone(backbone_dir).eval()
+    model.save_pretrained(tmp_path)
+    assert "auto_map" not in model.config.__dict__  # saving writes auto_map to the file, not into the model
+    assert json.load(open(tmp_path / "config.json"))["auto_map"]["AutoModel"].endswith("VPTMForImageClassification")
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    for device_map in ("auto", "cpu", {"": "cpu"}, torch.device("cpu")):
+        loaded = VPTMForImageClassification.from_pretrained(tmp_path, device_map=device_map)
+        assert next(loaded.parameters()).device == torch.device("cpu")
+    loaded, info = VPTMForImageClassification.from_pretrained(tmp_path, output_loading_info=True, dtype="float64")
+    assert info["missing_keys"] == [] and next(loaded.parameters()).dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values.double()).logits.float(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match=r"cannot honour \['low_cpu_mem_usage', 'quantization_config'\]"):
+        VPTMForImageClassification.from_pretrained(tmp_path, low_cpu_mem_usage=True, quantization_config={})
+    with pytest.raises(ValueError, match=r"device_map must put the whole model on one device"):
+        VPTMForImageClassification.from_pretrained(tmp_path, device_map={"beit": "cpu", "verbalizer": "cpu"})
+    with pytest.raises(TypeError, match=r"cannot honour \['use_safetensors'\]"):
+        VPTMForImageClassification.from_pretrained(tmp_path, use_safetensors=False)
