@@ -426,3 +426,22 @@ def test_digits_transfer_task_trains_without_flips(tmp_path):
     assert results["eval_split"] == "test" and results["eval_images"] == 30
     config = json.load(open(tmp_path / "config.json"))
     assert config["id2label"] == {str(d): str(d) for d in range(10)}
+
+
+def test_select_defaults_scores_candidates_on_validation_only(tmp_path):
+    import select_defaults
+
+    argv = ["--quick", "--output_dir", str(tmp_path), "--candidates", "vpt_deep", "vptm_logits", "vptm_ensemble"]
+    results = select_defaults.main(argv)
+    rows = results["candidates"]
+    assert set(rows) == {"vpt_deep", "vptm_logits", "vptm_ensemble"}
+    for name, row in rows.items():
+        run = json.load(open(tmp_path / f"{name}-split0" / "all_results.json"))
+        assert run["eval_split"] == "validation" and run["eval_images"] == 200  # carved from train, not the test
+        assert row["validation_accuracy"] == [run["accuracy"]]
+    reference = rows["vpt_deep"]["mean"]
+    assert rows["vptm_ensemble"]["paired_difference_vs_reference"] == pytest.approx(
+        rows["vptm_ensemble"]["mean"] - reference
+    )
+    assert results["chosen"] == max(("vptm_logits", "vptm_ensemble"), key=lambda n: rows[n]["mean"])
+    assert f"| {results['chosen']} (chosen) |" in (tmp_path / "selection.md").read_text()
