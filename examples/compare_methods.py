@@ -62,8 +62,8 @@ ABLATIONS = {  # each names its read-out, so that the table keeps its meaning wh
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
 TRANSFER = {"dataset": run_classification.DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
 TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep")
-# what a run gets unless set
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments)}
+# what a run gets unless set (the method is always named)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments) if f.name != "method"}
 
 
 def has_full_test_set() -> bool:
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=30)
-    parser.add_argument("--quick", action="store_true", help="A tiny slice, one seed, one epoch (CI).")
+    parser.add_argument(
+        "--quick", action="store_true", help="A tiny slice, one seed, one epoch, two points per sweep (CI)."
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 1
@@ -182,12 +184,18 @@ def main(argv: list[str] | None = None) -> dict:
             if name in args.methods
         })  # fmt: skip
         results["methods"]["raw_pixel_logreg"] = raw_pixel_baseline(args)
+        order = [*METHODS, "raw_pixel_logreg"]
+        results["methods"] = {name: results["methods"][name] for name in order if name in results["methods"]}
     if "sweeps" in args.sections:
         results.setdefault("sweeps", {})
         for field, sweep in SWEEPS.items():
             for method in (m for m in sweep["methods"] if m in args.sweep_methods):
                 points = {}
-                for value in sweep["values"]:
+                # quick mode: the first value and the default only, enough to exercise the bookkeeping
+                values = sweep["values"]
+                if args.quick:
+                    values = [v for v in values if v in (values[0], DEFAULTS[field])]
+                for value in values:
                     settings = {"method": method, field: value}
                     name = f"sweep-{method}-{field}-{value}"
                     points[str(value)] = summarise([run_one(name, settings, s, args) for s in args.seeds[:1]])

@@ -377,13 +377,28 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     again = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "methods"])
     assert again["methods"]["vptm_deep"] == methods["vptm_deep"]  # finished runs are read back, not rerun
     assert again["seconds"] < results["seconds"]
-    # default sweep points and the default ablation share the main table's run folder instead of training again
+    # default sweep points and default ablations share the main table's run folder instead of training again
     folders = sorted(name for name in os.listdir(tmp_path) if name.endswith("-seed0"))
-    assert "sweep-vptm-prompt_length-10-seed0" not in folders and "ablation-prototypical_logits-seed0" not in folders
-    assert "sweep-vptm-prompt_length-5-seed0" in folders and "ablation-verbalizer_on_hidden-seed0" in folders
-    assert sweep["points"]["64"] == results["ablations"]["prototypical_logits"]
+    shared = [name for name, settings in compare_methods.ABLATIONS.items() if compare_methods.run_name(name, settings)
+              != name]  # fmt: skip
+    assert shared, "one ablation is the default configuration"
+    assert "sweep-vptm-prompt_length-10-seed0" not in folders and f"ablation-{shared[0]}-seed0" not in folders
+    assert "sweep-vptm-prompt_length-1-seed0" in folders and "ablation-verbalizer_on_probs-seed0" in folders
+    assert list(sweep["points"]) == ["16", "64"]  # quick mode: the first value and the default
+    assert sweep["points"]["64"] == results["ablations"][shared[0]]
     assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_deep"]["accuracy_mean"]
-    assert len(folders) == 6 + 14 + 5  # methods, non-default sweep points, non-default ablations
+    transfer = results["transfer"]
+    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "raw_pixel_logreg"}
+    digits = json.load(open(tmp_path / "transfer-vptm_deep-seed0" / "vptm_run_args.json"))
+    assert digits["dataset_name"] == "vptm:digits" and digits["augment_flip"] is False
+    assert "Transfer task: vptm:digits" in table
+    assert len(folders) == 6 + 5 + len(compare_methods.ABLATIONS) - len(shared) + 3  # + transfer
+    # --update reruns a part and keeps the other rows
+    part = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "ablations", "--ablations",
+                                 "verbalizer_on_probs", "--update"])  # fmt: skip
+    assert part["methods"] == json.loads(json.dumps(again["methods"])) and set(part["ablations"]) == set(
+        compare_methods.ABLATIONS
+    )
 
 
 def test_validation_split_is_carved_from_train_stratified_and_seeded():
