@@ -623,3 +623,14 @@ def test_from_pretrained_honours_or_refuses_each_argument(backbone_dir, pixel_va
         VPTMForImageClassification.from_pretrained(tmp_path, device_map={"beit": "cpu", "verbalizer": "cpu"})
     with pytest.raises(TypeError, match=r"cannot honour \['use_safetensors'\]"):
         VPTMForImageClassification.from_pretrained(tmp_path, use_safetensors=False)
+
+
+@pytest.mark.parametrize("name", ["vptm-hidden", "vpt"])
+def test_checkpoints_saved_by_version_0_1_0_load_unchanged(name):
+    from safetensors.torch import load_file
+
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints-0.1.0", name)
+    expected = load_file(os.path.join(folder, "expected_outputs.safetensors"))
+    model = VPTMForImageClassification.from_pretrained(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["pixel_values"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
