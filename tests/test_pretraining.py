@@ -215,8 +215,20 @@ def test_shipped_backbone_loads_offline_with_its_config(monkeypatch):
     assert tokenizer.vocab_size == config.vocab_size and tokenizer.patch_size == config.patch_size
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     assert size <= 10 * 2**20
-    evaluation = json.loads(open(os.path.join(path, "evaluation.json")).read())
-    assert evaluation["mim_accuracy"] > 5 * evaluation["majority_token_accuracy"] / 3
+    # the shipped weights and tokenizer still agree: MIM accuracy measured now, on 1,000 of the shipped test images,
+    # matches the figure recorded on the 10,000 official ones and stays far above the most-frequent token
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+    from evaluate_backbone import mim_accuracy, to_pixel_values
+
+    data = shipped_dataset()
+    pixels = {split: to_pixel_values(np.stack([np.asarray(i) for i in data[split]["image"]])) for split in data}
+    majority = int(torch.bincount(tokenizer.encode(pixels["train"]).flatten(), minlength=config.vocab_size).argmax())
+    measured = mim_accuracy(model, tokenizer, pixels["test"][:1000], 500, 0, majority, "cpu")
+    recorded = json.loads(open(os.path.join(path, "evaluation.json")).read())
+    assert measured["mim_accuracy"] == pytest.approx(recorded["mim_accuracy"], abs=0.02)
+    assert measured["mim_accuracy"] > 1.5 * measured["majority_token_accuracy"]
 
 
 def test_vptm_on_the_shipped_backbone_names_it_portably(tmp_path):
