@@ -34,7 +34,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers import (
     AutoImageProcessor,
@@ -50,6 +49,7 @@ from transformers.trainer_utils import get_last_checkpoint
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: E402
+from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics  # noqa: E402
 from modeling_vptm.masking import random_shift_flip  # noqa: E402
 from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path  # noqa: E402
 
@@ -66,6 +66,7 @@ RUN_ARGS_FILE = "vptm_run_args.json"
 CARD_TEMPLATE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "prompt_checkpoint_template.md"
 )
+METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall"}
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3}
 
 
@@ -128,6 +129,17 @@ class DataTrainingArguments:
     augment_flip: bool = field(default=True, metadata={"help": "Random horizontal flips at train time."})
     skip_unreadable_images: bool = field(default=False, metadata={"help": "Skip (and count) unreadable images."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a different run in output_dir."})
+    metric_names: list[str] = field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        metadata={
+            "help": "`evaluate` metrics to report (f1, precision and recall macro-averaged); accuracy is always "
+            "reported. accuracy and f1 ship with the package and need no network; other names load from the Hub."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # the result line, the card and the comparison scripts read accuracy: it always comes first
+        self.metric_names = ["accuracy", *(name for name in self.metric_names if name != "accuracy")]
 
 
 @dataclass
@@ -313,11 +325,6 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def compute_metrics(prediction) -> dict[str, float]:
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
-
-
 # --------------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     if model_args.method not in METHODS:
@@ -400,6 +407,7 @@ def run_arguments(model_args, data_args, training_args) -> dict:
         "token",
         "local_rank",
         "disable_tqdm",
+        "metric_names",  # what is reported, not what is trained
     }
     args = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
     args.update({k: v for k, v in training_args.to_dict().items() if k in ("learning_rate", "num_train_epochs",
@@ -418,13 +426,14 @@ def write_model_card(output_dir: str, info: dict) -> None:
         "base_model": info["backbone"],
         "datasets": [info["dataset"]],
         "tags": ["vptm", "visual-prompt-tuning", info["method"]],
-        "metrics": ["accuracy"],
+        "metrics": list(info["metrics"]),
         "model-index": [{
             "name": info["model_name"],
             "results": [{
                 "task": {"type": "image-classification", "name": "Image Classification"},
                 "dataset": {"name": info["dataset"], "type": info["dataset"], "split": info["eval_split"]},
-                "metrics": [{"type": "accuracy", "value": round(info["accuracy"], 4), "name": "Accuracy"}],
+                "metrics": [{"type": name, "value": round(value, 4), "name": METRIC_TITLES.get(name, name)}
+                            for name, value in info["metrics"].items() if isinstance(value, (int, float))],
             }],
         }],
     }  # fmt: skip
@@ -495,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-        data_collator=collate, compute_metrics=compute_metrics,
+        data_collator=collate, compute_metrics=compute_metrics(data_args.metric_names),
     )  # fmt: skip
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -506,10 +515,18 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.perf_counter() - start
     metrics = trainer.evaluate(eval_data, metric_key_prefix="eval")
     trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.log_metrics("eval", metrics)
+    # train_results.json, eval_results.json and trainer_state.json beside the checkpoint; all_results.json is ours
+    trainer.save_metrics("train", train_result.metrics, combined=False)
+    trainer.save_metrics("eval", metrics, combined=False)
+    trainer.save_state()
+    scores = {name: metrics[f"eval_{name}"] for name in data_args.metric_names if f"eval_{name}" in metrics}
 
     results = {
         "method": model_args.method,
         "accuracy": metrics["eval_accuracy"],
+        "metrics": scores,
         "eval_split": eval_split,
         "eval_images": len(eval_data),
         "train_images": len(train_data),
@@ -550,6 +567,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "when this model is loaded."
             ),
             arguments=json.dumps(run_args, indent=2, sort_keys=True),
+            metric_header=" | ".join(METRIC_TITLES.get(name, name) for name in scores),
+            metric_rule="---|" * len(scores),
+            metric_values=" | ".join(f"{value:.4f}" for value in scores.values()),
         )
         write_model_card(out, card)
         with open(os.path.join(out, "all_results.json"), "w") as f:

@@ -29,15 +29,21 @@ import run_classification  # noqa: E402
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB  # noqa: E402
 
 
+# Every candidate names its read-out and loss weights, so that its meaning does not move with the defaults.
+CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive_weight": 0.0}
 CANDIDATES = {
     "vpt_deep": dict(method="vpt"),
-    "vptm_logits": dict(method="vptm", verbalizer_input="logits"),
-    "vptm_hidden": dict(method="vptm", verbalizer_input="hidden"),
+    "vptm_logits": dict(method="vptm", verbalizer_input="logits", **CROSS_ENTROPY_ONLY),
+    "vptm_hidden": dict(method="vptm", verbalizer_input="hidden", **CROSS_ENTROPY_ONLY),
     "vptm_hidden_protoverb": dict(method="vptm", verbalizer_input="hidden", **PROTOVERB),
     "vptm_hidden_instance_t0.1": dict(
-        method="vptm", verbalizer_input="hidden", instance_contrastive_weight=0.5, contrastive_temperature=0.1
+        method="vptm",
+        verbalizer_input="hidden",
+        prototype_contrastive_weight=0.0,
+        instance_contrastive_weight=0.5,
+        contrastive_temperature=0.1,
     ),
-    "vptm_ensemble": dict(method="vptm", verbalizer_input="ensemble"),
+    "vptm_ensemble": dict(method="vptm", verbalizer_input="ensemble", **CROSS_ENTROPY_ONLY),
     "vptm_ensemble_protoverb": dict(method="vptm", verbalizer_input="ensemble", **PROTOVERB),
 }
 REFERENCE = "vpt_deep"

@@ -66,8 +66,14 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
         "vptm:fashion-mnist-1k"
     ]
     assert metadata["tags"][:2] == ["vptm", "visual-prompt-tuning"]
-    value = metadata["model-index"][0]["results"][0]["metrics"][0]["value"]
-    assert value == round(results["accuracy"], 4)
+    scores = metadata["model-index"][0]["results"][0]["metrics"]
+    assert [(m["type"], m["value"]) for m in scores] == [
+        ("accuracy", round(results["accuracy"], 4)), ("f1", round(results["metrics"]["f1"], 4))
+    ]  # fmt: skip
+    assert metadata["metrics"] == ["accuracy", "f1"] and "| Accuracy | Macro F1 |" in body
+    # Trainer's own metric and state files, beside our all_results.json
+    assert json.load(open(tmp_path / "eval_results.json"))["eval_f1"] == results["metrics"]["f1"]
+    assert {"train_results.json", "trainer_state.json"} <= set(os.listdir(tmp_path))
     assert "trust_remote_code=True" in body and "revision=" in body
     assert f"only the task's small tensors ({results['trainable_parameters']:,d} trainable" in body
     printed = capsys.readouterr().out
@@ -392,7 +398,11 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     digits = json.load(open(tmp_path / "transfer-vptm_deep-seed0" / "vptm_run_args.json"))
     assert digits["dataset_name"] == "vptm:digits" and digits["augment_flip"] is False
     assert "Transfer task: vptm:digits" in table
-    assert len(folders) == 6 + 5 + len(compare_methods.ABLATIONS) - len(shared) + 3  # + transfer
+    # quick sweeps: the first value and the default; prompt_layers' first value (shallow) is a main-table method
+    assert [name for name in folders if name.startswith("sweep-")] == [
+        "sweep-vpt-prompt_length-1-seed0", "sweep-vptm-prompt_length-1-seed0", "sweep-vptm-prototype_dim-16-seed0"
+    ]  # fmt: skip
+    assert len(folders) == 6 + 3 + len(compare_methods.ABLATIONS) - len(shared) + 3  # + transfer
     # --update reruns a part and keeps the other rows
     part = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "ablations", "--ablations",
                                  "verbalizer_on_probs", "--update"])  # fmt: skip
