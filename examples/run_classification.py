@@ -1,4 +1,4 @@
-"""Fine-tunes VPTM, or one of its baselines, for image classification with the Trainer.
+r"""Fine-tunes VPTM, or one of its baselines, for image classification with the Trainer.
 
 Follows transformers' `examples/pytorch/image-classification/run_image_classification.py`. Every method runs on
 the same backbone, data pipeline and schedule, so their numbers compare:
@@ -25,6 +25,7 @@ Arguments can also come from one JSON file: `python run_classification.py args.j
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import (
@@ -49,6 +51,13 @@ from transformers.trainer_utils import get_last_checkpoint
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: E402
+from modeling_vptm.configuration_vptm import (  # noqa: E402
+    EXTRA_TOKEN_BIASES,
+    MASK_TOKEN_MODES,
+    PROMPT_INITS,
+    PROMPT_LAYER_PRESETS,
+    VERBALIZER_INPUTS,
+)
 from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics  # noqa: E402
 from modeling_vptm.masking import random_shift_flip  # noqa: E402
 from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path  # noqa: E402
@@ -70,38 +79,110 @@ METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro p
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3}
 
 
+# the ModelArguments fields each method reads; a flag outside its method's set is reported as ignored
+PROMPT_FIELDS = {"prompt_length", "prompt_layers", "prompt_init", "extra_token_bias"}
+VERBALIZER_FIELDS = {"prototype_dim", "prototypes_per_class", "logit_scale_init", "learn_logit_scale",
+                     "prototype_contrastive_weight", "instance_contrastive_weight", "contrastive_temperature",
+                     "prototype_init"}  # fmt: skip
+MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "verbalizer_input", "vptm_head"}
+METHOD_FIELDS = {
+    "vptm": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS,
+    "vpt": PROMPT_FIELDS,
+    "linear": set(),
+    "full": set(),
+}
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
         default=SHIPPED_BACKBONE, metadata={"help": "BEiT MIM backbone: Hub id, local folder or vptm:<shipped name>."}
     )
     model_revision: str | None = field(default=None, metadata={"help": "Backbone revision (branch, tag, commit)."})
-    cache_dir: str | None = field(default=None)
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are kept."})
     token: str | None = field(default=None, metadata={"help": "Hub token (also for --push_to_hub)."})
-    method: str = field(default="vptm", metadata={"help": f"One of {METHODS}."})
+    method: Literal[METHODS] = field(
+        default="vptm",
+        metadata={"help": "vptm: prompts + [MASK] read through the MIM head and a verbalizer; vpt: prompts + a "
+                  "linear head on CLS; linear: linear probe; full: every weight trained."},
+    )  # fmt: skip
     # VPTMConfig fields: the defaults are the config's own, so the script and the model cannot drift apart
-    prompt_length: int = VPTMConfig.prompt_length
+    prompt_length: int = field(
+        default=VPTMConfig.prompt_length, metadata={"help": "Prompt tokens per prompted block (vptm, vpt)."}
+    )
     prompt_layers: str = field(
-        default=VPTMConfig.prompt_layers, metadata={"help": "deep, shallow, or block indices like 0,1,2."}
+        default=VPTMConfig.prompt_layers,
+        metadata={"help": "Blocks that get prompts: deep (all), shallow (the input only), or indices like 0,1,2."},
     )
-    prompt_init: str = VPTMConfig.prompt_init
-    mask_token_mode: str = VPTMConfig.mask_token_mode
-    mask_token_position: int | None = VPTMConfig.mask_token_position
-    extra_token_bias: str = VPTMConfig.extra_token_bias
-    train_mask_token: bool = VPTMConfig.train_mask_token
-    verbalizer_input: str = VPTMConfig.verbalizer_input
-    prototype_dim: int = VPTMConfig.prototype_dim
-    prototypes_per_class: int = VPTMConfig.prototypes_per_class
-    logit_scale_init: float = VPTMConfig.logit_scale_init
-    learn_logit_scale: bool = VPTMConfig.learn_logit_scale
-    prototype_contrastive_weight: float = VPTMConfig.prototype_contrastive_weight
-    instance_contrastive_weight: float = VPTMConfig.instance_contrastive_weight
-    contrastive_temperature: float = VPTMConfig.contrastive_temperature
-    prototype_init: str = field(default="random", metadata={"help": "random or class_mean (one pass over the data)."})
-    vptm_head: str = field(
+    prompt_init: Literal[PROMPT_INITS] = field(
+        default=VPTMConfig.prompt_init, metadata={"help": "uniform: VPT's init; normal: N(0, initializer_range)."}
+    )
+    mask_token_mode: Literal[MASK_TOKEN_MODES] = field(
+        default=VPTMConfig.mask_token_mode,
+        metadata={"help": "append: [MASK] added after the prompts; replace: [MASK] replaces a patch (vptm)."},
+    )
+    mask_token_position: int | None = field(
+        default=VPTMConfig.mask_token_position,
+        metadata={"help": "Patch index [MASK] replaces under --mask_token_mode replace (default: the centre)."},
+    )
+    extra_token_bias: Literal[EXTRA_TOKEN_BIASES] = field(
+        default=VPTMConfig.extra_token_bias,
+        metadata={"help": "Relative position bias of added tokens: cls (the CLS entries) or zero."},
+    )
+    train_mask_token: bool = field(
+        default=VPTMConfig.train_mask_token, metadata={"help": "Also train a copy of the mask token (vptm)."}
+    )
+    verbalizer_input: Literal[VERBALIZER_INPUTS] = field(
+        default=VPTMConfig.verbalizer_input,
+        metadata={"help": "What the verbalizer reads at [MASK]: the MIM head's visual-token logits, normalized "
+                  "logits, probs, the hidden state, or an ensemble of logits and hidden state (docs/method.md)."},
+    )  # fmt: skip
+    prototype_dim: int = field(default=VPTMConfig.prototype_dim, metadata={"help": "Verbalizer projection size."})
+    prototypes_per_class: int = field(
+        default=VPTMConfig.prototypes_per_class, metadata={"help": "Prototypes per class (max-aggregated)."}
+    )
+    logit_scale_init: float = field(
+        default=VPTMConfig.logit_scale_init, metadata={"help": "Class logits = scale x cosine; the initial scale."}
+    )
+    learn_logit_scale: bool = field(default=VPTMConfig.learn_logit_scale, metadata={"help": "Train the scale."})
+    prototype_contrastive_weight: float = field(
+        default=VPTMConfig.prototype_contrastive_weight,
+        metadata={"help": "Weight of the instance-prototype contrastive term (ProtoVerb's; 0: off)."},
+    )
+    instance_contrastive_weight: float = field(
+        default=VPTMConfig.instance_contrastive_weight,
+        metadata={"help": "Weight of the instance-instance supervised contrastive term (ProtoVerb's; 0: off)."},
+    )
+    contrastive_temperature: float = field(
+        default=VPTMConfig.contrastive_temperature, metadata={"help": "Temperature of both contrastive terms."}
+    )
+    prototype_init: Literal["random", "class_mean"] = field(
+        default="random", metadata={"help": "random, or class_mean (one pass over the training data)."}
+    )
+    vptm_head: Literal["prototypical_verbalizer", "linear_mask"] = field(
         default="prototypical_verbalizer",
-        metadata={"help": "For --method vptm: prototypical_verbalizer, or linear_mask (ablation: a linear head)."},
+        metadata={"help": "For --method vptm: the prototypical verbalizer, or linear_mask (ablation: a linear head)."},
     )
+
+    def __post_init__(self) -> None:
+        if self.prompt_layers not in PROMPT_LAYER_PRESETS:
+            try:
+                [int(i) for i in self.prompt_layers.split(",") if i.strip()]
+            except ValueError as error:
+                raise ValueError(
+                    f"--prompt_layers must be deep, shallow or block indices like 0,1,2; got {self.prompt_layers!r}"
+                ) from error
+        if self.prototype_init == "class_mean" and self.method != "vptm":
+            raise ValueError(f"--prototype_init class_mean needs --method vptm, got {self.method!r}")
+
+    def ignored_by_method(self, given: set[str]) -> list[str]:
+        """The given flags (model fields only) that the chosen method does not read."""
+        used = set(METHOD_FIELDS[self.method])
+        if self.method == "vptm" and self.vptm_head == "linear_mask":
+            used -= VERBALIZER_FIELDS
+        model_fields = {f.name for f in dataclasses.fields(self)} - {f for fields in METHOD_FIELDS.values()
+                                                                     for f in fields}  # fmt: skip
+        return sorted(name for name in given if name not in used and name not in model_fields and hasattr(self, name))
 
 
 @dataclass
@@ -109,9 +190,9 @@ class DataTrainingArguments:
     dataset_name: str | None = field(
         default=SHIPPED_DATASET, metadata={"help": f"Hub dataset, or {SHIPPED_DATASET} (shipped, offline)."}
     )
-    dataset_config_name: str | None = None
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
-    validation_dir: str | None = None
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder scored after training."})
     train_val_split: float = field(default=0.15, metadata={"help": "Held-out fraction if there is no eval split."})
     validation_split: float = field(
         default=0.0,
@@ -121,10 +202,14 @@ class DataTrainingArguments:
         },
     )
     validation_split_seed: int = field(default=0, metadata={"help": "Seed of --validation_split."})
-    image_column_name: str = "image"
-    label_column_name: str = "label"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    image_column_name: str = field(default="image", metadata={"help": "Column of the dataset's images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column of the dataset's labels."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many images (debugging, quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Score a seeded random subset of this many evaluation images."}
+    )
     augment_shift: int = field(default=2, metadata={"help": "Random translation in pixels at train time (0: off)."})
     augment_flip: bool = field(default=True, metadata={"help": "Random horizontal flips at train time."})
     skip_unreadable_images: bool = field(default=False, metadata={"help": "Skip (and count) unreadable images."})
@@ -140,13 +225,26 @@ class DataTrainingArguments:
     def __post_init__(self) -> None:
         # the result line, the card and the comparison scripts read accuracy: it always comes first
         self.metric_names = ["accuracy", *(name for name in self.metric_names if name != "accuracy")]
+        if not 0 <= self.validation_split < 1:
+            raise ValueError(f"--validation_split must be a fraction in [0, 1) (0: off), got {self.validation_split}")
+        if not 0 < self.train_val_split < 1:
+            raise ValueError(f"--train_val_split must be a fraction in (0, 1), got {self.train_val_split}")
 
 
 @dataclass
 class VPTMTrainingArguments(TrainingArguments):
     """TrainingArguments with defaults for prompt tuning on small data."""
 
-    learning_rate: float = field(default=0.0, metadata={"help": f"0: the method's default {DEFAULT_LEARNING_RATES}."})
+    learning_rate: float = field(
+        default=DEFAULT_LEARNING_RATES["vptm"],
+        metadata={"help": "Peak learning rate. When not given: 1e-2 for vptm, vpt and linear, 1e-3 for full."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Push the final folder (prompt-only checkpoint, code, image processor, card) once, at the "
+                  "end, to --hub_model_id (private with --hub_private_repo, on branch --hub_revision); intermediate "
+                  "checkpoints are not pushed, so --hub_strategy does not apply."},
+    )  # fmt: skip
     num_train_epochs: float = 30.0
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 256
@@ -162,7 +260,8 @@ class VPTMTrainingArguments(TrainingArguments):
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int = 0):
+    """The train and eval splits, renamed to image/label; every random choice in here is seeded with `seed`."""
     from datasets import DatasetDict, load_dataset
 
     if data_args.train_dir:
@@ -202,11 +301,9 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
         raise ValueError(f"the dataset has no 'train' split; it has {sorted(dataset)}")
     eval_split = next((s for s in ("validation", "test") if s in dataset), None)
     if eval_split is None:
-        split = dataset["train"].train_test_split(data_args.train_val_split, seed=0)
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
         dataset, eval_split = DatasetDict(train=split["train"], validation=split["test"]), "validation"
     if data_args.validation_split:
-        if not 0 < data_args.validation_split < 1:
-            raise ValueError(f"--validation_split must be a fraction in (0, 1), got {data_args.validation_split}")
         dataset, eval_split = carve_validation(dataset, data_args), "validation"
     for name in (data_args.image_column_name, data_args.label_column_name):
         if name not in dataset["train"].column_names:
@@ -220,9 +317,10 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments):
     dataset = DatasetDict(train=dataset["train"], eval=dataset[eval_split])
     if data_args.max_train_samples is not None:
         count = min(data_args.max_train_samples, len(dataset["train"]))
-        dataset["train"] = dataset["train"].shuffle(seed=0).select(range(count))
-    if data_args.max_eval_samples is not None:
-        dataset["eval"] = dataset["eval"].select(range(min(data_args.max_eval_samples, len(dataset["eval"]))))
+        dataset["train"] = dataset["train"].shuffle(seed=seed).select(range(count))
+    if data_args.max_eval_samples is not None:  # a random subset: the first rows of an image folder are one class
+        count = min(data_args.max_eval_samples, len(dataset["eval"]))
+        dataset["eval"] = dataset["eval"].shuffle(seed=seed).select(range(count))
     return dataset, eval_split
 
 
@@ -327,8 +425,6 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, id2label: dict[int, str]):
-    if model_args.method not in METHODS:
-        raise ValueError(f"--method must be one of {list(METHODS)}, got {model_args.method!r}")
     hub = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir, "token": model_args.token}
     if model_args.method == "full":
         mim = load_mim_backbone(model_args.model_name_or_path, **hub)  # refuses non-MIM checkpoints
@@ -340,11 +436,8 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
         model.beit.load_state_dict(mim.beit.state_dict(), strict=False)  # the new pooler/classifier stay fresh
         return model
     layers = model_args.prompt_layers
-    if layers not in ("deep", "shallow"):
-        try:
-            layers = [int(i) for i in layers.split(",") if i.strip()]
-        except ValueError as error:
-            raise ValueError(f"--prompt_layers must be deep, shallow or indices like 0,1,2; got {layers!r}") from error
+    if layers not in PROMPT_LAYER_PRESETS:  # block indices, checked in ModelArguments
+        layers = [int(i) for i in layers.split(",") if i.strip()]
     fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)}
     not_config = (
         "model_name_or_path",
@@ -358,8 +451,6 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     for key in not_config:
         fields.pop(key, None)
     fields["prompt_layers"] = layers
-    if model_args.vptm_head not in ("prototypical_verbalizer", "linear_mask"):
-        raise ValueError(f"--vptm_head must be prototypical_verbalizer or linear_mask, got {model_args.vptm_head!r}")
     fields["classifier"] = model_args.vptm_head if model_args.method == "vptm" else "linear_cls"
     if model_args.method == "linear":
         fields["prompt_length"] = 0
@@ -443,33 +534,67 @@ def write_model_card(output_dir: str, info: dict) -> None:
         f.write(text)
 
 
-def push_folder(folder: str, repo_id: str, token: str | None, files: list[str]) -> str:
-    """Uploads exactly `files` of `folder` (the prompt checkpoint, code, processor and card) to `repo_id`."""
+def push_folder(
+    folder: str, repo_id: str, token: str | None, files: list[str], private: bool | None = None,
+    revision: str | None = None,
+) -> str:  # fmt: skip
+    """Uploads exactly `files` of `folder` (the prompt checkpoint, code, processor and card) to `repo_id`, on the
+    branch `revision` (created if needed) of a repository created `private` if it does not exist yet."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=files, commit_message="Upload VPTM prompt checkpoint"
-    )
+        repo_id=repo_id, folder_path=folder, allow_patterns=files, revision=revision,
+        commit_message="Upload VPTM prompt checkpoint",
+    )  # fmt: skip
     return getattr(commit, "oid", None) or "main"
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, VPTMTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring kept as written, and each flag's default beside its help."""
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, VPTMTrainingArguments),
+        prog="run_classification.py",
+        usage="%(prog)s [--method METHOD] [--output_dir DIR] [options]  |  %(prog)s args.json",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Names of the arguments given: flags on the command line, or the keys of a JSON file."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return set(json.load(open(argv[0])))
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, VPTMTrainingArguments]:
+    parser = build_parser()
     if len(argv) == 1 and argv[0].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if model_args.method not in METHODS:
-        raise ValueError(f"--method must be one of {list(METHODS)}, got {model_args.method!r}")
-    if model_args.prototype_init not in ("random", "class_mean"):
-        raise ValueError(f"--prototype_init must be random or class_mean, got {model_args.prototype_init!r}")
-    if training_args.learning_rate == 0:
+    given = given_flags(argv)
+    if "learning_rate" not in given:
         training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.method]
+    for name in model_args.ignored_by_method(given):
+        logger.warning("--%s is ignored: --method %s does not use it", name, model_args.method)
+    if "hub_strategy" in given:
+        logger.warning("--hub_strategy is ignored: the final folder is pushed once, at the end")
+    return model_args, data_args, training_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    model_args, data_args, training_args = parse_arguments(argv)
     # we push the final, prompt-only folder ourselves: Trainer would also push checkpoints and its own card
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     training_args.remove_unused_columns = False
@@ -481,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
         last = check_output_dir(training_args.output_dir, run_args, data_args.overwrite_output_dir)
     resume = training_args.resume_from_checkpoint or last
 
-    dataset, eval_split = load_data(data_args, model_args)
+    dataset, eval_split = load_data(data_args, model_args, training_args.seed)
     label_names = labels_of(dataset)
     id2label = dict(enumerate(label_names))
     model = build_model(model_args, id2label)
@@ -494,8 +619,6 @@ def main(argv: list[str] | None = None) -> dict:
     eval_data = dataset["eval"].with_transform(eval_transform)
 
     if model_args.prototype_init == "class_mean":
-        if model_args.method != "vptm":
-            raise ValueError(f"--prototype_init class_mean needs --method vptm, got {model_args.method!r}")
         plain = dataset["train"].with_transform(eval_transform)
         loader = torch.utils.data.DataLoader(plain, batch_size=64, collate_fn=collate)
         model.initialize_prototypes(loader)
@@ -585,15 +708,16 @@ def main(argv: list[str] | None = None) -> dict:
                 for f in os.listdir(out)
                 if os.path.isfile(os.path.join(out, f))
                 and f != RUN_ARGS_FILE
-                and f != "all_results.json"
+                and not f.endswith("_results.json")
                 and not f.startswith(("training_args", "trainer_state"))
             ]
             results["pushed_files"] = sorted(files)
             token = model_args.token or training_args.hub_token
-            commit = push_folder(out, repo_id, token, files)
+            hub = {"private": training_args.hub_private_repo, "revision": training_args.hub_revision}
+            commit = push_folder(out, repo_id, token, files, **hub)
             # the card's loading snippet pins the commit that holds these files; a second commit adds that card
             write_model_card(out, dict(card, revision=commit))
-            push_folder(out, repo_id, token, ["README.md"])
+            push_folder(out, repo_id, token, ["README.md"], **hub)
             results["pushed_commit"] = commit
     return results
 

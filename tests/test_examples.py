@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,19 +98,22 @@ def test_full_fine_tuning_trains_the_backbone(tmp_path):
 @pytest.mark.parametrize(
     "args, error, message",
     [
-        (["--method", "lora"], ValueError, r"--method must be one of \['vptm', 'vpt', 'linear', 'full'\], got 'lora'"),
+        (["--method", "lora"], SystemExit, r"argument --method: invalid choice: 'lora' \(choose from 'vptm', 'vpt'"),
         (["--dataset_name", ""], ValueError, r"no dataset given: pass --dataset_name"),
         (["--label_column_name", "target"], ValueError,
          r"column 'target' not found .* columns are \['image', 'label'\]"),
-        (["--prototype_init", "kmeans"], ValueError, r"--prototype_init must be random or class_mean, got 'kmeans'"),
+        (["--prototype_init", "kmeans"], SystemExit,
+         r"argument --prototype_init/--prototype-init: invalid choice: 'kmeans'"),
         (["--model_name_or_path", "no-such/backbone", "--cache_dir", "/nonexistent"], OSError,
          r"cannot load the backbone 'no-such/backbone'"),
     ],
 )  # fmt: skip
-def test_argument_errors(tmp_path, monkeypatch, args, error, message):
+def test_argument_errors(tmp_path, monkeypatch, capsys, args, error, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=None if error is SystemExit else message):
         run(tmp_path / "out", *args)
+    if error is SystemExit:  # argparse's refusal: usage and the reason on stderr
+        assert re.search(message, capsys.readouterr().err)
 
 
 def make_folder(root, classes=("cat", "dog"), per_class=3, size=(9, 7)):
@@ -185,14 +190,17 @@ def test_push_uploads_exactly_the_checkpoint_and_loads_by_repo_id(tmp_path, monk
     remote = tmp_path / "remote"
     calls = {}
 
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = repo_id
+    def create_repo(self, repo_id, private=None, **kwargs):
+        calls["create_repo"] = (repo_id, private)
         return repo_id
 
-    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+    def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+        calls["create_branch"] = (repo_id, branch)
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, revision=None, **kwargs):
         import fnmatch
 
-        calls["upload_folder"] = repo_id
+        calls["upload_folder"] = (repo_id, revision)
         for name in os.listdir(folder_path):
             path = os.path.join(folder_path, name)
             if os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
@@ -206,8 +214,12 @@ def test_push_uploads_exactly_the_checkpoint_and_loads_by_repo_id(tmp_path, monk
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    results = run(tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/fashion-prompts")
-    assert calls == {"create_repo": "vptm-tests/fashion-prompts", "upload_folder": "vptm-tests/fashion-prompts"}
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    results = run(tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/fashion-prompts",
+                  "--hub_private_repo", "true", "--hub_revision", "v1")  # fmt: skip
+    assert calls == {"create_repo": ("vptm-tests/fashion-prompts", True),
+                     "create_branch": ("vptm-tests/fashion-prompts", "v1"),
+                     "upload_folder": ("vptm-tests/fashion-prompts", "v1")}  # fmt: skip
     uploaded = sorted(os.listdir(remote))
     assert uploaded == ["README.md", "config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py",
                         "preprocessor_config.json"]  # fmt: skip
@@ -380,7 +392,7 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| vptm_deep |" in table and "raw-pixel logistic regression" in table
     assert sorted(os.path.basename(p) for p in results["plots"]) == ["accuracy_vs_parameters.png", "sweeps.png"]
-    again = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "methods"])
+    again = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "methods", "--update"])
     assert again["methods"]["vptm_deep"] == methods["vptm_deep"]  # finished runs are read back, not rerun
     assert again["seconds"] < results["seconds"]
     # default sweep points and default ablations share the main table's run folder instead of training again
@@ -428,7 +440,7 @@ def test_validation_split_is_carved_from_train_stratified_and_seeded():
     assert pixels["train"] | pixels["eval"] == shipped_train  # all from train: the test images stay out
     assert {image.tobytes() for image in carve(0.2, 0)[0]["eval"]["image"]} == pixels["eval"]  # seeded
     assert {image.tobytes() for image in carve(0.2, 1)[0]["eval"]["image"]} != pixels["eval"]
-    with pytest.raises(ValueError, match=r"--validation_split must be a fraction in \(0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"--validation_split must be a fraction in \[0, 1\) \(0: off\), got 1.5"):
         carve(1.5, 0)
 
 
@@ -470,3 +482,62 @@ def test_select_defaults_scores_candidates_on_validation_only(tmp_path):
     )
     assert results["chosen"] == max(("vptm_logits", "vptm_ensemble"), key=lambda n: rows[n]["mean"])
     assert f"| {results['chosen']} (chosen) |" in (tmp_path / "selection.md").read_text()
+
+
+def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        run_classification.main(["--help"])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith("usage: run_classification.py [--method METHOD]") and len(lines[0]) < 120
+    assert "--method {vptm,vpt,linear,full}" in text
+    assert lines[2] == run_classification.__doc__.splitlines()[0]
+    assert "--method {vptm,vpt,linear,full}" in text
+    assert "--verbalizer_input {logits,normalized_logits,probs,hidden,ensemble}" in text
+    for dataclass_type in (run_classification.ModelArguments, run_classification.DataTrainingArguments):
+        for f in dataclasses.fields(dataclass_type):
+            assert f.metadata.get("help"), f"--{f.name} has no help"
+    with pytest.raises(SystemExit):
+        run_classification.main(["--method", "vtp", "--output_dir", "x"])
+    assert "invalid choice: 'vtp'" in capsys.readouterr().err
+
+
+def test_learning_rate_default_follows_the_method_unless_given(tmp_path):
+    parse = run_classification.parse_arguments
+    assert parse(["--output_dir", str(tmp_path)])[2].learning_rate == 1e-2
+    assert parse(["--method", "full", "--output_dir", str(tmp_path)])[2].learning_rate == 1e-3
+    assert (
+        parse(["--method", "full", "--learning_rate", "0.05", "--output_dir", str(tmp_path)])[2].learning_rate == 0.05
+    )
+    (tmp_path / "args.json").write_text(json.dumps({"method": "full", "output_dir": str(tmp_path)}))
+    assert parse([str(tmp_path / "args.json")])[2].learning_rate == 1e-3
+
+
+def test_flags_the_method_ignores_are_reported_and_bad_values_refused(tmp_path, caplog):
+    parse = run_classification.parse_arguments
+    with caplog.at_level("WARNING"):
+        parse(["--method", "vpt", "--prototype_dim", "32", "--prompt_length", "3", "--output_dir", str(tmp_path)])
+    assert (
+        "--prototype_dim is ignored: --method vpt does not use it" in caplog.text
+        and "--prompt_length" not in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        parse(["--method", "linear", "--prompt_layers=shallow", "--seed", "3", "--output_dir", str(tmp_path)])
+    assert "--prompt_layers is ignored" in caplog.text and "--seed" not in caplog.text
+    with pytest.raises(ValueError, match="--prompt_layers must be deep, shallow or block indices"):
+        parse(["--prompt_layers", "first", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--prototype_init class_mean needs --method vptm, got 'vpt'"):
+        parse(["--method", "vpt", "--prototype_init", "class_mean", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--validation_split must be a fraction in \[0, 1\)"):
+        parse(["--validation_split", "1.5", "--output_dir", str(tmp_path)])
+
+
+def test_eval_subset_is_seeded_and_random_not_the_first_rows():
+    def eval_labels(seed):
+        data_args = run_classification.DataTrainingArguments(max_eval_samples=50)
+        dataset, _ = run_classification.load_data(data_args, run_classification.ModelArguments(), seed)
+        return dataset["eval"]["label"]
+
+    assert eval_labels(0) == eval_labels(0) and eval_labels(0) != eval_labels(1)
+    assert len(set(eval_labels(0))) > 5  # a random subset spans the classes
