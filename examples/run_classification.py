@@ -465,6 +465,18 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+class PromptTrainer(Trainer):
+    """A prompt checkpoint holds only the task's tensors, so on resume the frozen backbone's are missing by design:
+    only a missing task tensor is worth a warning."""
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        task_state_dict = getattr(self.model, "task_state_dict", None)
+        if task_state_dict is not None:
+            task = set(task_state_dict())
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k in task])
+        super()._issue_warnings_after_load(load_result)
+
+
 # ---------------------------------------------------------------------------------------------------- run guards
 def check_output_dir(output_dir: str, run_args: dict, overwrite: bool) -> str | None:
     """Returns the checkpoint to resume from (same run) or None; refuses a folder that holds a different run."""
@@ -586,6 +598,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArgume
         training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.method]
     for name in model_args.ignored_by_method(given):
         logger.warning("--%s is ignored: --method %s does not use it", name, model_args.method)
+    if "dataloader_pin_memory" not in given and not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     if "hub_strategy" in given:
         logger.warning("--hub_strategy is ignored: the final folder is pushed once, at the end")
     return model_args, data_args, training_args
@@ -605,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="checking output_dir"):
         last = check_output_dir(training_args.output_dir, run_args, data_args.overwrite_output_dir)
     resume = training_args.resume_from_checkpoint or last
+    if resume:
+        logger.warning("resuming from %s (same arguments); pass --overwrite_output_dir true to start over", resume)
 
     dataset, eval_split = load_data(data_args, model_args, training_args.seed)
     label_names = labels_of(dataset)
@@ -625,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainable, total = parameter_counts(model)
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
-    trainer = Trainer(
+    trainer = PromptTrainer(
         model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
         data_collator=collate, compute_metrics=compute_metrics(data_args.metric_names),
     )  # fmt: skip
@@ -657,6 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_parameters": total,
         "train_loss": train_result.training_loss,
         "train_seconds": round(train_seconds, 1),
+        "resumed_from": resume,
     }
     if trainer.is_world_process_zero():
         out = training_args.output_dir
@@ -700,7 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{model_args.method}: eval accuracy {results['accuracy']:.4f} on {results['eval_images']} {eval_split} "
             f"images | trainable parameters {trainable:,d} of {total:,d} | checkpoint {results['checkpoint_bytes']:,d}"
-            f" bytes | {train_seconds:.1f} s"
+            f" bytes | {train_seconds:.1f} s" + (f" (resumed from {os.path.basename(resume)})" if resume else "")
         )
         if push_to_hub:
             files = [

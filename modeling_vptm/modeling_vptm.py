@@ -886,6 +886,8 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification"
         )
         self.config.auto_map = auto_map
+        bar = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()  # one small file: a "Writing model shards" bar per Trainer save is noise
         try:
             super().save_pretrained(staging, *args, state_dict=task, **kwargs)
             os.makedirs(save_directory, exist_ok=True)
@@ -893,6 +895,8 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if bar:
+                logging.enable_progress_bar()
             if had_auto_map:
                 self.config.auto_map = previous
             else:

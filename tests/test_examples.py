@@ -157,15 +157,24 @@ def test_output_dir_with_a_different_run_is_refused(tmp_path):
     assert results["method"] == "vptm"
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, caplog, capsys, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # let caplog see Trainer's warnings
     args = ["--num_train_epochs", "2", "--save_total_limit", "5", "--prompt_length", "2"]
     run(tmp_path / "full", *args)
+    assert "Writing model shards" not in capsys.readouterr().err  # no progress bar per checkpoint save
     checkpoints = sorted(d for d in os.listdir(tmp_path / "full") if d.startswith("checkpoint-"))
     first = min(checkpoints, key=lambda d: int(d.split("-")[1]))
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "full" / first, tmp_path / "resumed" / first)
     shutil.copy(tmp_path / "full" / run_classification.RUN_ARGS_FILE, tmp_path / "resumed")
-    run(tmp_path / "resumed", *args)  # same arguments: resumes from the checkpoint it finds
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "resumed", *args)  # same arguments: resumes from the checkpoint it finds
+    assert resumed["resumed_from"] == str(tmp_path / "resumed" / first)
+    assert f"resuming from {tmp_path / 'resumed' / first}" in caplog.text
+    assert "missing keys" not in caplog.text  # the frozen backbone is not in a prompt checkpoint, by design
+    assert f"(resumed from {first})" in capsys.readouterr().out
     state = json.load(open(tmp_path / "resumed" / "checkpoint-10" / "trainer_state.json"))
     assert state["global_step"] == 10
     with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as a:
@@ -505,6 +514,7 @@ def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(cap
 def test_learning_rate_default_follows_the_method_unless_given(tmp_path):
     parse = run_classification.parse_arguments
     assert parse(["--output_dir", str(tmp_path)])[2].learning_rate == 1e-2
+    assert parse(["--output_dir", str(tmp_path)])[2].dataloader_pin_memory is torch.cuda.is_available()
     assert parse(["--method", "full", "--output_dir", str(tmp_path)])[2].learning_rate == 1e-3
     assert (
         parse(["--method", "full", "--learning_rate", "0.05", "--output_dir", str(tmp_path)])[2].learning_rate == 0.05
