@@ -50,6 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+import modeling_vptm  # noqa: E402
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: E402
 from modeling_vptm.configuration_vptm import (  # noqa: E402
     EXTRA_TOKEN_BIASES,
@@ -60,6 +61,7 @@ from modeling_vptm.configuration_vptm import (  # noqa: E402
 )
 from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics  # noqa: E402
 from modeling_vptm.masking import random_shift_flip  # noqa: E402
+from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card  # noqa: E402
 from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path  # noqa: E402
 
 
@@ -72,10 +74,7 @@ FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
 # a transfer task: scikit-learn's 8x8 handwritten digits, 50 training images per digit, the other 1,297 for test
 DIGITS_DATASET = "vptm:digits"
 RUN_ARGS_FILE = "vptm_run_args.json"
-CARD_TEMPLATE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "prompt_checkpoint_template.md"
-)
-METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall"}
+
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3}
 
 
@@ -520,32 +519,6 @@ def run_arguments(model_args, data_args, training_args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- model card
-def write_model_card(output_dir: str, info: dict) -> None:
-    import yaml
-
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-classification",
-        "base_model": info["backbone"],
-        "datasets": [info["dataset"]],
-        "tags": ["vptm", "visual-prompt-tuning", info["method"]],
-        "metrics": list(info["metrics"]),
-        "model-index": [{
-            "name": info["model_name"],
-            "results": [{
-                "task": {"type": "image-classification", "name": "Image Classification"},
-                "dataset": {"name": info["dataset"], "type": info["dataset"], "split": info["eval_split"]},
-                "metrics": [{"type": name, "value": round(value, 4), "name": METRIC_TITLES.get(name, name)}
-                            for name, value in info["metrics"].items() if isinstance(value, (int, float))],
-            }],
-        }],
-    }  # fmt: skip
-    template = open(CARD_TEMPLATE).read()
-    text = template.format(metadata=yaml.safe_dump(metadata, sort_keys=False).strip(), **info)
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(text)
-
-
 def push_folder(
     folder: str, repo_id: str, token: str | None, files: list[str], private: bool | None = None,
     revision: str | None = None,
@@ -684,34 +657,21 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
         )
         repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(out))
-        card = dict(
-            results,
-            model_name=os.path.basename(os.path.abspath(out)),
-            method_title={"vptm": "VPTM", "vpt": "VPT", "linear": "linear-probe", "full": "fully fine-tuned"}[
-                model_args.method
-            ],
-            backbone=model_args.model_name_or_path,
-            backbone_revision=model_args.model_revision or "main",
-            dataset=data_args.dataset_name if not data_args.train_dir else "imagefolder",
-            labels=", ".join(label_names),
-            trainable_percent=100 * trainable / total,
-            device=device,
-            repo_id=repo_id,
-            revision="<commit>",
-            contents=(
-                f"It holds every weight of the fine-tuned BEiT ({trainable:,d} parameters, "
-                f"{results['checkpoint_bytes']:,d} bytes)."
-                if model_args.method == "full"
-                else f"It holds only the task's small tensors ({trainable:,d} trainable parameters, "
-                f"{results['checkpoint_bytes']:,d} bytes); the frozen backbone is loaded from its own repository "
-                "when this model is loaded."
-            ),
+        import huggingface_hub
+        import transformers
+
+        card = CardInfo(
+            model_name=os.path.basename(os.path.abspath(out)), method=model_args.method,
+            backbone=model_args.model_name_or_path, backbone_revision=model_args.model_revision,
+            dataset=data_args.dataset_name if not data_args.train_dir else "imagefolder", eval_split=eval_split,
+            eval_images=results["eval_images"], train_images=results["train_images"], labels=label_names,
+            metrics=scores, trainable_parameters=trainable, total_parameters=total,
+            checkpoint_bytes=results["checkpoint_bytes"], train_seconds=train_seconds, device=device, repo_id=repo_id,
             arguments=json.dumps(run_args, indent=2, sort_keys=True),
-            metric_header=" | ".join(METRIC_TITLES.get(name, name) for name in scores),
-            metric_rule="---|" * len(scores),
-            metric_values=" | ".join(f"{value:.4f}" for value in scores.values()),
-        )
-        write_model_card(out, card)
+            versions={"vptm": modeling_vptm.__version__, "transformers": transformers.__version__,
+                      "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__},
+        )  # fmt: skip
+        prompt_checkpoint_card(card).save(os.path.join(out, "README.md"))
         with open(os.path.join(out, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(
@@ -733,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
             hub = {"private": training_args.hub_private_repo, "revision": training_args.hub_revision}
             commit = push_folder(out, repo_id, token, files, **hub)
             # the card's loading snippet pins the commit that holds these files; a second commit adds that card
-            write_model_card(out, dict(card, revision=commit))
+            prompt_checkpoint_card(dataclasses.replace(card, revision=commit)).save(os.path.join(out, "README.md"))
             push_folder(out, repo_id, token, ["README.md"], **hub)
             results["pushed_commit"] = commit
     return results

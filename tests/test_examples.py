@@ -64,10 +64,10 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
     assert {"config.json", "modeling_vptm.py", "configuration_vptm.py", "preprocessor_config.json"} <= files
     metadata, body = read_card(tmp_path)
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-classification"
-    assert metadata["base_model"] == "vptm:tiny-beit-fashion-mnist" and metadata["datasets"] == [
-        "vptm:fashion-mnist-1k"
-    ]
-    assert metadata["tags"][:2] == ["vptm", "visual-prompt-tuning"]
+    # the packaged backbone and dataset are not Hub ids: the card does not name them as such
+    assert "base_model" not in metadata and "datasets" not in metadata and metadata["license"] == "mit"
+    assert metadata["tags"] == list(dict.fromkeys(["vptm", "visual-prompt-tuning", method]))
+    assert "packaged with vptm" in body and "@article{liao2023vptm" in body and "Intended use" in body
     scores = metadata["model-index"][0]["results"][0]["metrics"]
     assert [(m["type"], m["value"]) for m in scores] == [
         ("accuracy", round(results["accuracy"], 4)), ("f1", round(results["metrics"]["f1"], 4))
@@ -551,3 +551,32 @@ def test_eval_subset_is_seeded_and_random_not_the_first_rows():
 
     assert eval_labels(0) == eval_labels(0) and eval_labels(0) != eval_labels(1)
     assert len(set(eval_labels(0))) > 5  # a random subset spans the classes
+
+
+def test_card_names_a_hub_backbone_as_base_model_of_an_adapter(tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
+
+    info = CardInfo(
+        model_name="beit-cifar-vptm", method="vptm", backbone="microsoft/beit-base-patch16-224-pt22k",
+        backbone_revision="abc123", dataset="uoft-cs/cifar10", eval_split="test", eval_images=10_000,
+        train_images=1_000, labels=["airplane", "automobile"], metrics={"accuracy": 0.91234, "f1": 0.9},
+        trainable_parameters=622_849, total_parameters=87_000_000, checkpoint_bytes=2_491_796, train_seconds=12.0,
+        device="CPU", arguments="{}", repo_id="me/beit-cifar-vptm", revision="0" * 40,
+    )  # fmt: skip
+    prompt_checkpoint_card(info).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")  # parsed back by the library: valid front matter
+    data = card.data.to_dict()
+    assert data["base_model"] == "microsoft/beit-base-patch16-224-pt22k" and data["base_model_relation"] == "adapter"
+    assert data["datasets"] == ["uoft-cs/cifar10"] and data["pipeline_tag"] == "image-classification"
+    name, results = model_index_to_eval_results(data["model-index"])
+    assert name == "beit-cifar-vptm"
+    assert [(r.metric_type, r.metric_value, r.dataset_split) for r in results] == [
+        ("accuracy", 0.9123, "test"), ("f1", 0.9, "test")
+    ]  # fmt: skip
+    assert f'"me/beit-cifar-vptm", trust_remote_code=True, revision="{"0" * 40}"' in card.text
+    assert "revision `abc123`" in card.text and "| 10,000 | 0.9123 | 0.9000 |" in card.text
+    full = prompt_checkpoint_card(dataclasses.replace(info, method="full"))
+    assert full.data.base_model_relation == "finetune"

@@ -1,0 +1,122 @@
+"""The model card of a checkpoint trained with vptm, built with `huggingface_hub`'s `ModelCard` and `ModelCardData`.
+
+The metadata follows the Hub's rules: `base_model` and `datasets` name only what the Hub can resolve (a Hub id, not
+a packaged `vptm:` name or a local folder), with `base_model_relation: adapter` for prompt-only checkpoints, and
+one `EvalResult` per metric.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .modeling_vptm import SHIPPED_PREFIX
+
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "prompt_checkpoint_card.md")
+METHOD_TITLES = {"vptm": "VPTM", "vpt": "VPT", "linear": "linear-probe", "full": "fully fine-tuned"}
+METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall"}
+LICENSE = "mit"  # the license vptm is released under; change the card's if your data or backbone need another
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A name the Hub can resolve: not a packaged `vptm:` name, not a local folder, not an image folder."""
+    return bool(name) and not name.startswith(SHIPPED_PREFIX) and name != "imagefolder" and not os.path.exists(name)
+
+
+@dataclass
+class CardInfo:
+    """What a card says about one trained checkpoint."""
+
+    model_name: str
+    method: str
+    backbone: str
+    backbone_revision: str | None
+    dataset: str
+    eval_split: str
+    eval_images: int
+    train_images: int
+    labels: list[str]
+    metrics: dict[str, float]
+    trainable_parameters: int
+    total_parameters: int
+    checkpoint_bytes: int
+    train_seconds: float
+    device: str
+    arguments: str
+    repo_id: str
+    revision: str = "<commit>"
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def prompt_checkpoint_card(info: CardInfo):
+    """A `huggingface_hub.ModelCard` for the checkpoint `info` describes."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    backbone_on_hub = is_hub_id(info.backbone)
+    dataset_on_hub = is_hub_id(info.dataset)
+    results = [
+        EvalResult(
+            task_type="image-classification", task_name="Image Classification", dataset_type=info.dataset,
+            dataset_name=info.dataset, dataset_split=info.eval_split, metric_type=name, metric_value=round(value, 4),
+            metric_name=METRIC_TITLES.get(name, name),
+        )
+        for name, value in info.metrics.items()
+    ]  # fmt: skip
+    data = ModelCardData(
+        license=LICENSE,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=list(dict.fromkeys(["vptm", "visual-prompt-tuning", info.method])),
+        base_model=info.backbone if backbone_on_hub else None,
+        base_model_relation=("finetune" if info.method == "full" else "adapter") if backbone_on_hub else None,
+        datasets=[info.dataset] if dataset_on_hub else None,
+        metrics=list(info.metrics),
+        model_name=info.model_name,
+        eval_results=results,
+    )
+    if info.backbone.startswith(SHIPPED_PREFIX):
+        where = "packaged with vptm, so it loads offline wherever the package is installed"
+    elif backbone_on_hub:
+        where = f"Hub repository, revision `{info.backbone_revision or 'main'}`"
+    else:
+        where = "a local folder: share it on the Hub and retrain, or others cannot load this checkpoint"
+    if info.method == "full":
+        contents = f"It holds every weight of the fine-tuned BEiT ({info.trainable_parameters:,d} parameters)."
+    else:
+        contents = (
+            f"It holds only the task's small tensors ({info.trainable_parameters:,d} trainable parameters, "
+            f"{info.checkpoint_bytes:,d} bytes); the frozen backbone is rebuilt from `{info.backbone}` when this "
+            "model is loaded."
+        )
+    data_note = (
+        f"Trained on {info.train_images:,d} images of `{info.dataset}`; accuracy on other data is not measured here."
+    )
+    return ModelCard.from_template(
+        data,
+        template_path=TEMPLATE,
+        model_name=info.model_name,
+        method=info.method,
+        method_title=METHOD_TITLES.get(info.method, info.method),
+        backbone=info.backbone,
+        backbone_where=where,
+        contents=contents,
+        metric_header=" | ".join(METRIC_TITLES.get(name, name) for name in info.metrics),
+        metric_rule="---|" * len(info.metrics),
+        metric_values=" | ".join(f"{value:.4f}" for value in info.metrics.values()),
+        eval_split=info.eval_split,
+        eval_images=f"{info.eval_images:,d}",
+        train_images=f"{info.train_images:,d}",
+        train_seconds=f"{info.train_seconds:.1f}",
+        device=info.device,
+        repo_id=info.repo_id,
+        revision=info.revision,
+        data_note=data_note,
+        dataset=info.dataset,
+        labels=", ".join(info.labels),
+        trainable=f"{info.trainable_parameters:,d}",
+        total=f"{info.total_parameters:,d}",
+        trainable_percent=f"{100 * info.trainable_parameters / info.total_parameters:.3f}",
+        versions=", ".join(f"{k} {v}" for k, v in info.versions.items()),
+        arguments=info.arguments,
+    )
