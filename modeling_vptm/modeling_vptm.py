@@ -200,7 +200,8 @@ def resolve_backbone_path(name_or_path: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise OSError(
             f"backbone {name_or_path!r} is the backbone shipped with the vptm package, which is not installed here; "
-            "install it (`pip install vptm`) or pass a local folder or Hub id as backbone_name_or_path"
+            "install it from its repository (`pip install -e .` in a checkout, or the wheel `pip wheel .` builds), "
+            "or pass a local folder or Hub id as backbone_name_or_path"
         )
     folder = os.path.join(list(spec.submodule_search_locations)[0], "shipped", name)
     if not os.path.isfile(os.path.join(folder, "config.json")):

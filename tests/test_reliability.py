@@ -293,3 +293,19 @@ def test_any_valid_configuration_trains_saves_and_reloads(backbone_dir, num_labe
         with torch.no_grad():
             assert torch.equal(reloaded(pixel_values).logits, expected)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_packaged_backbone_without_the_package_names_an_install_that_works(monkeypatch):
+    import importlib.util
+
+    from modeling_vptm.modeling_vptm import resolve_backbone_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "modeling_vptm" else real(name, *a)
+    )
+    message = (r"'vptm:tiny-beit-fashion-mnist' is the backbone shipped with the vptm package, which is not "
+               r"installed here; install it from its repository \(`pip install -e \.`")  # fmt: skip
+    with pytest.raises(OSError, match=message):
+        resolve_backbone_path("vptm:tiny-beit-fashion-mnist")
+    assert resolve_backbone_path("me/backbone") == "me/backbone"  # anything else is passed through
