@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +61,7 @@ from modeling_vptm.configuration_vptm import (  # noqa: E402
     VERBALIZER_INPUTS,
 )
 from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics  # noqa: E402
+from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone  # noqa: E402
 from modeling_vptm.masking import random_shift_flip  # noqa: E402
 from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card  # noqa: E402
 from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path  # noqa: E402
@@ -157,6 +159,14 @@ class ModelArguments:
     )
     prototype_init: Literal["random", "class_mean"] = field(
         default="random", metadata={"help": "random, or class_mean (one pass over the training data)."}
+    )
+    backbone_hub_id: str | None = field(
+        default=None,
+        metadata={"help": "With --push_to_hub and a packaged or local backbone: its copy on the Hub (pushed with "
+                  "examples/push_backbone.py), which the pushed checkpoint then names so that it loads anywhere."},
+    )  # fmt: skip
+    backbone_hub_revision: str | None = field(
+        default=None, metadata={"help": "The commit of --backbone_hub_id (push_backbone.py prints it)."}
     )
     vptm_head: Literal["prototypical_verbalizer", "linear_mask"] = field(
         default="prototypical_verbalizer",
@@ -506,6 +516,8 @@ def run_arguments(model_args, data_args, training_args) -> dict:
         "push_to_hub",
         "hub_model_id",
         "hub_token",
+        "backbone_hub_id",
+        "backbone_hub_revision",
         "token",
         "local_rank",
         "disable_tqdm",
@@ -536,6 +548,32 @@ def push_folder(
         commit_message="Upload VPTM prompt checkpoint",
     )  # fmt: skip
     return getattr(commit, "oid", None) or "main"
+
+
+def push_checkpoint(out: str, card: CardInfo, model_args: ModelArguments, training_args: TrainingArguments) -> dict:
+    """Pushes the final folder: checkpoint, code, processor, then the card that pins the commit holding them. The
+    config pushed names the backbone's Hub copy (--backbone_hub_id) when it was trained on a local or packaged one."""
+    files = sorted(
+        f for f in os.listdir(out) if os.path.isfile(os.path.join(out, f)) and f != RUN_ARGS_FILE
+        and not f.endswith("_results.json") and not f.startswith(("training_args", "trainer_state"))
+    )  # fmt: skip
+    token = model_args.token or training_args.hub_token
+    hub = {"private": training_args.hub_private_repo, "revision": training_args.hub_revision}
+    if model_args.backbone_hub_id:
+        card = dataclasses.replace(
+            card, backbone=model_args.backbone_hub_id, backbone_revision=model_args.backbone_hub_revision
+        )
+    with tempfile.TemporaryDirectory(prefix="vptm-push-") as staging:
+        for name in files:
+            shutil.copy(os.path.join(out, name), os.path.join(staging, name))
+        if model_args.backbone_hub_id:
+            point_at_hub_backbone(staging, model_args.backbone_hub_id, model_args.backbone_hub_revision)
+        prompt_checkpoint_card(card).save(os.path.join(staging, "README.md"))
+        commit = push_folder(staging, card.repo_id, token, files, **hub)
+        # the card's loading snippet pins the commit that holds these files; a second commit adds that card
+        prompt_checkpoint_card(dataclasses.replace(card, revision=commit)).save(os.path.join(staging, "README.md"))
+        push_folder(staging, card.repo_id, token, ["README.md"], **hub)
+    return {"pushed_files": files, "pushed_commit": commit}
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -571,6 +609,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArgume
         training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.method]
     for name in model_args.ignored_by_method(given):
         logger.warning("--%s is ignored: --method %s does not use it", name, model_args.method)
+    if training_args.push_to_hub:  # refused before any training, not after
+        require_portable_backbone(model_args.model_name_or_path, model_args.backbone_hub_id)
     if "dataloader_pin_memory" not in given and not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     if "hub_strategy" in given:
@@ -680,22 +720,7 @@ def main(argv: list[str] | None = None) -> dict:
             f" bytes | {train_seconds:.1f} s" + (f" (resumed from {os.path.basename(resume)})" if resume else "")
         )
         if push_to_hub:
-            files = [
-                f
-                for f in os.listdir(out)
-                if os.path.isfile(os.path.join(out, f))
-                and f != RUN_ARGS_FILE
-                and not f.endswith("_results.json")
-                and not f.startswith(("training_args", "trainer_state"))
-            ]
-            results["pushed_files"] = sorted(files)
-            token = model_args.token or training_args.hub_token
-            hub = {"private": training_args.hub_private_repo, "revision": training_args.hub_revision}
-            commit = push_folder(out, repo_id, token, files, **hub)
-            # the card's loading snippet pins the commit that holds these files; a second commit adds that card
-            prompt_checkpoint_card(dataclasses.replace(card, revision=commit)).save(os.path.join(out, "README.md"))
-            push_folder(out, repo_id, token, ["README.md"], **hub)
-            results["pushed_commit"] = commit
+            results.update(push_checkpoint(out, card, model_args, training_args))
     return results
 
 

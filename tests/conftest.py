@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,6 +14,8 @@ from transformers import BeitConfig, BeitForMaskedImageModeling
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+# the one way tests import the example scripts: as top-level modules from examples/
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
 
 def tiny_beit_config(**overrides) -> BeitConfig:
@@ -66,3 +70,45 @@ def backbone(backbone_dir):
 @pytest.fixture
 def pixel_values():
     return torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+
+
+class FakeHub:
+    """HfApi's writing calls, recorded, with each repository's files copied into remote/<repo_id>/."""
+
+    def __init__(self, monkeypatch, remote):
+        from huggingface_hub import HfApi
+
+        self.remote, self.calls, self.commits = remote, [], 0
+        monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, private=None, **kw: self.log(
+            "create_repo", repo_id, private))  # fmt: skip
+        monkeypatch.setattr(HfApi, "create_branch", lambda api, repo_id, branch, **kw: self.log(
+            "create_branch", repo_id, branch))  # fmt: skip
+        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
+
+    def log(self, *call):
+        self.calls.append(call)
+        return call[1]
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, revision=None, **kwargs):
+        self.log("upload_folder", repo_id, revision)
+        target = self.remote / repo_id
+        target.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(folder_path):
+            path = os.path.join(folder_path, name)
+            if os.path.isfile(path) and (
+                allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns)
+            ):
+                shutil.copy(path, target / name)
+        self.commits += 1
+
+        class Commit:
+            oid = f"{self.commits:040x}"
+
+        return Commit()
+
+    def lay_out_cache(self, hf_home, repo_id, commit):
+        """The Hub cache layout huggingface_hub reads offline: refs/main and snapshots/<commit>/."""
+        repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(self.remote / repo_id, repo / "snapshots" / commit)

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import FakeHub
 from torch.nn import functional as F
 from transformers import BeitForMaskedImageModeling
 
@@ -150,12 +151,26 @@ def test_converter_never_unpickles_code(tmp_path, monkeypatch):
 
 
 def test_convert_script(tmp_path, capsys):
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     import convert_beitv2_to_hf
 
     torch.save({"model": original_state_dict()}, tmp_path / "v2.pth")
     convert_beitv2_to_hf.main(["--checkpoint", str(tmp_path / "v2.pth"), "--output_dir", str(tmp_path / "hf")])
     assert "hidden 128, 2 blocks, 2 heads, patch 4, image 16, vocabulary 50" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def test_convert_script_pushes_the_converted_backbone(tmp_path, monkeypatch, capsys):
+    import convert_beitv2_to_hf
+    from huggingface_hub import ModelCard
+
+    hub = FakeHub(monkeypatch, tmp_path / "remote")
+    torch.save({"model": original_state_dict()}, tmp_path / "v2.pth")
+    convert_beitv2_to_hf.main(["--checkpoint", str(tmp_path / "v2.pth"), "--output_dir", str(tmp_path / "hf"),
+                               "--push_to_hub", "me/beitv2-tiny", "--private"])  # fmt: skip
+    assert hub.calls == [("create_repo", "me/beitv2-tiny", True), ("upload_folder", "me/beitv2-tiny", None)]
+    pushed = tmp_path / "remote" / "me/beitv2-tiny"
+    assert sorted(os.listdir(pushed)) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    card = ModelCard.load(pushed / "README.md")
+    assert f"published from `{tmp_path / 'v2.pth'}`" in card.text and "vocab" not in card.data.to_dict()
+    assert f"--model_name_or_path me/beitv2-tiny --model_revision {1:040x}" in capsys.readouterr().out

@@ -11,17 +11,15 @@ import subprocess
 import sys
 
 import numpy as np
+import predict  # noqa: E402
+import push_backbone  # noqa: E402
 import pytest
+import run_classification  # noqa: E402
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, FakeHub
 from PIL import Image
 from safetensors import safe_open
-
-
-sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-import predict  # noqa: E402
-import run_classification  # noqa: E402
 
 
 TINY = ["--max_train_samples", "40", "--max_eval_samples", "30", "--num_train_epochs", "1",
@@ -184,80 +182,83 @@ def test_resume_equals_uninterrupted(tmp_path, caplog, capsys, monkeypatch):
 
 
 LOAD_BY_ID = r"""
-import json, sys, torch
+import importlib.abc, json, sys
+
+
+class NoVptmPackage(importlib.abc.MetaPathFinder):  # a machine with transformers only: the package is not there
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_vptm" or name.startswith("modeling_vptm."):
+            raise ModuleNotFoundError(name)
+
+
+sys.meta_path.insert(0, NoVptmPackage())
+import torch
 from transformers import AutoModelForImageClassification
+
 model = AutoModelForImageClassification.from_pretrained("vptm-tests/fashion-prompts", trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
 pixel_values = torch.load(sys.argv[1])
 with torch.no_grad():
     print(json.dumps(model(pixel_values).logits.tolist()))
 """
 
 
-def test_push_uploads_exactly_the_checkpoint_and_loads_by_repo_id(tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
+def test_push_refuses_a_backbone_others_cannot_load_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"python examples/push_backbone.py --backbone vptm:tiny-beit-fashion-mnist "
+                       r"--repo_id <your-name>/<backbone-name>.*--backbone_hub_id"):  # fmt: skip
+        run(tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/fashion-prompts")
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
-    remote = tmp_path / "remote"
-    calls = {}
 
-    def create_repo(self, repo_id, private=None, **kwargs):
-        calls["create_repo"] = (repo_id, private)
-        return repo_id
+def test_pushed_checkpoint_on_a_pushed_backbone_loads_with_transformers_only(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
 
-    def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
-        calls["create_branch"] = (repo_id, branch)
+    hub = FakeHub(monkeypatch, tmp_path / "remote")
+    backbone_commit = push_backbone.main(["--backbone", "vptm:tiny-beit-fashion-mnist", "--repo_id",
+                                          "vptm-tests/tiny-beit"])  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "remote" / "vptm-tests/tiny-beit")) == [
+        "README.md", "config.json", "evaluation.json", "model.safetensors", "preprocessor_config.json",
+        "pretrain_summary.json", "visual_tokenizer.safetensors",
+    ]  # fmt: skip
+    backbone_card = ModelCard.load(tmp_path / "remote" / "vptm-tests/tiny-beit" / "README.md")
+    assert backbone_card.data.license == "mit" and "fingerprint" in backbone_card.text
 
-    def upload_folder(self, repo_id, folder_path, allow_patterns=None, revision=None, **kwargs):
-        import fnmatch
-
-        calls["upload_folder"] = (repo_id, revision)
-        for name in os.listdir(folder_path):
-            path = os.path.join(folder_path, name)
-            if os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
-                os.makedirs(remote, exist_ok=True)
-                shutil.copy(path, remote / name)
-
-        class Commit:
-            oid = "0123456789abcdef0123456789abcdef01234567"
-
-        return Commit()
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr(HfApi, "create_branch", create_branch)
     results = run(tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/fashion-prompts",
-                  "--hub_private_repo", "true", "--hub_revision", "v1")  # fmt: skip
-    assert calls == {"create_repo": ("vptm-tests/fashion-prompts", True),
-                     "create_branch": ("vptm-tests/fashion-prompts", "v1"),
-                     "upload_folder": ("vptm-tests/fashion-prompts", "v1")}  # fmt: skip
+                  "--hub_private_repo", "true", "--hub_revision", "v1", "--backbone_hub_id", "vptm-tests/tiny-beit",
+                  "--backbone_hub_revision", backbone_commit)  # fmt: skip
+    assert hub.calls[:2] == [
+        ("create_repo", "vptm-tests/tiny-beit", None),
+        ("upload_folder", "vptm-tests/tiny-beit", None),
+    ]
+    prompts = "vptm-tests/fashion-prompts"  # checkpoint files, then the card pinning their commit
+    assert hub.calls[2:] == [("create_repo", prompts, True), ("create_branch", prompts, "v1"),
+                             ("upload_folder", prompts, "v1")] * 2  # fmt: skip
+    remote = tmp_path / "remote" / "vptm-tests/fashion-prompts"
     uploaded = sorted(os.listdir(remote))
     assert uploaded == ["README.md", "config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py",
                         "preprocessor_config.json"]  # fmt: skip
-    assert results["pushed_files"] == uploaded
-    card = (remote / "README.md").read_text()
-    assert 'revision="0123456789abcdef0123456789abcdef01234567"' in card and "<commit>" not in card
+    assert results["pushed_files"] == uploaded and results["pushed_commit"] == f"{2:040x}"
+    # the pushed config names the Hub copy; the local folder keeps the packaged name it was trained on
+    pushed = json.load(open(remote / "config.json"))
+    assert (pushed["backbone_name_or_path"], pushed["backbone_revision"]) == ("vptm-tests/tiny-beit", backbone_commit)
+    assert json.load(open(tmp_path / "out" / "config.json"))["backbone_name_or_path"] == "vptm:tiny-beit-fashion-mnist"
+    card = ModelCard.load(remote / "README.md")
+    assert card.data.base_model == "vptm-tests/tiny-beit" and card.data.base_model_relation == "adapter"
+    assert f'revision="{results["pushed_commit"]}"' in card.text and "<commit>" not in card.text
 
-    # a Hub cache laid out by hand, read by repo id offline in a fresh process
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--vptm-tests--fashion-prompts"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(remote, repo / "snapshots" / commit)
+    # read back by repo id, offline, in a fresh process where only transformers is importable
+    hub.lay_out_cache(tmp_path / "hf", "vptm-tests/tiny-beit", backbone_commit)
+    hub.lay_out_cache(tmp_path / "hf", "vptm-tests/fashion-prompts", results["pushed_commit"])
     from modeling_vptm import VPTMForImageClassification
 
     local = VPTMForImageClassification.from_pretrained(tmp_path / "out")
     pixel_values = torch.randn(2, 3, 28, 28)
     torch.save(pixel_values, tmp_path / "pixels.pt")
     (tmp_path / "load.py").write_text(LOAD_BY_ID)
-    # PYTHONPATH: the shipped backbone is found in the package folder, as when the package is installed
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(tmp_path / "hf"),
-        HF_MODULES_CACHE=str(tmp_path / "mod"),
-        PYTHONPATH=REPO_ROOT,
-    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "mod"))
+    env.pop("PYTHONPATH", None)
     result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "pixels.pt")],
-                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = local(pixel_values).logits

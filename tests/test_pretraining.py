@@ -217,9 +217,6 @@ def test_shipped_backbone_loads_offline_with_its_config(monkeypatch):
     assert size <= 10 * 2**20
     # the shipped weights and tokenizer still agree: MIM accuracy measured now, on 1,000 of the shipped test images,
     # matches the figure recorded on the 10,000 official ones and stays far above the most-frequent token
-    import sys
-
-    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
     from evaluate_backbone import mim_accuracy, to_pixel_values
 
     data = shipped_dataset()

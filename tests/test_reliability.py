@@ -8,10 +8,10 @@ import json
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 
 import numpy as np
+import predict  # noqa: E402
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -21,10 +21,6 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from modeling_vptm import VPTMForImageClassification
-
-
-sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-import predict  # noqa: E402
 
 
 @pytest.fixture

@@ -89,17 +89,13 @@ def test_checkpoints_of_another_backbone_are_refused(backbone_dir, checkpoints, 
 
 def test_serve_batch_cli_matches_each_model(tmp_path, capsys):
     import os
-    import sys
 
     import numpy as np
-    from conftest import REPO_ROOT
+    import serve_batch
     from PIL import Image
     from transformers import AutoImageProcessor
 
     from modeling_vptm import SHIPPED_BACKBONE, shipped_backbone_path
-
-    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-    import serve_batch
 
     models = {}
     for seed, (name, fields) in enumerate(

@@ -1,0 +1,111 @@
+"""Publishing to the Hub so that prompt checkpoints load anywhere.
+
+A prompt checkpoint names its frozen backbone. A packaged name (`vptm:...`) resolves only where vptm is installed,
+and a local folder only on the machine that holds it; before such a checkpoint is pushed, the backbone is pushed
+(`push_backbone`) and the checkpoint's config is pointed at that Hub copy (`point_at_hub_backbone`). Loading checks
+the backbone's fingerprint, so a Hub copy with other weights is refused, never silently used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from .model_card import LICENSE, is_hub_id
+from .modeling_vptm import SHIPPED_PREFIX, backbone_fingerprint, load_mim_backbone, resolve_backbone_path
+
+
+# what a backbone folder may hold: the MIM model, its image processor, and the project's own extras
+BACKBONE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "visual_tokenizer.safetensors",
+                  "evaluation.json", "pretrain_summary.json")  # fmt: skip
+
+
+def push_backbone_command(backbone: str) -> str:
+    return f"python examples/push_backbone.py --backbone {backbone} --repo_id <your-name>/<backbone-name>"
+
+
+def require_portable_backbone(backbone: str, hub_id: str | None) -> None:
+    """Refuses, before any work, to push a prompt checkpoint whose backbone others could not load."""
+    if is_hub_id(backbone) or hub_id:
+        return
+    raise ValueError(
+        f"the backbone {backbone!r} is a packaged name or local folder, which others cannot load, so a prompt "
+        "checkpoint trained on it cannot be pushed as is. Push the backbone first: "
+        f"`{push_backbone_command(backbone)}`, then pass the repository and commit it prints: --backbone_hub_id "
+        "<your-name>/<backbone-name> "
+        "--backbone_hub_revision <commit>"
+    )
+
+
+def backbone_card(folder: str, source: str, repo_id: str, fingerprint: str):
+    """The card of a pushed backbone: where it came from, its fingerprint, how to prompt it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(license=LICENSE, library_name="transformers", tags=["vptm", "beit", "masked-image-modeling"])
+    config = json.load(open(os.path.join(folder, "config.json")))
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {repo_id.split("/")[-1]}
+
+A BEiT masked-image-modeling backbone (`BeitForMaskedImageModeling`: hidden size {config.get("hidden_size")},
+{config.get("num_hidden_layers")} blocks, {config.get("image_size")}-pixel images in {config.get("patch_size")}-pixel
+patches, {config.get("vocab_size")} visual tokens), published from `{source}` so that VPTM prompt checkpoints
+trained on it load anywhere. Weights fingerprint (vptm's SHA-256 over the backbone tensors): `{fingerprint}`.
+
+```python
+from modeling_vptm import VPTMForImageClassification
+
+model = VPTMForImageClassification.from_backbone("{repo_id}", revision="<commit>", num_labels=10)
+```
+"""
+    return ModelCard(text)
+
+
+def push_backbone(
+    backbone: str, repo_id: str, *, token: str | None = None, private: bool | None = None,
+    revision: str | None = None, card_path: str | None = None, source: str | None = None,
+) -> str:  # fmt: skip
+    """Uploads a backbone folder (packaged `vptm:` name, converted or local folder) with a card; returns the commit.
+
+    The model is loaded first, so that a folder that is not a BEiT MIM checkpoint is refused before any upload.
+    `source` names where the weights came from in the card (default: `backbone`).
+    """
+    from huggingface_hub import HfApi
+
+    folder = resolve_backbone_path(backbone) if backbone.startswith(SHIPPED_PREFIX) else backbone
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"push_backbone needs a packaged name ({SHIPPED_PREFIX}...) or a local folder, got {backbone!r}"
+        )
+    fingerprint = backbone_fingerprint(load_mim_backbone(folder).state_dict())  # refuses non-MIM checkpoints
+    files = [name for name in BACKBONE_FILES if os.path.isfile(os.path.join(folder, name))]
+    with tempfile.TemporaryDirectory(prefix="vptm-backbone-") as staging:
+        for name in files:
+            shutil.copy(os.path.join(folder, name), os.path.join(staging, name))
+        if card_path is not None:
+            shutil.copy(card_path, os.path.join(staging, "README.md"))
+        else:
+            card = backbone_card(folder, source or backbone, repo_id, fingerprint)
+            card.save(os.path.join(staging, "README.md"))
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=staging, revision=revision, commit_message=f"Upload backbone from {backbone}"
+        )
+    return getattr(commit, "oid", None) or revision or "main"
+
+
+def point_at_hub_backbone(folder: str, hub_id: str, hub_revision: str | None) -> None:
+    """Rewrites the config in `folder` (a staging copy of a prompt checkpoint) to load its backbone from the Hub."""
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    config.update(backbone_name_or_path=hub_id, backbone_revision=hub_revision)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
