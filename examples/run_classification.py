@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from transformers import (
     AutoImageProcessor,
+    AutoModelForImageClassification,
     BeitForImageClassification,
     HfArgumentParser,
     Trainer,
@@ -76,6 +77,7 @@ FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
 # a transfer task: scikit-learn's 8x8 handwritten digits, 50 training images per digit, the other 1,297 for test
 DIGITS_DATASET = "vptm:digits"
 RUN_ARGS_FILE = "vptm_run_args.json"
+SPLITS = ("train", "validation", "test")
 
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3}
 
@@ -254,6 +256,11 @@ class VPTMTrainingArguments(TrainingArguments):
                   "end, to --hub_model_id (private with --hub_private_repo, on branch --hub_revision); intermediate "
                   "checkpoints are not pushed, so --hub_strategy does not apply."},
     )  # fmt: skip
+    do_train: bool = field(default=True, metadata={"help": "Train (false: score the checkpoint in --output_dir)."})
+    do_eval: bool = field(default=True, metadata={"help": "Score the validation split at the end, if there is one."})
+    do_predict: bool = field(
+        default=True, metadata={"help": "Score the test split once, at the end, if there is one (never in training)."}
+    )
     num_train_epochs: float = 30.0
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 256
@@ -270,7 +277,12 @@ class VPTMTrainingArguments(TrainingArguments):
 
 # ---------------------------------------------------------------------------------------------------------- data
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int = 0):
-    """The train and eval splits, renamed to image/label; every random choice in here is seeded with `seed`."""
+    """train, and validation and/or test, with columns renamed to image/label.
+
+    validation (for model selection: Trainer's eval_dataset) is the dataset's own, or carved from train by
+    --validation_split; test is the dataset's own and is only scored at the end (--do_predict). With neither,
+    --train_val_split of train is held out as validation. Every random choice in here is seeded.
+    """
     from datasets import DatasetDict, load_dataset
 
     if data_args.train_dir:
@@ -308,12 +320,12 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         )
     if "train" not in dataset:
         raise ValueError(f"the dataset has no 'train' split; it has {sorted(dataset)}")
-    eval_split = next((s for s in ("validation", "test") if s in dataset), None)
-    if eval_split is None:
+    if data_args.validation_split:  # model selection on a carved split, whatever validation split the data has
+        dataset = DatasetDict(**carve_validation(dataset, data_args), **({"test": dataset["test"]} if "test" in dataset
+                                                                         else {}))  # fmt: skip
+    elif "validation" not in dataset and "test" not in dataset:  # nothing held out: hold out part of train
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
-        dataset, eval_split = DatasetDict(train=split["train"], validation=split["test"]), "validation"
-    if data_args.validation_split:
-        dataset, eval_split = carve_validation(dataset, data_args), "validation"
+        dataset = DatasetDict(train=split["train"], validation=split["test"])
     for name in (data_args.image_column_name, data_args.label_column_name):
         if name not in dataset["train"].column_names:
             raise ValueError(
@@ -323,19 +335,20 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     dataset = dataset.rename_columns(
         {c: n for c, n in ((data_args.image_column_name, "image"), (data_args.label_column_name, "label")) if c != n}
     )
-    dataset = DatasetDict(train=dataset["train"], eval=dataset[eval_split])
+    dataset = DatasetDict({name: dataset[name] for name in SPLITS if name in dataset})
     if data_args.max_train_samples is not None:
         count = min(data_args.max_train_samples, len(dataset["train"]))
         dataset["train"] = dataset["train"].shuffle(seed=seed).select(range(count))
-    if data_args.max_eval_samples is not None:  # a random subset: the first rows of an image folder are one class
-        count = min(data_args.max_eval_samples, len(dataset["eval"]))
-        dataset["eval"] = dataset["eval"].shuffle(seed=seed).select(range(count))
-    return dataset, eval_split
+    for name in ("validation", "test"):  # a random subset: the first rows of an image folder are one class
+        if data_args.max_eval_samples is not None and name in dataset:
+            count = min(data_args.max_eval_samples, len(dataset[name]))
+            dataset[name] = dataset[name].shuffle(seed=seed).select(range(count))
+    return dataset
 
 
 def carve_validation(dataset, data_args: DataTrainingArguments):
-    """Train minus a stratified, seeded validation split of it; the test split is left out of the run."""
-    from datasets import ClassLabel, DatasetDict
+    """Train minus a stratified, seeded validation split of it (a dict with train and validation)."""
+    from datasets import ClassLabel
 
     train = dataset["train"]
     label = data_args.label_column_name
@@ -346,7 +359,7 @@ def carve_validation(dataset, data_args: DataTrainingArguments):
     split = train.train_test_split(
         test_size=data_args.validation_split, seed=data_args.validation_split_seed, stratify_by_column=label
     )
-    return DatasetDict(train=split["train"], validation=split["test"])
+    return {"train": split["train"], "validation": split["test"]}
 
 
 def check_image_folders(data_args: DataTrainingArguments) -> set[str]:
@@ -635,19 +648,33 @@ def main(argv: list[str] | None = None) -> dict:
     if resume:
         logger.warning("resuming from %s (same arguments); pass --overwrite_output_dir true to start over", resume)
 
-    dataset, eval_split = load_data(data_args, model_args, training_args.seed)
+    dataset = load_data(data_args, model_args, training_args.seed)
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no" and "validation" not in dataset:
+        raise ValueError(
+            f"--eval_strategy {strategy} selects on a validation split, and this dataset has none "
+            "(only train and test, and the test images must not choose the model): pass --validation_split 0.1 to "
+            "carve one from train"
+        )
     label_names = labels_of(dataset)
     id2label = dict(enumerate(label_names))
-    model = build_model(model_args, id2label)
     processor = AutoImageProcessor.from_pretrained(
         resolve_backbone_path(model_args.model_name_or_path), revision=model_args.model_revision,
         cache_dir=model_args.cache_dir, token=model_args.token,
     )  # fmt: skip
     train_transform, eval_transform = build_transforms(processor, data_args, label_names, dataset)
+    splits = {name: dataset[name].with_transform(eval_transform) for name in ("validation", "test") if name in dataset}
     train_data = dataset["train"].with_transform(train_transform)
-    eval_data = dataset["eval"].with_transform(eval_transform)
+    if training_args.do_train:
+        model = build_model(model_args, id2label)
+    else:  # evaluate what an earlier run left in output_dir
+        if not os.path.isfile(os.path.join(training_args.output_dir, "config.json")):
+            raise ValueError(
+                f"--do_train false scores the checkpoint in --output_dir, and {training_args.output_dir} holds none"
+            )
+        model = AutoModelForImageClassification.from_pretrained(training_args.output_dir)
 
-    if model_args.prototype_init == "class_mean":
+    if model_args.prototype_init == "class_mean" and training_args.do_train:
         plain = dataset["train"].with_transform(eval_transform)
         loader = torch.utils.data.DataLoader(plain, batch_size=64, collate_fn=collate)
         model.initialize_prototypes(loader)
@@ -655,36 +682,50 @@ def main(argv: list[str] | None = None) -> dict:
     trainable, total = parameter_counts(model)
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
     trainer = PromptTrainer(
-        model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-        data_collator=collate, compute_metrics=compute_metrics(data_args.metric_names),
+        model=model, args=training_args, train_dataset=train_data, eval_dataset=splits.get("validation"),
+        data_collator=collate, compute_metrics=compute_metrics(data_args.metric_names), processing_class=processor,
     )  # fmt: skip
-    if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
-            json.dump(run_args, f, indent=2, sort_keys=True)
-    start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.perf_counter() - start
-    metrics = trainer.evaluate(eval_data, metric_key_prefix="eval")
-    trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.log_metrics("eval", metrics)
-    # train_results.json, eval_results.json and trainer_state.json beside the checkpoint; all_results.json is ours
-    trainer.save_metrics("train", train_result.metrics, combined=False)
-    trainer.save_metrics("eval", metrics, combined=False)
-    trainer.save_state()
-    scores = {name: metrics[f"eval_{name}"] for name in data_args.metric_names if f"eval_{name}" in metrics}
+    train_seconds, train_loss = 0.0, None
+    if training_args.do_train:
+        if trainer.is_world_process_zero():
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
+                json.dump(run_args, f, indent=2, sort_keys=True)
+        start = time.perf_counter()
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        train_seconds, train_loss = time.perf_counter() - start, train_result.training_loss
+        trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics, combined=False)
+        trainer.save_state()
+    # validation when asked (--do_eval), then the test split scored once, at the end (--do_predict)
+    scored = {}
+    for split, asked, prefix in (("validation", training_args.do_eval, "eval"), ("test", training_args.do_predict,
+                                                                                   "test")):  # fmt: skip
+        if asked and split in splits:
+            metrics = trainer.evaluate(splits[split], metric_key_prefix=prefix)
+            trainer.log_metrics(prefix, metrics)
+            trainer.save_metrics(prefix, metrics, combined=False)  # eval_results.json, test_results.json
+            scored[split] = {name: metrics[f"{prefix}_{name}"] for name in data_args.metric_names}
+    if not scored:
+        raise ValueError(
+            f"nothing was scored: the dataset has the splits {sorted(splits)} and --do_eval {training_args.do_eval}, "
+            f"--do_predict {training_args.do_predict}"
+        )
+    eval_split = "test" if "test" in scored else "validation"  # the figure a run reports: test when it was scored
+    scores = scored[eval_split]
 
     results = {
         "method": model_args.method,
-        "accuracy": metrics["eval_accuracy"],
+        "accuracy": scores["accuracy"],
         "metrics": scores,
         "eval_split": eval_split,
-        "eval_images": len(eval_data),
+        "eval_images": len(splits[eval_split]),
+        "scored": scored,
         "train_images": len(train_data),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "train_loss": train_result.training_loss,
+        "train_loss": train_loss,
         "train_seconds": round(train_seconds, 1),
         "resumed_from": resume,
     }

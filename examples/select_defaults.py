@@ -52,7 +52,8 @@ REFERENCE = "vpt_deep"
 def arguments(settings: dict, split_seed: int, args) -> list[str]:
     settings = dict(settings)
     argv = ["--method", settings.pop("method"), "--seed", str(split_seed), "--validation_split", str(args.fraction),
-            "--validation_split_seed", str(split_seed), "--save_strategy", "no", "--disable_tqdm", "true",
+            "--validation_split_seed", str(split_seed), "--do_predict", "false", "--save_strategy", "no",
+            "--disable_tqdm", "true",
             "--num_train_epochs", str(args.epochs)]  # fmt: skip
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
@@ -67,7 +68,9 @@ def run_one(name: str, settings: dict, split_seed: int, args) -> dict:
     if os.path.isfile(done):
         return json.load(open(done))
     argv = arguments(settings, split_seed, args) + ["--output_dir", folder, "--overwrite_output_dir", "true"]
-    return run_classification.main(argv)
+    results = run_classification.main(argv)
+    assert results["eval_split"] == "validation" and "test" not in results["scored"]  # the test images stay unread
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:

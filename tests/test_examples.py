@@ -438,20 +438,45 @@ def test_validation_split_is_carved_from_train_stratified_and_seeded():
         data_args = run_classification.DataTrainingArguments(validation_split=fraction, validation_split_seed=seed)
         return run_classification.load_data(data_args, run_classification.ModelArguments())
 
-    dataset, eval_split = carve(0.2, 0)
-    assert eval_split == "validation" and len(dataset["train"]) == 800 and len(dataset["eval"]) == 200
-    assert np.bincount(dataset["eval"]["label"]).tolist() == [20] * 10  # stratified
-    pixels = {split: {image.tobytes() for image in dataset[split]["image"]} for split in ("train", "eval")}
+    dataset = carve(0.2, 0)
+    assert list(dataset) == ["train", "validation", "test"]  # the test split stays for the end, untouched
+    assert len(dataset["train"]) == 800 and len(dataset["validation"]) == 200 and len(dataset["test"]) == 3000
+    assert np.bincount(dataset["validation"]["label"]).tolist() == [20] * 10  # stratified
+    pixels = {split: {image.tobytes() for image in dataset[split]["image"]} for split in ("train", "validation")}
     shipped = run_classification.load_data(
         run_classification.DataTrainingArguments(), run_classification.ModelArguments()
     )
-    shipped_train = {image.tobytes() for image in shipped[0]["train"]["image"]}
-    assert not pixels["train"] & pixels["eval"]  # disjoint
-    assert pixels["train"] | pixels["eval"] == shipped_train  # all from train: the test images stay out
-    assert {image.tobytes() for image in carve(0.2, 0)[0]["eval"]["image"]} == pixels["eval"]  # seeded
-    assert {image.tobytes() for image in carve(0.2, 1)[0]["eval"]["image"]} != pixels["eval"]
+    assert list(shipped) == ["train", "test"]  # no validation split of its own, and none invented
+    shipped_train = {image.tobytes() for image in shipped["train"]["image"]}
+    assert not pixels["train"] & pixels["validation"]  # disjoint
+    assert pixels["train"] | pixels["validation"] == shipped_train  # all from train: the test images stay out
+    assert {image.tobytes() for image in carve(0.2, 0)["validation"]["image"]} == pixels["validation"]  # seeded
+    assert {image.tobytes() for image in carve(0.2, 1)["validation"]["image"]} != pixels["validation"]
     with pytest.raises(ValueError, match=r"--validation_split must be a fraction in \[0, 1\) \(0: off\), got 1.5"):
         carve(1.5, 0)
+
+
+def test_selection_on_validation_never_on_test(tmp_path):
+    with pytest.raises(ValueError, match=r"--eval_strategy epoch selects on a validation split.*--validation_split"):
+        run(tmp_path / "a", "--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end", "true")
+    results = run(tmp_path / "b", "--validation_split", "0.2", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                  "--load_best_model_at_end", "true", "--prompt_length", "1")  # fmt: skip
+    state = json.load(open(tmp_path / "b" / "trainer_state.json"))
+    assert [e for e in state["log_history"] if "eval_accuracy" in e]  # selected on the carved validation split
+    assert set(results["scored"]) == {"validation", "test"} and results["eval_split"] == "test"
+    assert results["accuracy"] == results["scored"]["test"]["accuracy"] and results["eval_images"] == 30
+    assert json.load(open(tmp_path / "b" / "test_results.json"))["test_accuracy"] == results["accuracy"]
+    # every checkpoint folder carries the image processor, so pipeline loads any of them
+    checkpoint = next(d for d in os.listdir(tmp_path / "b") if d.startswith("checkpoint-"))
+    assert os.path.isfile(tmp_path / "b" / checkpoint / "preprocessor_config.json")
+    # --do_predict false: the test split is not read; --do_train false: the saved checkpoint is scored again
+    only_validation = run(tmp_path / "c", "--validation_split", "0.2", "--do_predict", "false", "--prompt_length", "1")
+    assert set(only_validation["scored"]) == {"validation"} and only_validation["eval_split"] == "validation"
+    again = run(tmp_path / "c", "--validation_split", "0.2", "--do_predict", "false", "--prompt_length", "1",
+                "--do_train", "false")  # fmt: skip
+    assert again["accuracy"] == only_validation["accuracy"] and again["train_loss"] is None
+    with pytest.raises(ValueError, match="--do_train false scores the checkpoint in --output_dir"):
+        run(tmp_path / "d", "--do_train", "false")
 
 
 def test_digits_transfer_task_is_balanced_and_disjoint():
@@ -547,8 +572,8 @@ def test_flags_the_method_ignores_are_reported_and_bad_values_refused(tmp_path, 
 def test_eval_subset_is_seeded_and_random_not_the_first_rows():
     def eval_labels(seed):
         data_args = run_classification.DataTrainingArguments(max_eval_samples=50)
-        dataset, _ = run_classification.load_data(data_args, run_classification.ModelArguments(), seed)
-        return dataset["eval"]["label"]
+        dataset = run_classification.load_data(data_args, run_classification.ModelArguments(), seed)
+        return dataset["test"]["label"]
 
     assert eval_labels(0) == eval_labels(0) and eval_labels(0) != eval_labels(1)
     assert len(set(eval_labels(0))) > 5  # a random subset spans the classes
