@@ -15,14 +15,9 @@ cls_pt_layers branch, index buffers). Base and large sizes are read off the tens
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from modeling_vptm.convert import convert_beit_checkpoint  # noqa: E402
-from modeling_vptm.hub import push_backbone  # noqa: E402
+from modeling_vptm.convert import convert_beit_checkpoint
+from modeling_vptm.hub import push_backbone
 
 
 def main(argv: list[str] | None = None) -> None:

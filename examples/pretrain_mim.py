@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_vptm.data import load_fashion_mnist
+from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, TokenizingMIMModel
 from modeling_vptm.tokenizer import TOKENIZER_FILE, PatchKMeansTokenizer
 
@@ -71,16 +71,11 @@ class BackboneArguments:
     kmeans_iters: int = 40
 
 
-# Fashion-MNIST pixel statistics on the training split, after scaling to [0, 1].
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-
-
 class ImageTensorDataset(torch.utils.data.Dataset):
     """``uint8`` images ``(N, H, W)`` served as normalised 3-channel ``pixel_values``, as the image processor makes."""
 
     def __init__(self, images: np.ndarray) -> None:
-        pixels = (torch.tensor(images, dtype=torch.float32) / 255.0 - FMNIST_MEAN) / FMNIST_STD
-        self.pixel_values = pixels[:, None].expand(-1, 3, -1, -1)  # (N, 3, H, W), a view: no copy per channel
+        self.pixel_values = to_pixel_values(images)  # (N, 3, H, W)
 
     def __len__(self) -> int:
         return len(self.pixel_values)
@@ -96,8 +91,8 @@ def build_image_processor(image_size: int) -> BeitImageProcessor:
         do_center_crop=False,
         do_rescale=True,
         do_normalize=True,
-        image_mean=[FMNIST_MEAN] * 3,
-        image_std=[FMNIST_STD] * 3,
+        image_mean=[FASHION_MNIST_MEAN] * 3,
+        image_std=[FASHION_MNIST_STD] * 3,
         do_convert_rgb=True,
     )
 

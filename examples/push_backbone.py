@@ -11,13 +11,8 @@ It prints the commit; pass it on when you train and push prompts on that backbon
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from modeling_vptm.hub import push_backbone  # noqa: E402
+from modeling_vptm.hub import push_backbone
 
 
 def main(argv: list[str] | None = None) -> str:

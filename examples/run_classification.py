@@ -49,23 +49,21 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-import modeling_vptm  # noqa: E402
-from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: E402
-from modeling_vptm.configuration_vptm import (  # noqa: E402
+import modeling_vptm
+from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification
+from modeling_vptm.configuration_vptm import (
     EXTRA_TOKEN_BIASES,
     MASK_TOKEN_MODES,
     PROMPT_INITS,
     PROMPT_LAYER_PRESETS,
     VERBALIZER_INPUTS,
 )
-from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics  # noqa: E402
-from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone  # noqa: E402
-from modeling_vptm.masking import random_shift_flip  # noqa: E402
-from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card  # noqa: E402
-from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path  # noqa: E402
+from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics
+from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone
+from modeling_vptm.images import IMAGE_EXTENSIONS, is_image_file
+from modeling_vptm.masking import random_shift_flip
+from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
+from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path
 
 
 logger = logging.getLogger(__name__)
@@ -367,19 +365,13 @@ def check_image_folders(data_args: DataTrainingArguments) -> set[str]:
     from PIL import Image, UnidentifiedImageError
 
     unreadable: set[str] = set()
-    extensions = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     for folder in filter(None, (data_args.train_dir, data_args.validation_dir)):
         if not os.path.isdir(folder):
             raise ValueError(f"image folder {folder} does not exist")
         classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-        images = [
-            os.path.join(root, f)
-            for root, _, names in os.walk(folder)
-            for f in names
-            if os.path.splitext(f)[1].lower() in extensions
-        ]
+        images = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names if is_image_file(f)]
         if not images:
-            raise ValueError(f"image folder {folder} holds no images (looked for {sorted(extensions)})")
+            raise ValueError(f"image folder {folder} holds no images (looked for {list(IMAGE_EXTENSIONS)})")
         if folder == data_args.train_dir and len(classes) < 2:
             raise ValueError(
                 f"image folder {folder} must hold one sub-folder per class and at least 2 classes, found {classes}"

@@ -11,16 +11,12 @@ image gets its own task's prompts, mask token and head.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from modeling_vptm.modeling_vptm import resolve_backbone_path  # noqa: E402
-from modeling_vptm.serving import MultiTaskVPTM  # noqa: E402
+from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
+from modeling_vptm.modeling_vptm import resolve_backbone_path
+from modeling_vptm.serving import MultiTaskVPTM
 
 
 def pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -45,8 +41,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", default=None, help="Also write one JSON line per image.")
     args = parser.parse_args(argv)
 
-    from PIL import Image
-    from predict import format_top, list_images, write_jsonl
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor
 
@@ -63,17 +57,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="serving", unit="batch"):
         batch = jobs[start : start + args.batch_size]
-        images = []
-        for file, _ in batch:
-            with Image.open(file) as image:
-                images.append(image.convert("RGB"))
+        images = [read_rgb(file) for file, _ in batch]
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(args.device)
-        logits = server(pixel_values, tasks=[task for _, task in batch])
+        with torch.no_grad():
+            logits = server(pixel_values, tasks=[task for _, task in batch])
         for (file, task), row in zip(batch, logits, strict=True):
-            probs = row.float().softmax(-1)
-            scores, indices = probs.topk(min(args.top_k, len(probs)))
-            id2label = server.tasks[task].config.id2label
-            top = [{"label": id2label[i], "score": s} for i, s in zip(indices.tolist(), scores.tolist(), strict=True)]
+            top = top_predictions(row[None], server.tasks[task].config.id2label, args.top_k)[0]
             results.append({"file": file, "task": task, "predictions": top})
             print(f"{file}\t{task}\t{format_top(top)}")
     write_jsonl(args.output, results)

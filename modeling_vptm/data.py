@@ -41,6 +41,8 @@ _SPLIT_FILES = {
 _IDX_UBYTE = 0x08
 
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "shipped" / "fashion-mnist-1k"
+# Fashion-MNIST pixel statistics on the training split, after scaling to [0, 1] (the shipped processor's too)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -172,3 +174,12 @@ def digits_dataset(train_per_class: int = 50, seed: int = 0):
         )
 
     return DatasetDict(train=split(train), test=split(test))
+
+
+def to_pixel_values(images: np.ndarray):
+    """``uint8`` Fashion-MNIST images ``(N, H, W)`` as normalised 3-channel ``pixel_values``, as the shipped image
+    processor makes them (the channels are a view of one: no copy)."""
+    import torch
+
+    pixels = (torch.tensor(images, dtype=torch.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return pixels[:, None].expand(-1, 3, -1, -1)

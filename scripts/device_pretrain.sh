@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pre-trains the shipped backbone on a lent GPU: two tokenizers side by side (context-widened k-means codes,
 # the default, and plain patch codes, the first rough recipe's), equal budget, then packs both runs into $OUT.
-# Evaluation runs afterwards on any machine: python examples/evaluate_backbone.py --backbone <run dir>.
+# Evaluation runs afterwards on any machine: python experiments/evaluate_backbone.py --backbone <run dir>.
 #   BUDGET=330 OUT=/tmp/out FASHION_MNIST_DIR=... bash scripts/device_pretrain.sh
 set -euo pipefail
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1

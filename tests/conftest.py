@@ -14,8 +14,9 @@ from transformers import BeitConfig, BeitForMaskedImageModeling
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-# the one way tests import the example scripts: as top-level modules from examples/
+# the one way tests import the example scripts and the experiments: as top-level modules from their folders
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
 
 def tiny_beit_config(**overrides) -> BeitConfig:

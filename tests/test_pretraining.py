@@ -217,7 +217,9 @@ def test_shipped_backbone_loads_offline_with_its_config(monkeypatch):
     assert size <= 10 * 2**20
     # the shipped weights and tokenizer still agree: MIM accuracy measured now, on 1,000 of the shipped test images,
     # matches the figure recorded on the 10,000 official ones and stays far above the most-frequent token
-    from evaluate_backbone import mim_accuracy, to_pixel_values
+    from evaluate_backbone import mim_accuracy
+
+    from modeling_vptm.data import to_pixel_values
 
     data = shipped_dataset()
     pixels = {split: to_pixel_values(np.stack([np.asarray(i) for i in data[split]["image"]])) for split in data}

@@ -10,7 +10,7 @@ Figures (all on the 10,000 official test images unless ``--max_test_samples`` sa
   after the MIM head's layer norm, standardised with training statistics; the regularisation C is chosen by 5-fold
   cross-validation on the 1,000 training images only.
 
-    python examples/evaluate_backbone.py --backbone modeling_vptm/shipped/tiny-beit-fashion-mnist --output eval.json
+    python experiments/evaluate_backbone.py --backbone modeling_vptm/shipped/tiny-beit-fashion-mnist --output eval.json
 
 Needs scikit-learn (the ``examples`` extra).
 """
@@ -26,17 +26,9 @@ import time
 import numpy as np
 import torch
 
-from modeling_vptm.data import balanced_subset, load_fashion_mnist
+from modeling_vptm.data import balanced_subset, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator
 from modeling_vptm.tokenizer import PatchKMeansTokenizer
-
-
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-
-
-def to_pixel_values(images: np.ndarray) -> torch.Tensor:
-    pixels = (torch.tensor(images, dtype=torch.float32) / 255.0 - FMNIST_MEAN) / FMNIST_STD
-    return pixels[:, None].expand(-1, 3, -1, -1)
 
 
 @torch.no_grad()

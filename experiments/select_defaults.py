@@ -5,8 +5,8 @@ Each split seed carves its own validation split (20 %: 800 training and 200 vali
 so the candidates of one split are compared on the same images (paired differences against VPT-deep are reported
 beside the means). Runs are kept in `--output_dir/<candidate>-split<seed>/` and skipped when finished.
 
-    python examples/select_defaults.py --output_dir runs/select                 # every candidate, 3 splits
-    python examples/select_defaults.py --output_dir runs/select-quick --quick   # CI: a tiny slice
+    python experiments/select_defaults.py --output_dir runs/select                 # every candidate, 3 splits
+    python experiments/select_defaults.py --output_dir runs/select-quick --quick   # CI: a tiny slice
 
 Writes `selection.json` and `selection.md`.
 """
@@ -17,16 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
+from example_scripts import run_classification
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import run_classification  # noqa: E402
-
-from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB  # noqa: E402
+from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB
 
 
 # Every candidate names its read-out and loss weights, so that its meaning does not move with the defaults.

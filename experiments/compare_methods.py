@@ -8,9 +8,9 @@ seed only, which is what keeps the sweeps affordable on a CPU. Runs are kept in 
 finished runs (and a sweep point or ablation that is a default configuration reuses the main table's run), so a long
 comparison can be resumed.
 
-    python examples/compare_methods.py --output_dir runs/compare                          # everything (hours on CPU)
-    python examples/compare_methods.py --output_dir runs/compare --sections methods       # the main table only
-    python examples/compare_methods.py --output_dir runs/compare-quick --quick            # CI: a tiny slice
+    python experiments/compare_methods.py --output_dir runs/compare                     # everything (hours on CPU)
+    python experiments/compare_methods.py --output_dir runs/compare --sections methods  # the main table only
+    python experiments/compare_methods.py --output_dir runs/compare-quick --quick       # CI: a tiny slice
 
 Writes `results.json`, `results.md` and (with matplotlib) `accuracy_vs_parameters.png` and `sweeps.png`.
 """
@@ -22,16 +22,11 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 
+from example_scripts import run_classification
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import run_classification  # noqa: E402
-
-from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES  # noqa: E402
+from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
 
 
 METHODS = {  # cheapest first, so an interrupted comparison has the prompt methods

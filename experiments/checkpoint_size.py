@@ -1,6 +1,6 @@
 """Prompt-checkpoint bytes next to backbone bytes, for the BEiT-base MIM architecture (random weights).
 
-    python examples/checkpoint_size.py [--num_labels 100] [--output sizes.json]
+    python experiments/checkpoint_size.py [--num_labels 100] [--output sizes.json]
 
 Builds `microsoft/beit-base-patch16-224-pt22k`'s architecture with random weights (sizes do not depend on the
 values), saves it, builds VPTM on it with the default configuration and saves the prompt checkpoint.
@@ -11,11 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
 def folder_bytes(folder: str, name: str = "model.safetensors") -> int:

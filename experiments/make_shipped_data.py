@@ -4,7 +4,7 @@
 the official test split; both drawn with ``balanced_subset(..., seed=0)``. Parquet with an ``image`` (PNG) and a
 ``label`` (``ClassLabel``) column, which ``datasets`` loads offline.
 
-    python examples/make_shipped_data.py [--data_dir /usr/share/datasets/fashion-mnist] [--output_dir DIR]
+    python experiments/make_shipped_data.py [--data_dir /usr/share/datasets/fashion-mnist] [--output_dir DIR]
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ On CUDA it uses bf16 autocast and SDPA, and peak memory is `max_memory_allocated
 is read from one profiled step's memory timeline (tensors only, as on CUDA). Writes `benchmark.json`, `benchmark.md`
 and (with matplotlib) `benchmark.png` to `--output_dir`, and prints the table with the ratios.
 
-    python examples/benchmark.py --quick --output_dir runs/bench          # CPU, under 2 minutes
-    python examples/benchmark.py --arch base --batch 128 --output_dir runs/bench-gpu   # on a GPU
+    python experiments/benchmark.py --quick --output_dir runs/bench          # CPU, under 2 minutes
+    python experiments/benchmark.py --arch base --batch 128 --output_dir runs/bench-gpu   # on a GPU
 """
 
 from __future__ import annotations
@@ -23,17 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 from torch import nn
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from modeling_vptm import VPTMConfig, VPTMForImageClassification  # noqa: E402
+from modeling_vptm import VPTMConfig, VPTMForImageClassification
 
 
 ARCHS = {
