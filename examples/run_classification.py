@@ -61,7 +61,7 @@ from modeling_vptm.configuration_vptm import (
 from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics
 from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone
 from modeling_vptm.images import IMAGE_EXTENSIONS, is_image_file
-from modeling_vptm.masking import random_shift_flip
+from modeling_vptm.masking import random_resized_crop, random_shift_flip
 from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
 from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path
 
@@ -219,8 +219,19 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Score a seeded random subset of this many evaluation images."}
     )
-    augment_shift: int = field(default=2, metadata={"help": "Random translation in pixels at train time (0: off)."})
-    augment_flip: bool = field(default=True, metadata={"help": "Random horizontal flips at train time."})
+    augment_shift: int = field(
+        default=2, metadata={"help": "Random translation in pixels at train time (0: off); sized for 28-pixel images."}
+    )
+    augment_flip: bool = field(
+        default=True,
+        metadata={"help": "Random horizontal flips at train time; turn off for data that is not mirror-symmetric "
+                  "(digits, text, signs)."},
+    )  # fmt: skip
+    augment_crop_scale: float = field(
+        default=0.0,
+        metadata={"help": "Random resized crops at train time covering this fraction of the image up to all of it "
+                  "(0: off; 0.08 is the usual recipe for 224-pixel backbones)."},
+    )  # fmt: skip
     skip_unreadable_images: bool = field(default=False, metadata={"help": "Skip (and count) unreadable images."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a different run in output_dir."})
     metric_names: list[str] = field(
@@ -234,6 +245,10 @@ class DataTrainingArguments:
     def __post_init__(self) -> None:
         # the result line, the card and the comparison scripts read accuracy: it always comes first
         self.metric_names = ["accuracy", *(name for name in self.metric_names if name != "accuracy")]
+        if not 0 <= self.augment_crop_scale <= 1:
+            raise ValueError(f"--augment_crop_scale must be in [0, 1] (0: off), got {self.augment_crop_scale}")
+        if self.augment_shift < 0:
+            raise ValueError(f"--augment_shift must be >= 0 pixels, got {self.augment_shift}")
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"--validation_split must be a fraction in [0, 1) (0: off), got {self.validation_split}")
         if not 0 < self.train_val_split < 1:
@@ -421,8 +436,10 @@ def build_transforms(processor, data_args: DataTrainingArguments, label_names: l
     def prepare(batch, train: bool):
         images = [image.convert("RGB") for image in batch["image"]]
         pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+        # per-image crops, shifts and flips drawn from the global torch RNG: Trainer seeds it and restores it on resume
+        if train and data_args.augment_crop_scale:
+            pixel_values = random_resized_crop(pixel_values, data_args.augment_crop_scale, None)
         if train and (data_args.augment_shift or data_args.augment_flip):
-            # per-image shift/flip drawn from the global torch RNG: Trainer seeds it and restores it on resume
             pixel_values = random_shift_flip(pixel_values, data_args.augment_shift, data_args.augment_flip, None)
         labels = batch["label"] if to_index is None else [to_index[v] for v in batch["label"]]
         return {"pixel_values": list(pixel_values), "labels": labels}

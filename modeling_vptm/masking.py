@@ -106,6 +106,32 @@ def random_shift_flip(
     return images.contiguous()
 
 
+def random_resized_crop(
+    images: torch.Tensor,
+    min_scale: float,
+    generator: torch.Generator | None,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Per image, a random box of ``min_scale``–1 of the area and aspect ratio in ``ratio`` (log-uniform), resized
+    back to the full size (bilinear, antialiased): the usual ImageNet-style training crop, in plain torch.
+
+    ``images``: ``(batch, channels, height, width)``; boxes that do not fit fall back to the whole image.
+    """
+    batch, _, height, width = images.shape
+    area = torch.empty(batch).uniform_(min_scale, 1.0, generator=generator) * height * width
+    log_ratio = torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    box_w = (area * log_ratio).sqrt().round().clamp(1, width).long()
+    box_h = (area / log_ratio).sqrt().round().clamp(1, height).long()
+    top = (torch.rand(batch, generator=generator) * (height - box_h + 1)).long()
+    left = (torch.rand(batch, generator=generator) * (width - box_w + 1)).long()
+    crops = [
+        F.interpolate(images[i : i + 1, :, t : t + h, l : l + w], size=(height, width), mode="bilinear",
+                      antialias=True, align_corners=False)
+        for i, (t, l, h, w) in enumerate(zip(top.tolist(), left.tolist(), box_h.tolist(), box_w.tolist(), strict=True))
+    ]  # fmt: skip
+    return torch.cat(crops)
+
+
 class MaskedImageModelingCollator:
     """Turns a list of ``{"pixel_values": (C, H, W)}`` examples into a BEiT pre-training batch.
 

@@ -606,3 +606,37 @@ def test_card_names_a_hub_backbone_as_base_model_of_an_adapter(tmp_path):
     assert "revision `abc123`" in card.text and "| 10,000 | 0.9123 | 0.9000 |" in card.text
     full = prompt_checkpoint_card(dataclasses.replace(info, method="full"))
     assert full.data.base_model_relation == "finetune"
+
+
+def test_random_resized_crop_keeps_size_and_is_seeded():
+    from modeling_vptm.masking import random_resized_crop
+
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    crops = random_resized_crop(images, 0.08, torch.Generator().manual_seed(0))
+    assert crops.shape == images.shape and not torch.equal(crops, images)
+    assert torch.equal(crops, random_resized_crop(images, 0.08, torch.Generator().manual_seed(0)))
+    whole = random_resized_crop(images, 1.0, torch.Generator().manual_seed(0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(whole, images)  # the whole image, resized to its own size
+    constant = torch.full((4, 3, 32, 32), 0.7)
+    torch.testing.assert_close(random_resized_crop(constant, 0.08, None), constant)
+
+
+def test_224_pixel_recipe_on_a_tiny_backbone(tmp_path):
+    """The real-backbone path: 224-pixel inputs, 16-pixel patches, random resized crops, an image folder."""
+    from conftest import make_backbone
+    from transformers import BeitImageProcessor
+
+    make_backbone(tmp_path / "backbone", image_size=224, patch_size=16)
+    BeitImageProcessor(size={"height": 224, "width": 224}, do_center_crop=False).save_pretrained(tmp_path / "backbone")
+    make_folder(tmp_path / "data", per_class=4, size=(300, 260))
+    results = run_classification.main([
+        "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "backbone"), "--train_dir",
+        str(tmp_path / "data"), "--train_val_split", "0.25", "--augment_crop_scale", "0.08", "--augment_shift", "0",
+        "--prompt_length", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--save_strategy", "no",
+    ])  # fmt: skip
+    assert results["train_images"] == 6 and results["eval_images"] == 2 and results["eval_split"] == "validation"
+    processor = json.load(open(tmp_path / "out" / "preprocessor_config.json"))
+    assert processor["size"] == {"height": 224, "width": 224}
+    with pytest.raises(ValueError, match=r"--augment_crop_scale must be in \[0, 1\] \(0: off\), got 2.0"):
+        run_classification.main(["--output_dir", str(tmp_path / "x"), "--augment_crop_scale", "2"])
