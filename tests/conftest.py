@@ -113,3 +113,10 @@ class FakeHub:
         (repo / "refs").mkdir(parents=True)
         (repo / "refs" / "main").write_text(commit)
         shutil.copytree(self.remote / repo_id, repo / "snapshots" / commit)
+
+
+class Exploit:
+    """Unpickling this runs a shell command: a file that holds it must never be unpickled."""
+
+    def __reduce__(self):
+        return (os.system, ("touch exploited",))

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import FakeHub
+from conftest import Exploit, FakeHub
 from torch.nn import functional as F
 from transformers import BeitForMaskedImageModeling
 
@@ -134,11 +134,6 @@ def test_converter_refuses_unknown_or_missing_tensors(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
         convert_beit_checkpoint(tmp_path / "missing.pth", tmp_path / "out2")
     assert not os.path.exists(tmp_path / "out1") and not os.path.exists(tmp_path / "out2")
-
-
-class Exploit:
-    def __reduce__(self):
-        return (os.system, ("touch exploited",))
 
 
 def test_converter_never_unpickles_code(tmp_path, monkeypatch):

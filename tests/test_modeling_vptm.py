@@ -123,6 +123,14 @@ def test_other_options_give_finite_loss(fields, pixel_values):
     out = model(pixel_values, labels=torch.tensor([0, 1, 1]))
     assert torch.isfinite(out.loss)
     out.loss.backward()
+    # every trainable tensor gets a finite gradient, and the frozen backbone none
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        else:
+            assert parameter.grad is None, name
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and trained <= set(model.task_state_dict())  # only task tensors train, and all are saved
 
 
 def test_output_hidden_states_has_prompted_sequence(pixel_values):

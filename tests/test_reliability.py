@@ -14,7 +14,7 @@ import numpy as np
 import predict  # noqa: E402
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, Exploit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -101,11 +101,6 @@ def test_prompt_checkpoint_with_wrong_tensors(saved, change):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match=message):
         VPTMForImageClassification.from_pretrained(folder)
-
-
-class Exploit:
-    def __reduce__(self):
-        return (os.system, ("touch exploited",))
 
 
 def test_pickle_offered_instead_of_safetensors_is_never_unpickled(saved, monkeypatch):

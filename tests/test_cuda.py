@@ -1,0 +1,59 @@
+"""On a CUDA device: the same numbers as on the CPU, bf16 training that only moves task tensors, and mixed-task
+serving. Marked `gpu` (off by default): `python -m pytest -m gpu` on a machine with a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_vptm import VPTMForImageClassification
+from modeling_vptm.serving import MultiTaskVPTM
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("verbalizer_input", ["logits", "hidden", "ensemble"])
+def test_cuda_logits_equal_cpu_logits(backbone_dir, pixel_values, verbalizer_input):
+    torch.manual_seed(0)
+    model = VPTMForImageClassification.from_backbone(
+        backbone_dir, num_labels=4, prompt_length=3, verbalizer_input=verbalizer_input
+    ).eval()
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+        found = model.cuda()(pixel_values.cuda()).logits.cpu()
+    torch.testing.assert_close(found, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_training_moves_only_task_tensors(backbone_dir, pixel_values):
+    model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=4, prompt_length=3).cuda().train()
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(pixel_values.cuda(), labels=torch.tensor([0, 1, 2]).cuda()).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), frozen[name]), name
+
+
+def test_mixed_batch_on_cuda_equals_each_task(backbone_dir, pixel_values, tmp_path):
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        VPTMForImageClassification.from_backbone(backbone_dir, num_labels=3 + seed, prompt_length=2).save_pretrained(
+            tmp_path / name
+        )
+    server = MultiTaskVPTM(backbone_dir)
+    for name in ("a", "b"):
+        server.add_task(name, tmp_path / name)
+    server.to("cuda")
+    tasks = ["a", "b", "a"]
+    with torch.no_grad():
+        mixed = server(pixel_values.cuda(), tasks=tasks)
+        for i, task in enumerate(tasks):
+            alone = VPTMForImageClassification.from_pretrained(tmp_path / task).cuda().eval()
+            torch.testing.assert_close(mixed[i], alone(pixel_values[i : i + 1].cuda()).logits[0], atol=1e-4, rtol=1e-4)
