@@ -186,7 +186,7 @@ def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
 
     server = MultiTaskVPTM.__new__(MultiTaskVPTM)
     nn.Module.__init__(server)
-    server.shell, server.tasks = model.eval(), nn.ModuleDict()  # reuse the loaded backbone
+    server.prompted_backbone, server.tasks = model.eval(), nn.ModuleDict()  # reuse the loaded backbone
     for t in range(8):
         task = VPTMTask(model.config)
         task.load_state_dict({k: v + 0.01 * t for k, v in model.task_state_dict().items()})

@@ -229,7 +229,7 @@ class VPTMConfig(BeitConfig):
         return list(self.prompt_layers)
 
     @property
-    def uses_mask_token(self) -> bool:
+    def reads_mask_token(self) -> bool:
         """Whether the model reads out at a [MASK] token (every classifier but the VPT baseline)."""
         return self.classifier != "linear_cls"
 

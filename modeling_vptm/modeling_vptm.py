@@ -215,7 +215,7 @@ def build_task_modules(config: VPTMConfig) -> dict[str, nn.Module | nn.Parameter
         "prompt_embeddings": VPTMPromptEmbeddings(config) if config.prompted_layers else None,
         "trainable_mask_token": (
             nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-            if config.train_mask_token and config.uses_mask_token
+            if config.train_mask_token and config.reads_mask_token
             else None
         ),
         "verbalizer": None,
@@ -551,8 +551,8 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         if prompts is not None and prompts.ndim == 3:
             prompts = prompts.unsqueeze(0).expand(batch, -1, -1, -1)  # (batch, blocks, P, D), no copy
         num_prompts = config.prompt_length if prompted else 0
-        append_mask = config.uses_mask_token and config.mask_token_mode == "append"
-        replace_mask = config.uses_mask_token and config.mask_token_mode == "replace"
+        append_mask = config.reads_mask_token and config.mask_token_mode == "append"
+        replace_mask = config.reads_mask_token and config.mask_token_mode == "replace"
 
         if mask_embeddings is None and layout is None and self.trainable_mask_token is not None:
             mask_embeddings = self.trainable_mask_token
@@ -634,7 +634,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
     def classify(self, state: torch.Tensor) -> tuple[TaskHeadOutput, torch.Tensor | None, torch.Tensor]:
         """Read-out state `(batch, D)` -> `(head output, visual-token logits (batch, V) or None, normed state)`."""
         normed = self.layernorm(state)  # (batch, D)
-        token_logits = self.lm_head(normed) if self.config.uses_mask_token else None  # (batch, V)
+        token_logits = self.lm_head(normed) if self.config.reads_mask_token else None  # (batch, V)
         return run_task_head(self, self.config, normed, token_logits), token_logits, normed
 
     def forward(

@@ -46,7 +46,7 @@ class VPTMTask(nn.Module):
     def layout(self) -> tuple:
         """Tasks with equal layouts share one backbone pass (the [MASK] read-out vs CLS is part of it)."""
         config = self.config
-        return tuple(str(getattr(config, f)) if f != "classifier" else config.uses_mask_token for f in LAYOUT_FIELDS)
+        return tuple(str(getattr(config, f)) if f != "classifier" else config.reads_mask_token for f in LAYOUT_FIELDS)
 
 
 class MultiTaskVPTM(nn.Module):
@@ -61,9 +61,9 @@ class MultiTaskVPTM(nn.Module):
         fields.update(prompt_length=0, classifier="linear_cls", num_labels=1,
                       backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)  # fmt: skip
         # a task-less VPTM model: the backbone and the prompted forward every task goes through
-        self.shell = VPTMForImageClassification(VPTMConfig(**fields))
-        self.shell._load_backbone_weights(mim)
-        self.shell.eval()
+        self.prompted_backbone = VPTMForImageClassification(VPTMConfig(**fields))
+        self.prompted_backbone._load_backbone_weights(mim)
+        self.prompted_backbone.eval()
         self.backbone_name_or_path, self.revision = backbone_name_or_path, revision
         self.fingerprint = backbone_fingerprint(mim.state_dict())
         self.tasks = nn.ModuleDict()
@@ -91,7 +91,7 @@ class MultiTaskVPTM(nn.Module):
                 f"task {name!r} ({source}) was trained on other weights of {config.backbone_name_or_path!r}: "
                 f"fingerprint {config.backbone_fingerprint[:16]}... vs {self.fingerprint[:16]}..."
             )
-        check_backbone_fits(config, self.shell.config, source)
+        check_backbone_fits(config, self.prompted_backbone.config, source)
         task = VPTMTask(config)
         expected = task.state_dict()
         if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
@@ -100,7 +100,7 @@ class MultiTaskVPTM(nn.Module):
                 f"not match its config, which needs {sorted((k, tuple(v.shape)) for k, v in expected.items())}"
             )
         task.load_state_dict(tensors)
-        param = next(self.shell.parameters())
+        param = next(self.prompted_backbone.parameters())
         self.tasks[name] = task.to(param.device, param.dtype).eval().requires_grad_(False)
 
     def remove_task(self, name: str) -> None:
@@ -117,8 +117,8 @@ class MultiTaskVPTM(nn.Module):
         unknown = sorted(set(tasks) - set(self.tasks))
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
-        self.shell._check_inputs(pixel_values, None)
-        pixel_values = pixel_values.to(next(self.shell.parameters()).dtype)
+        self.prompted_backbone._check_inputs(pixel_values, None)
+        pixel_values = pixel_values.to(next(self.prompted_backbone.parameters()).dtype)
         groups: dict[tuple, list[int]] = {}
         for index, name in enumerate(tasks):
             groups.setdefault(self.tasks[name].layout(), []).append(index)
@@ -131,15 +131,15 @@ class MultiTaskVPTM(nn.Module):
                 prompts = torch.stack([t.prompt_embeddings.prompts for t in members])  # (rows, blocks, P, D)
             mask = None
             if any(t.trainable_mask_token is not None for t in members):
-                default = self.shell.beit.embeddings.mask_token
+                default = self.prompted_backbone.beit.embeddings.mask_token
                 mask = torch.cat([t.trainable_mask_token if t.trainable_mask_token is not None else default
                                   for t in members])  # (rows, 1, D)  # fmt: skip
             index = torch.tensor(rows, device=pixel_values.device)
-            state, _ = self.shell.forward_features(
+            state, _ = self.prompted_backbone.forward_features(
                 pixel_values[index], prompts=prompts, mask_embeddings=mask, layout=layout
             )  # (rows, D)
-            normed = self.shell.layernorm(state)
-            token_logits = self.shell.lm_head(normed) if layout.uses_mask_token else None
+            normed = self.prompted_backbone.layernorm(state)
+            token_logits = self.prompted_backbone.lm_head(normed) if layout.reads_mask_token else None
             by_task: dict[str, list[int]] = {}
             for position, row in enumerate(rows):
                 by_task.setdefault(tasks[row], []).append(position)

@@ -57,14 +57,14 @@ def test_mixed_batch_equals_each_task_alone(backbone_dir, checkpoints):
 
 def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
     server = MultiTaskVPTM(backbone_dir)
-    backbone = server.shell.beit
+    backbone = server.prompted_backbone.beit
     calls = []
     monkeypatch.setattr(serving, "load_mim_backbone", lambda *a, **k: calls.append(a))
     server.add_task("deep", checkpoints["deep"])
     server.add_task("vpt", checkpoints["vpt-shallow"])
     server.remove_task("deep")
     server.add_task("deep", checkpoints["deep"])
-    assert calls == [] and server.shell.beit is backbone and sorted(server.tasks) == ["deep", "vpt"]
+    assert calls == [] and server.prompted_backbone.beit is backbone and sorted(server.tasks) == ["deep", "vpt"]
     with pytest.raises(KeyError, match=r"no task 'gone'"):
         server.remove_task("gone")
     with pytest.raises(KeyError, match=r"unknown tasks \['gone'\]"):
