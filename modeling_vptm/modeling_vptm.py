@@ -728,11 +728,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             )
         hub = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
         mim = load_mim_backbone(backbone_name_or_path, **hub)
-        fields = mim.config.to_dict()
-        for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
-            fields.pop(key, None)
-        fields.update(vptm_config_fields)
-        fields.update(backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)
+        fields = backbone_config_fields(mim.config, backbone_name_or_path, revision, **vptm_config_fields)
         config = VPTMConfig(
             **fields,
             id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
@@ -809,30 +805,14 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 "subfolder, dtype, attn_implementation, device_map and output_loading_info"
             )
         device = resolve_device_map(device_map)
-        from safetensors.torch import load_file
-        from transformers.utils.hub import cached_file
-
-        # Only safetensors is read: a pickled pytorch_model.bin offered instead is never unpickled.
-        weights = cached_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub)
-        try:
-            task_tensors = load_file(weights)
-        except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
-            raise ValueError(
-                f"cannot read the prompt weights {weights}: the file is truncated or not a safetensors file ({error})"
-            ) from error
+        task_tensors = read_task_tensors(pretrained_model_name_or_path, **hub)
         backbone_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only")}
         mim = load_mim_backbone(config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub)
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
-        if config.backbone_fingerprint is not None:
-            found = backbone_fingerprint(mim.state_dict())
-            if found != config.backbone_fingerprint:
-                raise ValueError(
-                    f"the prompt checkpoint {pretrained_model_name_or_path} was trained on backbone "
-                    f"{config.backbone_name_or_path!r} (revision {config.backbone_revision}) with weights fingerprint "
-                    f"{config.backbone_fingerprint[:16]}..., but the weights loaded now have fingerprint "
-                    f"{found[:16]}...: the prompts do not fit these weights"
-                )
+        check_fingerprint(
+            config, backbone_fingerprint(mim.state_dict()), f"the prompt checkpoint {pretrained_model_name_or_path}"
+        )
         check_backbone_fits(config, mim.config, pretrained_model_name_or_path)
         model = cls(config)
         model._load_backbone_weights(mim)
@@ -848,19 +828,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
     def load_task_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
         """Loads prompts and verbalizer tensors, refusing missing, unexpected or wrongly shaped ones."""
-        expected = self.task_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} does not hold this model's task tensors: missing {missing}, unexpected {unexpected}"
-            )
-        for name, tensor in tensors.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but the config and backbone need "
-                    f"{tuple(expected[name].shape)}"
-                )
+        check_task_tensors(tensors, self.task_state_dict(), source)
         with torch.no_grad():
             for name, tensor in self.state_dict().items():
                 if name in tensors:
@@ -902,6 +870,59 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 self.config.auto_map = previous
             else:
                 del self.config.auto_map
+
+
+# ------------------------------------------------------------------------------------- checkpoint IO, shared
+def backbone_config_fields(backbone_config, backbone_name_or_path: str, revision: str | None, **fields) -> dict:
+    """The fields of a `VPTMConfig` for prompts on this backbone: its architecture, where it is loaded from, and
+    the given VPTM fields (its own labels and head are not carried over)."""
+    merged = backbone_config.to_dict()
+    for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
+        merged.pop(key, None)
+    merged.update(fields)
+    merged.update(backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)
+    return merged
+
+
+def read_task_tensors(checkpoint, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """The task tensors of a prompt checkpoint (folder or Hub id). Only safetensors is read: a pickled
+    `pytorch_model.bin` offered instead is never unpickled."""
+    from safetensors.torch import load_file
+    from transformers.utils.hub import cached_file
+
+    weights = cached_file(checkpoint, WEIGHTS_NAME, **hub_kwargs)
+    try:
+        return load_file(weights)
+    except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
+        raise ValueError(
+            f"cannot read the prompt weights {weights}: the file is truncated or not a safetensors file ({error})"
+        ) from error
+
+
+def check_fingerprint(config: VPTMConfig, found: str, source: str) -> None:
+    """Refuses prompts trained on other backbone weights than the ones loaded (`found`)."""
+    if config.backbone_fingerprint is not None and found != config.backbone_fingerprint:
+        raise ValueError(
+            f"{source} was trained on backbone {config.backbone_name_or_path!r} (revision "
+            f"{config.backbone_revision}) with weights fingerprint {config.backbone_fingerprint[:16]}..., but the "
+            f"weights loaded now have fingerprint {found[:16]}...: the prompts do not fit these weights"
+        )
+
+
+def check_task_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses task tensors that are missing, unexpected or wrongly shaped for the config they come with."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not hold this model's task tensors: missing {missing}, unexpected {unexpected}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but the config and backbone need "
+                f"{tuple(expected[name].shape)}"
+            )
 
 
 def _partial_attention(

@@ -20,12 +20,15 @@ from torch import nn
 
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import (
-    WEIGHTS_NAME,
     VPTMForImageClassification,
+    backbone_config_fields,
     backbone_fingerprint,
     build_task_modules,
     check_backbone_fits,
+    check_fingerprint,
+    check_task_tensors,
     load_mim_backbone,
+    read_task_tensors,
     run_task_head,
 )
 
@@ -55,11 +58,8 @@ class MultiTaskVPTM(nn.Module):
     def __init__(self, backbone_name_or_path: str, revision: str | None = None, **hub_kwargs) -> None:
         super().__init__()
         mim = load_mim_backbone(backbone_name_or_path, revision=revision, **hub_kwargs)
-        fields = mim.config.to_dict()
-        for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
-            fields.pop(key, None)
-        fields.update(prompt_length=0, classifier="linear_cls", num_labels=1,
-                      backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)  # fmt: skip
+        fields = backbone_config_fields(mim.config, backbone_name_or_path, revision, prompt_length=0,
+                                        classifier="linear_cls", num_labels=1)  # fmt: skip
         # a task-less VPTM model: the backbone and the prompted forward every task goes through
         self.prompted_backbone = VPTMForImageClassification(VPTMConfig(**fields))
         self.prompted_backbone._load_backbone_weights(mim)
@@ -73,32 +73,24 @@ class MultiTaskVPTM(nn.Module):
         """Adds a prompt checkpoint (folder, Hub id or loaded model) made on this backbone; the backbone is not
         reloaded. Refuses checkpoints made on another backbone, revision or weights."""
         if isinstance(checkpoint, VPTMForImageClassification):
-            config, tensors, source = checkpoint.config, checkpoint.task_state_dict(), "the given model"
+            config, tensors, source = (
+                checkpoint.config,
+                checkpoint.task_state_dict(),
+                f"task {name!r} (the given model)",
+            )
         else:
-            from safetensors.torch import load_file
-            from transformers.utils.hub import cached_file
-
             config = VPTMConfig.from_pretrained(checkpoint, **hub_kwargs)
-            tensors, source = load_file(cached_file(checkpoint, WEIGHTS_NAME, **hub_kwargs)), str(checkpoint)
+            tensors, source = read_task_tensors(checkpoint, **hub_kwargs), f"task {name!r} ({checkpoint})"
         if (config.backbone_name_or_path, config.backbone_revision) != (self.backbone_name_or_path, self.revision):
             raise ValueError(
-                f"task {name!r} ({source}) was made on backbone {config.backbone_name_or_path!r} (revision "
+                f"{source} was made on backbone {config.backbone_name_or_path!r} (revision "
                 f"{config.backbone_revision}), but this server holds {self.backbone_name_or_path!r} (revision "
                 f"{self.revision})"
             )
-        if config.backbone_fingerprint is not None and config.backbone_fingerprint != self.fingerprint:
-            raise ValueError(
-                f"task {name!r} ({source}) was trained on other weights of {config.backbone_name_or_path!r}: "
-                f"fingerprint {config.backbone_fingerprint[:16]}... vs {self.fingerprint[:16]}..."
-            )
+        check_fingerprint(config, self.fingerprint, source)
         check_backbone_fits(config, self.prompted_backbone.config, source)
         task = VPTMTask(config)
-        expected = task.state_dict()
-        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-            raise ValueError(
-                f"task {name!r} ({source}): tensors {sorted((k, tuple(v.shape)) for k, v in tensors.items())} do "
-                f"not match its config, which needs {sorted((k, tuple(v.shape)) for k, v in expected.items())}"
-            )
+        check_task_tensors(tensors, task.state_dict(), source)
         task.load_state_dict(tensors)
         param = next(self.prompted_backbone.parameters())
         self.tasks[name] = task.to(param.device, param.dtype).eval().requires_grad_(False)
