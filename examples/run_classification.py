@@ -76,6 +76,7 @@ FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
 DIGITS_DATASET = "vptm:digits"
 RUN_ARGS_FILE = "vptm_run_args.json"
 SPLITS = ("train", "validation", "test")
+TRAIN_VAL_SPLIT = 0.15
 
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3}
 
@@ -202,7 +203,11 @@ class DataTrainingArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder scored after training."})
-    train_val_split: float = field(default=0.15, metadata={"help": "Held-out fraction if there is no eval split."})
+    train_val_split: float = field(
+        default=TRAIN_VAL_SPLIT,
+        metadata={"help": "Fraction of train held out as validation when the dataset has neither a validation nor a "
+                  "test split (for selection on a dataset that has a test split, use --validation_split)."},
+    )  # fmt: skip
     validation_split: float = field(
         default=0.0,
         metadata={
@@ -339,6 +344,12 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     elif "validation" not in dataset and "test" not in dataset:  # nothing held out: hold out part of train
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
         dataset = DatasetDict(train=split["train"], validation=split["test"])
+    elif data_args.train_val_split != TRAIN_VAL_SPLIT:
+        logger.warning(
+            "--train_val_split is ignored: the dataset has its own %s split (carve a validation split from train "
+            "with --validation_split)",
+            " and ".join(s for s in ("validation", "test") if s in dataset),
+        )
     for name in (data_args.image_column_name, data_args.label_column_name):
         if name not in dataset["train"].column_names:
             raise ValueError(

@@ -569,6 +569,14 @@ def test_flags_the_method_ignores_are_reported_and_bad_values_refused(tmp_path, 
         parse(["--validation_split", "1.5", "--output_dir", str(tmp_path)])
 
 
+def test_train_val_split_that_cannot_apply_says_so(caplog):
+    data_args = run_classification.DataTrainingArguments(train_val_split=0.3)
+    with caplog.at_level("WARNING"):
+        dataset = run_classification.load_data(data_args, run_classification.ModelArguments())
+    assert list(dataset) == ["train", "test"] and len(dataset["train"]) == 1000
+    assert "--train_val_split is ignored: the dataset has its own test split" in caplog.text
+
+
 def test_eval_subset_is_seeded_and_random_not_the_first_rows():
     def eval_labels(seed):
         data_args = run_classification.DataTrainingArguments(max_eval_samples=50)
