@@ -7,9 +7,14 @@ import os
 import shutil
 import sys
 
-import pytest
-import torch
-from transformers import BeitConfig, BeitForMaskedImageModeling
+
+# The suite never touches the network: the Hub libraries read these when they are first imported, so set them first.
+for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[variable] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import BeitConfig, BeitForMaskedImageModeling  # noqa: E402
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
