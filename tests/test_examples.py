@@ -82,8 +82,8 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
 
 def test_vptm_trainable_count_and_class_mean_init(tmp_path):
     results = run(tmp_path, "--prototype_init", "class_mean", "--prompt_length", "1", "--prompt_layers", "0,5")
-    # prompts 2 blocks x 1 x 128, projection 512 x 64, prototypes 10 x 64, scale
-    assert results["trainable_parameters"] == 2 * 128 + 512 * 64 + 10 * 64 + 1
+    # prompts 2 blocks x 1 x 128, projection 128 x 64 (the hidden state), prototypes 10 x 64, scale
+    assert results["trainable_parameters"] == 2 * 128 + 128 * 64 + 10 * 64 + 1
 
 
 def test_full_fine_tuning_trains_the_backbone(tmp_path):
@@ -328,7 +328,7 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     assert {"full", "linear", "vpt_deep", "vptm_deep", "infer_beit", "infer_vptm", "serve_one_task",
             "serve_eight_tasks"} <= set(rows)  # fmt: skip
     assert all(rows[k]["images_per_s"] > 0 for k in rows if k != "checkpoint")
-    assert rows["vptm_deep"]["trainable"] == 6 * 10 * 128 + 512 * 64 + 100 * 64 + 1
+    assert rows["vptm_deep"]["trainable"] == 6 * 10 * 128 + 128 * 64 + 100 * 64 + 1
     assert rows["full"]["trainable"] > 20 * rows["vptm_deep"]["trainable"]
     # tensor memory of a training step, from the CPU profiler: full fine-tuning holds weight gradients and AdamW state
     assert all(rows[k]["peak_gib"] > 0 for k in ("full", "linear", "vpt_deep", "vptm_deep"))

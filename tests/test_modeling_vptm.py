@@ -181,8 +181,8 @@ def test_backbone_stays_in_eval_mode(backbone_dir, pixel_values):
 def test_trainable_parameter_count(backbone_dir, capsys):
     model = from_backbone(backbone_dir, prompt_length=3, prototype_dim=5)
     trainable, total = model.get_nb_trainable_parameters()
-    # deep prompts 3 blocks x 3 x 24, projection 37 x 5, prototypes 4 x 5, scale 1
-    assert trainable == 3 * 3 * 24 + 37 * 5 + 4 * 5 + 1
+    # deep prompts 3 blocks x 3 x 24, projection 24 x 5 (from the hidden state), prototypes 4 x 5, scale 1
+    assert trainable == 3 * 3 * 24 + 24 * 5 + 4 * 5 + 1
     assert total == trainable + sum(p.numel() for p in model.beit.parameters()) + 24 * 2 + 24 * 37 + 37
     model.print_trainable_parameters()
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
@@ -425,7 +425,7 @@ def test_verbalizer_is_scaled_cosine_with_max_over_prototypes():
 
 
 def test_class_mean_prototypes(backbone_dir, pixel_values):
-    model = from_backbone(backbone_dir)
+    model = from_backbone(backbone_dir, verbalizer_input="logits")
     labels = torch.tensor([0, 1, 2, 3])
     images = torch.cat([pixel_values, pixel_values[:1] * 0.5])
     model.initialize_prototypes([(images, labels)])
