@@ -678,13 +678,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
     label_names = labels_of(dataset)
     id2label = dict(enumerate(label_names))
-    processor = AutoImageProcessor.from_pretrained(
-        resolve_backbone_path(model_args.model_name_or_path), revision=model_args.model_revision,
-        cache_dir=model_args.cache_dir, token=model_args.token,
-    )  # fmt: skip
-    train_transform, eval_transform = build_transforms(processor, data_args, label_names, dataset)
-    splits = {name: dataset[name].with_transform(eval_transform) for name in ("validation", "test") if name in dataset}
-    train_data = dataset["train"].with_transform(train_transform)
     if training_args.do_train:
         model = build_model(model_args, id2label)
     else:  # evaluate what an earlier run left in output_dir
@@ -693,6 +686,14 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--do_train false scores the checkpoint in --output_dir, and {training_args.output_dir} holds none"
             )
         model = AutoModelForImageClassification.from_pretrained(training_args.output_dir)
+    # the backbone's processor, loaded after the backbone itself, whose loading errors say more
+    processor = AutoImageProcessor.from_pretrained(
+        resolve_backbone_path(model_args.model_name_or_path), revision=model_args.model_revision,
+        cache_dir=model_args.cache_dir, token=model_args.token,
+    )  # fmt: skip
+    train_transform, eval_transform = build_transforms(processor, data_args, label_names, dataset)
+    splits = {name: dataset[name].with_transform(eval_transform) for name in ("validation", "test") if name in dataset}
+    train_data = dataset["train"].with_transform(train_transform)
 
     if model_args.prototype_init == "class_mean" and training_args.do_train:
         plain = dataset["train"].with_transform(eval_transform)
