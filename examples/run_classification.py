@@ -175,24 +175,27 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.prompt_layers not in PROMPT_LAYER_PRESETS:
-            try:
-                [int(i) for i in self.prompt_layers.split(",") if i.strip()]
-            except ValueError as error:
-                raise ValueError(
-                    f"--prompt_layers must be deep, shallow or block indices like 0,1,2; got {self.prompt_layers!r}"
-                ) from error
+        self.prompt_layer_list()  # refuses anything but deep, shallow or block indices, before any work
         if self.prototype_init == "class_mean" and self.method != "vptm":
             raise ValueError(f"--prototype_init class_mean needs --method vptm, got {self.method!r}")
+
+    def prompt_layer_list(self) -> str | list[int]:
+        """`--prompt_layers` as VPTMConfig takes it: "deep", "shallow", or the list of block indices."""
+        if self.prompt_layers in PROMPT_LAYER_PRESETS:
+            return self.prompt_layers
+        try:
+            return [int(i) for i in self.prompt_layers.split(",") if i.strip()]
+        except ValueError as error:
+            raise ValueError(
+                f"--prompt_layers must be deep, shallow or block indices like 0,1,2; got {self.prompt_layers!r}"
+            ) from error
 
     def ignored_by_method(self, given: set[str]) -> list[str]:
         """The given flags (model fields only) that the chosen method does not read."""
         used = set(METHOD_FIELDS[self.method])
         if self.method == "vptm" and self.vptm_head == "linear_mask":
             used -= VERBALIZER_FIELDS
-        model_fields = {f.name for f in dataclasses.fields(self)} - {f for fields in METHOD_FIELDS.values()
-                                                                     for f in fields}  # fmt: skip
-        return sorted(name for name in given if name not in used and name not in model_fields and hasattr(self, name))
+        return sorted((given & set().union(*METHOD_FIELDS.values())) - used)
 
 
 @dataclass
@@ -339,8 +342,8 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     if "train" not in dataset:
         raise ValueError(f"the dataset has no 'train' split; it has {sorted(dataset)}")
     if data_args.validation_split:  # model selection on a carved split, whatever validation split the data has
-        dataset = DatasetDict(**carve_validation(dataset, data_args), **({"test": dataset["test"]} if "test" in dataset
-                                                                         else {}))  # fmt: skip
+        carved = carve_validation(dataset, data_args)
+        dataset = DatasetDict(carved, **({"test": dataset["test"]} if "test" in dataset else {}))
     elif "validation" not in dataset and "test" not in dataset:  # nothing held out: hold out part of train
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
         dataset = DatasetDict(train=split["train"], validation=split["test"])
@@ -477,22 +480,9 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
         model = BeitForImageClassification(config)
         model.beit.load_state_dict(mim.beit.state_dict(), strict=False)  # the new pooler/classifier stay fresh
         return model
-    layers = model_args.prompt_layers
-    if layers not in PROMPT_LAYER_PRESETS:  # block indices, checked in ModelArguments
-        layers = [int(i) for i in layers.split(",") if i.strip()]
-    fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)}
-    not_config = (
-        "model_name_or_path",
-        "model_revision",
-        "cache_dir",
-        "token",
-        "method",
-        "prototype_init",
-        "vptm_head",
-    )
-    for key in not_config:
-        fields.pop(key, None)
-    fields["prompt_layers"] = layers
+    config_fields = {f.name for f in dataclasses.fields(VPTMConfig)}  # the script's other arguments stay out
+    fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name in config_fields}
+    fields["prompt_layers"] = model_args.prompt_layer_list()
     fields["classifier"] = model_args.vptm_head if model_args.method == "vptm" else "linear_cls"
     if model_args.method == "linear":
         fields["prompt_length"] = 0

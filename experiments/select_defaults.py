@@ -64,7 +64,8 @@ def run_one(name: str, settings: dict, split_seed: int, args) -> dict:
         return json.load(open(done))
     argv = arguments(settings, split_seed, args) + ["--output_dir", folder, "--overwrite_output_dir", "true"]
     results = run_classification.main(argv)
-    assert results["eval_split"] == "validation" and "test" not in results["scored"]  # the test images stay unread
+    if results["eval_split"] != "validation" or "test" in results["scored"]:  # the test images must stay unread
+        raise RuntimeError(f"{name}: scored {sorted(results['scored'])}, but selection may read only validation")
     return results
 
 

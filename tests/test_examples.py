@@ -60,6 +60,8 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
     )
     files = set(os.listdir(tmp_path))
     assert {"config.json", "modeling_vptm.py", "configuration_vptm.py", "preprocessor_config.json"} <= files
+    saved = json.load(open(tmp_path / "config.json"))  # only config fields: the script's own arguments stay out
+    assert not {"backbone_hub_id", "prototype_init", "vptm_head", "method", "token"} & set(saved)
     metadata, body = read_card(tmp_path)
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-classification"
     # the packaged backbone and dataset are not Hub ids: the card does not name them as such
