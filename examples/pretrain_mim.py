@@ -10,6 +10,10 @@ training images (``modeling_vptm.tokenizer``). Labels of the training set are ne
         --per_device_train_batch_size 1024 --learning_rate 1.5e-3 --bf16
     # a CPU run of a few minutes
     python examples/pretrain_mim.py --output_dir runs/cpu-beit --num_train_epochs 2 --max_train_samples 20000
+    # second generation: tokens are codes of the first backbone's contextual features (BEiT v2's idea), and the
+    # encoder starts from the first backbone's weights with a fresh MIM head
+    python examples/pretrain_mim.py --output_dir runs/tiny-beit-v2 --teacher vptm:tiny-beit-fashion-mnist \
+        --init_from vptm:tiny-beit-fashion-mnist --num_train_epochs 8 --learning_rate 5e-4
 
 Resumable: rerunning with the same ``--output_dir`` continues from its last checkpoint (the tokenizer saved
 there is reused, not refitted). Arguments can also come from one JSON file: ``python pretrain_mim.py args.json``.
@@ -39,7 +43,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, TokenizingMIMModel
-from modeling_vptm.tokenizer import TOKENIZER_FILE, PatchKMeansTokenizer
+from modeling_vptm.modeling_vptm import resolve_backbone_path
+from modeling_vptm.tokenizer import (
+    TOKENIZER_FILE,
+    PatchKMeansTokenizer,
+    TeacherFeatureTokenizer,
+    load_visual_tokenizer,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -69,6 +79,18 @@ class BackboneArguments:
     token_context: int = field(default=2, metadata={"help": "Pixels of context around each patch for its token."})
     tokenizer_samples: int = field(default=300_000, metadata={"help": "Patches used to fit the k-means tokenizer."})
     kmeans_iters: int = 40
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenise a frozen teacher's contextual patch features instead of pixels (a backbone folder, Hub "
+            "id or vptm: name); the codebook is fitted by spherical k-means on the training images."
+        },
+    )
+    teacher_layer: int = field(default=-1, metadata={"help": "Which of the teacher's hidden states is tokenised."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Start the encoder from this backbone's weights; the MIM head is always fresh."},
+    )
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
@@ -117,22 +139,32 @@ def build_config(args: BackboneArguments) -> BeitConfig:
     )
 
 
+def _tokenizer_signature(tokenizer: PatchKMeansTokenizer | TeacherFeatureTokenizer) -> dict:
+    if isinstance(tokenizer, TeacherFeatureTokenizer):
+        return {"teacher": tokenizer.teacher_name, "layer": tokenizer.layer, "vocab_size": tokenizer.vocab_size}
+    return {"patch_size": tokenizer.patch_size, "vocab_size": tokenizer.vocab_size, "token_context": tokenizer.context}
+
+
 def fit_or_load_tokenizer(
     args: BackboneArguments, images: np.ndarray, output_dir: str, seed: int
-) -> PatchKMeansTokenizer:
+) -> PatchKMeansTokenizer | TeacherFeatureTokenizer:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.teacher is not None:
+        teacher = BeitForMaskedImageModeling.from_pretrained(resolve_backbone_path(args.teacher))
+        tokenizer = TeacherFeatureTokenizer(teacher, args.teacher, args.vocab_size, args.teacher_layer)
+    else:
+        tokenizer = PatchKMeansTokenizer(args.patch_size, 3, args.vocab_size, args.token_context)
     if os.path.isfile(os.path.join(output_dir, TOKENIZER_FILE)):
-        tokenizer = PatchKMeansTokenizer.from_pretrained(output_dir)
-        expected = (args.patch_size, args.vocab_size, args.token_context)
-        found = (tokenizer.patch_size, tokenizer.vocab_size, tokenizer.context)
-        if found != expected:
+        saved = load_visual_tokenizer(output_dir)
+        expected, found = _tokenizer_signature(tokenizer), _tokenizer_signature(saved)
+        if type(saved) is not type(tokenizer) or found != expected:
             raise ValueError(
-                f"{output_dir} holds a tokenizer with (patch_size, vocab_size, context)={found}, but this run asks "
-                f"for {expected}; use another --output_dir"
+                f"{output_dir} holds a tokenizer with {found}, but this run asks for {expected}; use another "
+                "--output_dir"
             )
         logger.info("Reusing the tokenizer saved in %s", output_dir)
-        return tokenizer
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = PatchKMeansTokenizer(args.patch_size, 3, args.vocab_size, args.token_context).to(device)
+        return saved
+    tokenizer = tokenizer.to(device)
     pixels = ImageTensorDataset(images).pixel_values
     start = time.perf_counter()
     stats = tokenizer.fit(
@@ -166,7 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = fit_or_load_tokenizer(model_args, images, training_args.output_dir, training_args.seed)
 
     config = build_config(model_args)
-    model = BeitForMaskedImageModeling(config)
+    if model_args.init_from is not None:
+        model = BeitForMaskedImageModeling.from_pretrained(resolve_backbone_path(model_args.init_from))
+        # the architecture is the starting backbone's; only the vocabulary follows this run's tokenizer
+        model.config.vocab_size = config.vocab_size
+        model.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size)
+        model.lm_head.apply(model._init_weights)  # a fresh head: the new tokens mean something else
+        config = model.config
+    else:
+        model = BeitForMaskedImageModeling(config)
     grid = (config.image_size // config.patch_size,) * 2
     collator = MaskedImageModelingCollator(
         None,  # tokens are computed on the model's device by TokenizingMIMModel
@@ -175,6 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         flip=data_args.flip,
         seed=training_args.seed,
     )
+    if isinstance(tokenizer, TeacherFeatureTokenizer) and tokenizer.patch_size != config.patch_size:
+        raise ValueError(
+            f"the teacher {tokenizer.teacher_name} has patch_size {tokenizer.patch_size}, the backbone being trained "
+            f"{config.patch_size}: tokens must describe the same patches"
+        )
     trainer = Trainer(
         model=TokenizingMIMModel(model, tokenizer),
         args=training_args,

@@ -28,7 +28,7 @@ import torch
 
 from modeling_vptm.data import balanced_subset, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator
-from modeling_vptm.tokenizer import PatchKMeansTokenizer
+from modeling_vptm.tokenizer import load_visual_tokenizer
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     model = BeitForMaskedImageModeling.from_pretrained(args.backbone).to(device).eval()
-    tokenizer = PatchKMeansTokenizer.from_pretrained(args.backbone).to(device)
+    tokenizer = load_visual_tokenizer(args.backbone).to(device)
     train_images, train_labels = load_fashion_mnist("train", args.data_dir)
     test_images, test_labels = load_fashion_mnist("test", args.data_dir)
     if args.max_test_samples:

@@ -11,6 +11,12 @@ semantic tokens BEiT v2 uses than raw patch colours are.
 
 The tokenizer works on the model's own input (``pixel_values`` after the image processor), so tokens can be
 recomputed from any batch, and is saved as one safetensors file beside the backbone.
+
+:class:`TeacherFeatureTokenizer` is the second generation, BEiT v2's idea at small scale: tokens are codes of a
+frozen *teacher's* contextual patch features instead of pixels, so that a token names what a patch is part of
+rather than how bright it is. The codebook is L2-normalised and fitted by spherical k-means (VQ-KD's normalised
+codebook and k-means initialisation, without its learned encoder and decoder). :func:`load_visual_tokenizer`
+reads either kind from a backbone folder.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -145,13 +152,8 @@ class PatchKMeansTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PatchKMeansTokenizer:
-        from safetensors import safe_open
-
-        path = os.path.join(directory, TOKENIZER_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no visual tokenizer in {directory}: expected the file {TOKENIZER_FILE}")
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("config", "{}"))
+        path, meta = _read_meta(directory)
+        meta.pop("kind", None)
         missing = {"patch_size", "num_channels", "vocab_size", "context"} - set(meta)
         if missing:
             raise ValueError(f"{path} lacks the tokenizer metadata {sorted(missing)}")
@@ -172,3 +174,137 @@ def _kmeans_plus_plus(data: torch.Tensor, k: int, generator: torch.Generator | N
         centers.append(sub[nxt])
         dist = torch.minimum(dist, ((sub - sub[nxt]) ** 2).sum(1))
     return torch.stack(centers)
+
+
+def _read_meta(directory: str | os.PathLike) -> tuple[str, dict]:
+    path = os.path.join(directory, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no visual tokenizer in {directory}: expected the file {TOKENIZER_FILE}")
+    with safe_open(path, framework="pt") as f:
+        return path, json.loads((f.metadata() or {}).get("config", "{}"))
+
+
+class TeacherFeatureTokenizer(nn.Module):
+    """Visual tokens from a frozen teacher's contextual patch features: ``(batch, C, H, W)`` -> ``(batch, patches)``.
+
+    The teacher is a BEiT encoder (for the project, the first-generation shipped backbone, which learned without
+    labels); a patch's token is the nearest L2-normalised code to the teacher's L2-normalised state of that patch at
+    ``layer`` (an index into ``hidden_states``; ``-1`` is the last block's output). The teacher stays in eval mode
+    even when the module around it trains: stochastic depth in the teacher would make the targets noisy.
+
+    Args:
+        teacher: a ``BeitModel`` (or ``BeitForMaskedImageModeling``, whose encoder is used).
+        teacher_name: how the teacher is found again when the tokenizer is loaded (a ``vptm:`` name, a folder or a
+            Hub id); saved with the codebook, the teacher's weights are not.
+        vocab_size: number of codes.
+        layer: which of the teacher's ``hidden_states`` is tokenised.
+    """
+
+    def __init__(self, teacher: nn.Module, teacher_name: str, vocab_size: int, layer: int = -1) -> None:
+        super().__init__()
+        encoder = getattr(teacher, "beit", teacher)
+        num_states = encoder.config.num_hidden_layers + 1
+        if vocab_size < 2 or not -num_states <= layer < num_states:
+            raise ValueError(
+                f"expected vocab_size >= 2 and a layer in [{-num_states}, {num_states - 1}] (the teacher has "
+                f"{num_states} hidden states), got vocab_size={vocab_size}, layer={layer}"
+            )
+        self.teacher = encoder.eval().requires_grad_(False)
+        self.teacher_name, self.vocab_size, self.layer = teacher_name, vocab_size, layer
+        self.patch_size = encoder.config.patch_size
+        self.register_buffer("centroids", torch.zeros(vocab_size, encoder.config.hidden_size))
+
+    def train(self, mode: bool = True) -> TeacherFeatureTokenizer:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised teacher states of the patches, ``(batch, num_patches, hidden_size)``, raster order."""
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            states = self.teacher(pixel_values.float(), output_hidden_states=True).hidden_states[self.layer]
+            return F.normalize(states[:, 1:], dim=-1)  # drop CLS
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(batch, num_patches)``, ``int64``: the code of highest cosine similarity."""
+        return (self.patch_features(pixel_values) @ self.centroids.T).argmax(-1)
+
+    @torch.no_grad()
+    def fit(
+        self,
+        pixel_values: torch.Tensor,
+        num_samples: int = 300_000,
+        num_iters: int = 30,
+        generator: torch.Generator | None = None,
+        batch_size: int = 1024,
+    ) -> dict[str, float]:
+        """Spherical k-means (k-means++ seeding) on teacher features of ``pixel_values`` (training images only).
+
+        Returns ``{"mean_cosine": ..., "used_codes": ...}`` of the final assignment.
+        """
+        device = self.centroids.device
+        feats = torch.cat(
+            [
+                self.patch_features(pixel_values[s : s + batch_size].to(device)).flatten(0, 1)
+                for s in range(0, len(pixel_values), batch_size)
+            ]
+        )
+        if len(feats) < self.vocab_size:
+            raise ValueError(f"k-means needs at least vocab_size={self.vocab_size} patches, got {len(feats)}")
+        data = feats[torch.randperm(len(feats), generator=generator)[:num_samples].to(device)]
+        self.centroids.copy_(F.normalize(_kmeans_plus_plus(data, self.vocab_size, generator), dim=-1))
+        for _ in range(num_iters):
+            assign = (data @ self.centroids.T).argmax(1)
+            sums = torch.zeros_like(self.centroids).index_add_(0, assign, data)
+            alive = torch.bincount(assign, minlength=self.vocab_size) > 0
+            self.centroids[alive] = F.normalize(sums[alive], dim=-1)
+            if not alive.all():  # re-seed empty codes with the worst-served points
+                worst = (data * self.centroids[assign]).sum(1).topk(int((~alive).sum()), largest=False).indices
+                self.centroids[~alive] = data[worst]
+        cosine = (data @ self.centroids.T).max(1)
+        used = int(torch.bincount(cosine.indices, minlength=self.vocab_size).gt(0).sum())
+        return {"mean_cosine": cosine.values.mean().item(), "used_codes": used}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        meta = {
+            "kind": "teacher_features",
+            "teacher": self.teacher_name,
+            "vocab_size": self.vocab_size,
+            "layer": self.layer,
+        }
+        save_file(
+            {"centroids": self.centroids.detach().cpu().contiguous()},
+            os.path.join(directory, TOKENIZER_FILE),
+            metadata={"config": json.dumps(meta)},
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> TeacherFeatureTokenizer:
+        from transformers import BeitForMaskedImageModeling
+
+        from .modeling_vptm import resolve_backbone_path
+
+        path, meta = _read_meta(directory)
+        missing = {"teacher", "vocab_size", "layer"} - set(meta)
+        if meta.get("kind") != "teacher_features" or missing:
+            raise ValueError(f"{path} is not a teacher-feature tokenizer (metadata {meta})")
+        teacher = BeitForMaskedImageModeling.from_pretrained(resolve_backbone_path(meta["teacher"]))
+        tokenizer = cls(teacher, meta["teacher"], meta["vocab_size"], meta["layer"])
+        tokenizer.centroids.copy_(load_file(path)["centroids"])
+        return tokenizer
+
+
+def load_visual_tokenizer(directory: str | os.PathLike) -> PatchKMeansTokenizer | TeacherFeatureTokenizer:
+    """The visual tokenizer saved in a backbone folder, of whichever kind it is."""
+    _, meta = _read_meta(directory)
+    kind = meta.get("kind", "pixel_kmeans")
+    if kind == "teacher_features":
+        return TeacherFeatureTokenizer.from_pretrained(directory)
+    if kind == "pixel_kmeans":
+        return PatchKMeansTokenizer.from_pretrained(directory)
+    raise ValueError(
+        f"unknown visual tokenizer kind {kind!r} in {directory}; expected pixel_kmeans or teacher_features"
+    )

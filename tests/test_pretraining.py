@@ -17,7 +17,7 @@ from transformers import BeitForMaskedImageModeling
 from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path
 from modeling_vptm.data import FASHION_MNIST_LABELS, balanced_subset, load_fashion_mnist, read_idx, shipped_dataset
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, random_shift_flip
-from modeling_vptm.tokenizer import PatchKMeansTokenizer
+from modeling_vptm.tokenizer import PatchKMeansTokenizer, TeacherFeatureTokenizer, load_visual_tokenizer
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
@@ -155,7 +155,51 @@ def test_collator_labels_are_tokens_of_masked_patches():
 
 
 # ------------------------------------------------------------------------------------------------- pre-training
-def run_pretrain(tmp_path, output, epochs):
+def test_teacher_tokenizer_codes_are_nearest_normalised_teacher_states(tmp_path, backbone_dir, pixel_values):
+    backbone = BeitForMaskedImageModeling.from_pretrained(backbone_dir)  # its own copy: the tokenizer freezes it
+    tokenizer = TeacherFeatureTokenizer(backbone, str(backbone_dir), vocab_size=5, layer=-2)
+    stats = tokenizer.fit(pixel_values, num_samples=1000, num_iters=5, generator=torch.Generator().manual_seed(0))
+    assert stats["used_codes"] == 5 and 0 < stats["mean_cosine"] <= 1
+    assert torch.allclose(tokenizer.centroids.norm(dim=-1), torch.ones(5))
+    # by hand: the teacher's penultimate hidden state of each patch, normalised, against the codebook
+    backbone.eval()
+    with torch.no_grad():
+        states = backbone.beit(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+    expected = (torch.nn.functional.normalize(states, dim=-1) @ tokenizer.centroids.T).argmax(-1)
+    tokens = tokenizer.encode(pixel_values)
+    assert tokens.shape == (len(pixel_values), states.shape[1]) and torch.equal(tokens, expected)
+    # the teacher stays in eval mode (no stochastic depth in the targets) when the model around it trains
+    tokenizer.train()
+    assert not tokenizer.teacher.training and torch.equal(tokenizer.encode(pixel_values), expected)
+    # saved without the teacher's weights; the teacher is found again by name
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = load_visual_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, TeacherFeatureTokenizer) and loaded.layer == -2
+    assert torch.equal(loaded.encode(pixel_values), expected)
+    assert (tmp_path / "tok" / "visual_tokenizer.safetensors").stat().st_size < 2000
+    with pytest.raises(ValueError, match=r"layer in \[-4, 3\] \(the teacher has 4 hidden states\), got .*layer=4"):
+        TeacherFeatureTokenizer(backbone, "x", vocab_size=5, layer=4)
+
+
+def test_second_generation_pretraining_tokenises_the_teacher_and_starts_from_it(tmp_path):
+    write_fashion_mnist(tmp_path / "fm")
+    run_pretrain(tmp_path, tmp_path / "gen1", epochs=1)
+    first = BeitForMaskedImageModeling.from_pretrained(tmp_path / "gen1")
+    extra = ["--teacher", str(tmp_path / "gen1"), "--init_from", str(tmp_path / "gen1"), "--vocab_size", "12"]
+    run_pretrain(tmp_path, tmp_path / "gen2", epochs=1, extra=extra, learning_rate="0")
+    second = BeitForMaskedImageModeling.from_pretrained(tmp_path / "gen2")
+    tokenizer = load_visual_tokenizer(tmp_path / "gen2")
+    assert isinstance(tokenizer, TeacherFeatureTokenizer) and tokenizer.teacher_name == str(tmp_path / "gen1")
+    assert second.config.vocab_size == 12 and second.lm_head.weight.shape == (12, 16)
+    # with a zero learning rate the encoder is exactly the first backbone's
+    for name, tensor in first.beit.state_dict().items():
+        assert torch.equal(second.beit.state_dict()[name], tensor), name
+    # a rerun asking for another tokenizer in the same folder is refused, not silently mixed
+    with pytest.raises(ValueError, match=r"holds a tokenizer with .*'vocab_size': 12.* but this run asks for"):
+        run_pretrain(tmp_path, tmp_path / "gen2", epochs=1, extra=extra[:4] + ["--vocab_size", "10"])
+
+
+def run_pretrain(tmp_path, output, epochs, extra=(), learning_rate="1e-3"):
     import examples.pretrain_mim as pretrain
 
     argv = [
@@ -163,7 +207,7 @@ def run_pretrain(tmp_path, output, epochs):
         "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "32", "--vocab_size", "16",
         "--tokenizer_samples", "2000", "--kmeans_iters", "3", "--per_device_train_batch_size", "16",
         "--num_train_epochs", str(epochs), "--save_strategy", "epoch", "--report_to", "none", "--use_cpu", "true",
-        "--disable_tqdm", "true", "--learning_rate", "1e-3", "--seed", "7",
+        "--disable_tqdm", "true", "--learning_rate", learning_rate, "--seed", "7", *extra,
     ]  # fmt: skip
     return pretrain.main(argv)
 
