@@ -36,7 +36,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.beit.modeling_beit import BeitLayer, BeitPreTrainedModel, eager_attention_forward
-from transformers.utils import logging
+from transformers.utils import ModelOutput, logging
 
 from .configuration_vptm import VPTMConfig
 
@@ -72,10 +72,35 @@ class VPTMImageClassifierOutput(ImageClassifierOutput):
             Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
             when `output_hidden_states=True`; tokens in the order `[CLS] + P prompts + [MASK] + patches` (no prompts
             before the first prompted block).
+        readout_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, sequence_length)`, *optional*):
+            The last block's attention from the read-out token ([MASK] or CLS) to every token, in the order of
+            `hidden_states` (the last `num_patches` columns are the patches), when `output_readout_attention=True`.
     """
 
     visual_token_logits: torch.FloatTensor | None = None
     mask_hidden_state: torch.FloatTensor | None = None
+    readout_attention: torch.FloatTensor | None = None
+
+
+@dataclass
+class PromptedBackboneOutput(ModelOutput):
+    r"""
+    Output of [`VPTMForImageClassification.forward_features`]: what the prompted backbone computed.
+
+    Args:
+        readout_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Final state of the read-out token ([MASK], or CLS for `linear_cls`), before the MIM head's layer norm.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            As in [`VPTMImageClassifierOutput`], when `output_hidden_states=True`.
+        readout_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, sequence_length)`, *optional*):
+            The last block's attention from the read-out token to every token (each head's row sums to 1), tokens
+            in the order of `hidden_states`, so the last `num_patches` columns are the image patches; when
+            `output_readout_attention=True`.
+    """
+
+    readout_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    readout_attention: torch.FloatTensor | None = None
 
 
 class VPTMPromptEmbeddings(nn.Module):
@@ -535,8 +560,10 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         output_hidden_states: bool = False,
         mask_embeddings: torch.Tensor | None = None,
         layout: VPTMConfig | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Runs the prompted backbone and returns the final state of the read-out token, `(batch, D)` (not normed).
+        output_readout_attention: bool = False,
+    ) -> PromptedBackboneOutput:
+        """Runs the prompted backbone: the final state of the read-out token, `(batch, D)` (not normed), and on
+        request every hidden state and the last block's attention from the read-out token.
 
         For multi-task serving, everything that belongs to a task can be given per image: `prompts` `(batch,
         num_prompted_blocks, P, D)` (or `(num_prompted_blocks, P, D)` for the whole batch; default: this model's),
@@ -603,6 +630,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         )
         inserted = has_slots = False
         last = len(self.beit.layers) - 1
+        readout_attention = None
         for i, layer in enumerate(self.beit.layers):
             if i in prompted:
                 block_prompts = prompts[:, prompted.index(i)].to(hidden.dtype)  # (batch, P, D)
@@ -611,6 +639,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 inserted = has_slots = True
             bias = biases_after[i] if inserted or not prompted else biases_before[i]
             query = readout if (fast and i == last) else None
+            if output_readout_attention and i == last:
+                readout_attention = _readout_attention(layer, hidden, bias, readout)  # (batch, heads, L)
+                if inserted and num_prompts:  # stored order P + CLS + rest -> documented order CLS + P + rest
+                    order = [num_prompts, *range(num_prompts), *range(num_prompts + 1, hidden.shape[1])]
+                    readout_attention = readout_attention[..., order]
             skip = 0
             if fast and i < last and has_slots and (i + 1) in prompted and num_prompts:
                 skip, has_slots = num_prompts, False
@@ -628,7 +661,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                     all_hidden += (hidden,)
         hidden = self.beit.layernorm(hidden)  # Identity for MIM checkpoints with mean pooling
         state = hidden[:, 0] if query is not None else hidden[:, readout]  # (batch, D)
-        return state, all_hidden
+        return PromptedBackboneOutput(
+            readout_state=state, hidden_states=all_hidden, readout_attention=readout_attention
+        )
 
     # ---------------------------------------------------------------------------------------------------- the head
     def classify(self, state: torch.Tensor) -> tuple[TaskHeadOutput, torch.Tensor | None, torch.Tensor]:
@@ -643,6 +678,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_readout_attention: bool = False,
         **kwargs,
     ) -> VPTMImageClassifierOutput | tuple:
         r"""
@@ -651,6 +687,8 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             `ValueError`; without, a non-finite image gets non-finite logits and the other images are unaffected.
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, num_labels)`; when given, the loss is computed.
+        output_readout_attention (`bool`, *optional*, defaults to `False`):
+            Also return the last block's attention from the read-out token (see `VPTMImageClassifierOutput`).
         """
         if pixel_values is None:
             raise ValueError("VPTMForImageClassification needs pixel_values")
@@ -659,15 +697,18 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         pixel_values = pixel_values.to(self.beit.embeddings.patch_embeddings.projection.weight.dtype)
         output_hidden_states = bool(output_hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        state, hidden_states = self.forward_features(pixel_values, output_hidden_states=output_hidden_states)
-        head, token_logits, normed = self.classify(state)
+        features = self.forward_features(
+            pixel_values, output_hidden_states=output_hidden_states, output_readout_attention=output_readout_attention
+        )
+        head, token_logits, normed = self.classify(features.readout_state)
         loss = task_loss(self.config, head, labels) if labels is not None else None
         output = VPTMImageClassifierOutput(
             loss=loss,
             logits=head.logits,
-            hidden_states=hidden_states,
+            hidden_states=features.hidden_states,
             visual_token_logits=token_logits,
             mask_hidden_state=normed,
+            readout_attention=features.readout_attention,
         )
         return output if return_dict else output.to_tuple()
 
@@ -688,8 +729,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             if max_batches is not None and i >= max_batches:
                 break
             pixel_values, y = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
-            state, _ = self.forward_features(pixel_values.to(device))
-            normed = self.layernorm(state)
+            normed = self.layernorm(self.forward_features(pixel_values.to(device)).readout_state)
             # exactly what `forward` projects and scores, for every verbalizer_input
             features["verbalizer"].append(readout_features(self.config, normed, self.lm_head(normed)).float())
             features["hidden_verbalizer"].append(normed.float())
@@ -923,6 +963,22 @@ def check_task_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tor
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but the config and backbone need "
                 f"{tuple(expected[name].shape)}"
             )
+
+
+def _readout_attention(layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, index: int) -> torch.Tensor:
+    """Attention probabilities of token `index` over all tokens in `layer`, `(batch, heads, L)`; the same scores
+    the block computes (scaled dot product plus the relative position bias), made explicit because fused attention
+    kernels do not return them."""
+    attention = layer.attention
+    normed = layer.layernorm_before(hidden)
+    batch, length, _ = normed.shape
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+    query = attention.q_proj(normed[:, index : index + 1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    scores = (query @ key.transpose(-1, -2)).float() * attention.scaling  # (batch, heads, 1, L)
+    if bias is not None:
+        scores = scores + bias[:, :, index : index + 1].float()
+    return scores.softmax(-1)[:, :, 0]
 
 
 def _partial_attention(

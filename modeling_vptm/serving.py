@@ -127,9 +127,9 @@ class MultiTaskVPTM(nn.Module):
                 mask = torch.cat([t.trainable_mask_token if t.trainable_mask_token is not None else default
                                   for t in members])  # (rows, 1, D)  # fmt: skip
             index = torch.tensor(rows, device=pixel_values.device)
-            state, _ = self.prompted_backbone.forward_features(
+            state = self.prompted_backbone.forward_features(
                 pixel_values[index], prompts=prompts, mask_embeddings=mask, layout=layout
-            )  # (rows, D)
+            ).readout_state  # (rows, D)
             normed = self.prompted_backbone.layernorm(state)
             token_logits = self.prompted_backbone.lm_head(normed) if layout.reads_mask_token else None
             by_task: dict[str, list[int]] = {}

@@ -245,6 +245,49 @@ def test_hidden_states_are_in_method_order(pixel_values, mode):
             torch.testing.assert_close(states[block + 1], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("position", [0, 12])
+def test_readout_attention_matches_beit_attentions_without_prompts(backbone_dir, pixel_values, position):
+    """With no prompts and [MASK] in place of a patch, the sequence is BEiT's own: the read-out row equals the
+    library's last-block attention of that patch, computed by transformers' eager attention."""
+    from transformers import BeitForMaskedImageModeling
+
+    reference = BeitForMaskedImageModeling.from_pretrained(backbone_dir, attn_implementation="eager").eval()
+    model = from_backbone(backbone_dir, prompt_length=0, mask_token_mode="replace", mask_token_position=position)
+    bool_masked_pos = torch.zeros(3, 25, dtype=torch.bool)
+    bool_masked_pos[:, position] = True
+    with torch.no_grad():
+        attentions = reference.beit(pixel_values, bool_masked_pos=bool_masked_pos, output_attentions=True).attentions
+        ours = model.eval()(pixel_values, output_readout_attention=True).readout_attention
+    torch.testing.assert_close(ours, attentions[-1][:, :, 1 + position], atol=1e-5, rtol=1e-5)
+    assert model(pixel_values).readout_attention is None  # only on request
+
+
+@pytest.mark.parametrize("fields", [{"prompt_layers": [1, 2]}, {"prompt_layers": [0]}, {"classifier": "linear_cls"}])
+def test_readout_attention_is_in_method_order(pixel_values, fields):
+    """The read-out row over [CLS] + P + [MASK]? + patches, recomputed from the last block's input by hand."""
+    model = VPTMForImageClassification(vptm_config(**fields)).eval()
+    with torch.no_grad():
+        if model.prompt_embeddings is not None:
+            model.prompt_embeddings.prompts.normal_()
+        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+        out = model(pixel_values, output_hidden_states=True, output_readout_attention=True)
+        attention = out.readout_attention
+        reads_mask = model.config.reads_mask_token
+        extra = 3 + int(reads_mask)
+        bias = extend_relative_position_bias(model.beit.shared_position_bias((5, 5), dim_size=26), extra, "cls")
+        layer, inputs = model.beit.layers[-1], out.hidden_states[-2].clone()
+        if 2 in model.config.prompted_layers:  # the last block gets its own prompts in the prompt slots
+            inputs[:, 1:4] = model.prompt_embeddings.prompts[-1]
+        normed = layer.layernorm_before(inputs)
+        query = layer.attention.q_proj(normed).view(3, -1, 2, 12).transpose(1, 2)
+        key = layer.attention.k_proj(normed).view(3, -1, 2, 12).transpose(1, 2)
+        expected = ((query @ key.transpose(-1, -2)) * 12**-0.5 + bias).softmax(-1)  # (3, heads, L, L)
+    row = 1 + 3 if reads_mask else 0
+    assert attention.shape == (3, 2, 1 + extra + 25)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2))
+    torch.testing.assert_close(attention, expected[:, :, row], atol=1e-5, rtol=1e-5)
+
+
 def test_per_layer_relative_bias_backbone(tmp_path, pixel_values):
     """Backbones with one relative bias per block (no shared one) get each block's own extended bias."""
     reference = make_backbone(tmp_path, use_shared_relative_position_bias=False, use_relative_position_bias=True)
@@ -402,9 +445,9 @@ def test_per_sample_prompts_equal_separate_runs(backbone_dir, pixel_values):
     other = torch.randn_like(model.prompt_embeddings.prompts)
     per_sample = torch.stack([model.prompt_embeddings.prompts, other, model.prompt_embeddings.prompts])
     with torch.no_grad():
-        mixed, _ = model.forward_features(pixel_values, prompts=per_sample)
-        own, _ = model.forward_features(pixel_values)
-        alone, _ = model.forward_features(pixel_values, prompts=other)
+        mixed = model.forward_features(pixel_values, prompts=per_sample).readout_state
+        own = model.forward_features(pixel_values).readout_state
+        alone = model.forward_features(pixel_values, prompts=other).readout_state
     torch.testing.assert_close(mixed[[0, 2]], own[[0, 2]], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(mixed[1], alone[1], atol=1e-6, rtol=1e-6)
 

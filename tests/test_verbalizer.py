@@ -76,7 +76,7 @@ def test_loss_in_forward_is_cross_entropy_plus_weighted_terms(pixel_values):
     model = vptm_model(verbalizer_input="hidden", **weights)
     labels = torch.tensor([0, 0, 2])
     out = model(pixel_values, labels=labels)
-    head = model.classify(model.forward_features(pixel_values)[0])[0]
+    head = model.classify(model.forward_features(pixel_values).readout_state)[0]
     (projected,), (cosine,) = head.projected, head.prototype_cosine
     expected = (
         F.cross_entropy(head.logits, labels)
@@ -147,7 +147,7 @@ def test_class_mean_prototypes_are_the_features_forward_scores(verbalizer_input,
     labels = torch.tensor([0, 1, 2, 0])
     model.initialize_prototypes([(images, labels)])
     with torch.no_grad():
-        head = model.classify(model.forward_features(images)[0])[0]
+        head = model.classify(model.forward_features(images).readout_state)[0]
     verbalizers = [model.verbalizer] + ([model.hidden_verbalizer] if verbalizer_input == "ensemble" else [])
     assert len(head.projected) == len(verbalizers)
     for verbalizer, projected in zip(verbalizers, head.projected, strict=True):
