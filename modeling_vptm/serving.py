@@ -14,6 +14,7 @@ length, prompted blocks, [MASK] placement and bias mode); tasks of the same layo
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +36,25 @@ from .modeling_vptm import (
 
 LAYOUT_FIELDS = ("prompt_length", "prompt_layers", "mask_token_mode", "mask_token_position", "extra_token_bias",
                  "classifier")  # fmt: skip
+
+
+@dataclass
+class TaskPrediction:
+    """What one image got under its task in a mixed batch.
+
+    Attributes:
+        task: the task's name.
+        logits: class logits, `(num_labels,)`.
+        visual_token_logits: the frozen MIM head's prediction at [MASK], `(vocab_size,)`; `None` for tasks that
+            read CLS (VPT, linear probe).
+        readout_attention: the last block's attention from the read-out token, `(num_heads, sequence_length)`,
+            tokens ordered `[CLS] + prompts + [MASK]? + patches`; only when asked for.
+    """
+
+    task: str
+    logits: torch.Tensor
+    visual_token_logits: torch.Tensor | None = None
+    readout_attention: torch.Tensor | None = None
 
 
 class VPTMTask(nn.Module):
@@ -104,6 +124,14 @@ class MultiTaskVPTM(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         """Class logits for each image under its own task: a list of `(num_labels_of_its_task,)` tensors."""
+        return [prediction.logits for prediction in self.predict(pixel_values, tasks)]
+
+    @torch.no_grad()
+    def predict(
+        self, pixel_values: torch.Tensor, tasks: list[str], output_readout_attention: bool = False
+    ) -> list[TaskPrediction]:
+        """Each image under its own task, with the visual-token prediction at [MASK] and, on request, where the
+        read-out token looked in the last block: one `TaskPrediction` per image, in input order."""
         if len(tasks) != len(pixel_values):
             raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
         unknown = sorted(set(tasks) - set(self.tasks))
@@ -114,7 +142,7 @@ class MultiTaskVPTM(nn.Module):
         groups: dict[tuple, list[int]] = {}
         for index, name in enumerate(tasks):
             groups.setdefault(self.tasks[name].layout(), []).append(index)
-        out: list[torch.Tensor | None] = [None] * len(tasks)
+        out: list[TaskPrediction | None] = [None] * len(tasks)
         for rows in groups.values():
             members = [self.tasks[tasks[i]] for i in rows]
             layout = members[0].config
@@ -127,10 +155,14 @@ class MultiTaskVPTM(nn.Module):
                 mask = torch.cat([t.trainable_mask_token if t.trainable_mask_token is not None else default
                                   for t in members])  # (rows, 1, D)  # fmt: skip
             index = torch.tensor(rows, device=pixel_values.device)
-            state = self.prompted_backbone.forward_features(
-                pixel_values[index], prompts=prompts, mask_embeddings=mask, layout=layout
-            ).readout_state  # (rows, D)
-            normed = self.prompted_backbone.layernorm(state)
+            features = self.prompted_backbone.forward_features(
+                pixel_values[index],
+                prompts=prompts,
+                mask_embeddings=mask,
+                layout=layout,
+                output_readout_attention=output_readout_attention,
+            )
+            normed = self.prompted_backbone.layernorm(features.readout_state)  # (rows, D)
             token_logits = self.prompted_backbone.lm_head(normed) if layout.reads_mask_token else None
             by_task: dict[str, list[int]] = {}
             for position, row in enumerate(rows):
@@ -140,5 +172,12 @@ class MultiTaskVPTM(nn.Module):
                 selected_tokens = None if token_logits is None else token_logits[select]
                 logits = run_task_head(task, task.config, normed[select], selected_tokens).logits
                 for position, row_logits in zip(positions, logits, strict=True):
-                    out[rows[position]] = row_logits
+                    out[rows[position]] = TaskPrediction(
+                        task=name,
+                        logits=row_logits,
+                        visual_token_logits=None if token_logits is None else token_logits[position],
+                        readout_attention=(
+                            None if features.readout_attention is None else features.readout_attention[position]
+                        ),
+                    )
         return out

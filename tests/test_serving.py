@@ -55,6 +55,29 @@ def test_mixed_batch_equals_each_task_alone(backbone_dir, checkpoints):
             torch.testing.assert_close(outputs[row], expected[k], atol=1e-5, rtol=1e-5)
 
 
+def test_predict_gives_each_image_its_tasks_tokens_and_attention(backbone_dir, checkpoints):
+    server = MultiTaskVPTM(backbone_dir)
+    for name, path in checkpoints.items():
+        server.add_task(name, path)
+    names = ["vpt-shallow", "deep", "replace-trained-mask", "deep-other", "deep"]
+    pixel_values = torch.randn(len(names), 3, 20, 20, generator=torch.Generator().manual_seed(3))
+    predictions = server.predict(pixel_values, tasks=names, output_readout_attention=True)
+    assert [p.task for p in predictions] == names
+    for row, (name, prediction) in enumerate(zip(names, predictions, strict=True)):
+        alone = VPTMForImageClassification.from_pretrained(checkpoints[name]).eval()
+        with torch.no_grad():
+            expected = alone(pixel_values[row : row + 1], output_readout_attention=True)
+        torch.testing.assert_close(prediction.logits, expected.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prediction.readout_attention, expected.readout_attention[0], atol=1e-5, rtol=1e-5)
+        if name == "vpt-shallow":  # reads CLS: no visual-token prediction
+            assert prediction.visual_token_logits is None
+        else:
+            torch.testing.assert_close(
+                prediction.visual_token_logits, expected.visual_token_logits[0], atol=1e-5, rtol=1e-5
+            )
+    assert all(p.readout_attention is None for p in server.predict(pixel_values, tasks=names))
+
+
 def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
     server = MultiTaskVPTM(backbone_dir)
     backbone = server.prompted_backbone.beit
