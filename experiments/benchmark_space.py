@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         single = new_client("single")
-        single.predict(handle_file(images[0]), [tasks[0]], api_name="/classify")  # warm-up, not timed
+        single.predict(handle_file(images[0]), [tasks[0]], 3, api_name="/classify")  # warm-up, not timed
         batch_sizes.clear()
         start = time.perf_counter()
-        alone = [single.predict(handle_file(i), [t], api_name="/classify")[1] for i, t in requests]
+        alone = [single.predict(handle_file(i), [t], 3, api_name="/classify")[1] for i, t in requests]
         sequential_s = time.perf_counter() - start
         sequential_batches = list(batch_sizes)
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_sizes.clear()
 
         def user(c: int) -> None:
-            jobs = [(k, clients[c].submit(handle_file(i), [t], api_name="/classify"))
+            jobs = [(k, clients[c].submit(handle_file(i), [t], 3, api_name="/classify"))
                     for k, (i, t) in enumerate(requests) if k % args.clients == c]  # fmt: skip
             for k, job in jobs:
                 results[k] = job.result(timeout=600)[1]

@@ -81,6 +81,8 @@ def arguments(settings: dict, seed: int, args, dataset: str | None = None) -> li
             "--save_strategy", "no", "--disable_tqdm", "true", "--num_train_epochs", str(args.epochs)]  # fmt: skip
     for key, value in settings.items():
         argv += [f"--{key}", str(LAYERS.get(value, value) if key == "prompt_layers" else value)]
+    if args.backbone:
+        argv += ["--model_name_or_path", args.backbone]
     if args.quick:
         argv += ["--max_train_samples", "40", "--max_eval_samples", "40", "--per_device_train_batch_size", "8"]
     return argv
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=["methods", "sweeps", "ablations", "uniform", "transfer"],
         choices=["methods", "sweeps", "ablations", "uniform", "transfer"],
     )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="Run on this backbone instead of the default one (folder, Hub id, vptm: name).",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
     parser.add_argument("--sweep_methods", nargs="+", default=["vptm", "vpt"], choices=["vptm", "vpt"])
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluation": "10,000 official test images" if full_test else
         "the 3,000 shipped test images (dataset-fashion-mnist not installed)",
         "epochs": args.epochs, "seeds": args.seeds, "quick": args.quick,
+        "backbone": args.backbone or run_classification.SHIPPED_BACKBONE,
     })  # fmt: skip
     if "methods" in args.sections:
         results.setdefault("methods", {}).update({

@@ -52,6 +52,8 @@ def arguments(settings: dict, split_seed: int, args) -> list[str]:
             "--num_train_epochs", str(args.epochs)]  # fmt: skip
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
+    if args.backbone:
+        argv += ["--model_name_or_path", args.backbone]
     if args.quick:
         argv += ["--max_train_samples", "40", "--per_device_train_batch_size", "8"]
     return argv
@@ -72,6 +74,11 @@ def run_one(name: str, settings: dict, split_seed: int, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/select")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="Run on this backbone instead of the default one (folder, Hub id, vptm: name).",
+    )
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.2, help="Validation fraction of the training images.")
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
         "candidates": summary, "chosen": chosen, "seconds": round(time.perf_counter() - start, 1),
+        "backbone": args.backbone or run_classification.SHIPPED_BACKBONE,
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "selection.json"), "w") as f:
         json.dump(results, f, indent=2)

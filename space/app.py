@@ -130,9 +130,13 @@ class DemoService:
         return self.processor(images, return_tensors="pt")["pixel_values"].to(self.device)
 
     # ------------------------------------------------------------------------------------------------- classify
-    def classify_batch(self, paths: list[str | None], task_lists: list[list[str]], top_k: int = 3) -> list[dict]:
-        """One answer per request: ``{task: [{"label", "score"}, ...]}``, or ``{"error": message}`` for a request
-        whose input is bad (the other requests of the batch are answered as if it were not there)."""
+    def classify_batch(
+        self, paths: list[str | None], task_lists: list[list[str]], top_k: int | list[int] = 3
+    ) -> list[dict]:
+        """One answer per request: ``{task: [{"label", "score"}, ...]}`` (``top_k`` labels, one value or one per
+        request), or ``{"error": message}`` for a request whose input is bad (the other requests of the batch are
+        answered as if it were not there)."""
+        top_ks = [int(k) for k in top_k] if isinstance(top_k, list) else [top_k] * len(paths)
         answers: list[dict] = [{} for _ in paths]
         images, rows = [], []  # one row per (request, task) pair
         for index, (path, tasks) in enumerate(zip(paths, task_lists, strict=True)):
@@ -150,7 +154,7 @@ class DemoService:
             predictions = self.server.predict(batch, [task for _, _, task in rows])
             for (index, _, task), prediction in zip(rows, predictions, strict=True):
                 id2label = self.server.tasks[task].config.id2label
-                answers[index][task] = top_predictions(prediction.logits[None], id2label, top_k)[0]
+                answers[index][task] = top_predictions(prediction.logits[None], id2label, top_ks[index])[0]
         return answers
 
     # ---------------------------------------------------------------------------------------------- look inside
@@ -205,8 +209,8 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
     names = service.task_names
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png")) if EXAMPLES.is_dir() else []
 
-    def classify(paths, task_lists):  # batched: one list per input, one list per output
-        answers = service.classify_batch(list(paths), [list(t or []) for t in task_lists])
+    def classify(paths, task_lists, top_ks):  # batched: one list per input, one list per output
+        answers = service.classify_batch(list(paths), [list(t or []) for t in task_lists], list(top_ks))
         return [format_answer(a) for a in answers], answers
 
     def look(path, tasks):
@@ -227,6 +231,7 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", elem_id="image-input", height=240)
                 tasks = gr.CheckboxGroup(choices=names, value=names[:3], label="Tasks", elem_id="task-choice")
+                top_k = gr.Slider(1, 10, value=3, step=1, label="Labels per task")
                 with gr.Row():
                     classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                     look_button = gr.Button("Look inside", elem_id="look-button")
@@ -243,7 +248,7 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
                 summary = gr.Markdown(elem_id="summary")
         classify_button.click(
             classify,
-            inputs=[image, tasks],
+            inputs=[image, tasks, top_k],
             outputs=[labels, answer],
             batch=True,
             max_batch_size=max_batch_size,

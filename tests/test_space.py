@@ -201,13 +201,15 @@ def test_the_served_app_answers_a_real_client_like_the_predict_script(space, ser
     images = space["images"][:2]
     api = client(served, tmp_path)
     for image, expected in zip(images, predict_script(space["tasks"]["vptm-c"], images), strict=True):
-        markdown, answer = api.predict(handle_file(image), ["vptm-c", "vpt-b"], api_name="/classify")
+        markdown, answer = api.predict(handle_file(image), ["vptm-c", "vpt-b"], 3, api_name="/classify")
         assert_same_predictions(answer["vptm-c"], expected)
         assert markdown.startswith("**vptm-c**") and expected[0]["label"] in markdown
+    _, answer = api.predict(handle_file(images[0]), ["vptm-c", "vpt-b"], 5, api_name="/classify")
+    assert len(answer["vptm-c"]) == 5 and len(answer["vpt-b"]) == 3  # top-k, at most the task's labels
     heatmaps, tokens, summary = api.predict(handle_file(images[0]), ["vptm-a"], api_name="/look_inside")
     assert len(heatmaps) == 1 and len(tokens) == 5 and "vptm-a" in summary
     # a bad request is answered with a message; the server goes on serving
-    markdown, answer = api.predict(handle_file(write_image(tmp_path / "t.png", (2, 2))), ["vptm-a"],
+    markdown, answer = api.predict(handle_file(write_image(tmp_path / "t.png", (2, 2))), ["vptm-a"], 2,
                                    api_name="/classify")  # fmt: skip
     assert "error" in answer and markdown.startswith("**Cannot classify this image:**")
 
@@ -225,7 +227,7 @@ def test_concurrent_clients_across_three_tasks_all_get_their_own_answer(space, s
     def user(worker):
         try:
             api = client(served, tmp_path / f"client{worker}")
-            jobs = [(k, api.submit(handle_file(images[i]), [n], api_name="/classify"))
+            jobs = [(k, api.submit(handle_file(images[i]), [n], 3, api_name="/classify"))
                     for k, (i, n) in enumerate(requests) if k % 8 == worker]  # fmt: skip
             for k, job in jobs:
                 results[k] = job.result(timeout=120)[1]
