@@ -6,12 +6,14 @@
 
 Every task is a prompt checkpoint (a folder or a Hub id) made on the same backbone. Requests of all users, for any
 mix of tasks, are gathered into one batch on the single loaded backbone (Gradio's batched events over
-`MultiTaskVPTM`), at most `--max_batch_size` images per pass; a request waits at most for the pass in front of it.
+`MultiTaskVPTM`), at most `--max_batch_size` requests per pass (each with one row per task it asks for); a request
+waits at most for the pass in front of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -42,6 +44,49 @@ EXAMPLES = HERE / "examples"
 # huge one would hold the shared backbone (and every other user) while it is decoded and resized.
 MIN_SIDE, MAX_SIDE = 8, 4096
 DISPLAY_SIDE = 224  # model inputs are drawn at this size (the shipped backbone sees 28 x 28 pixels)
+MAX_UPLOAD = "10mb"
+
+
+class BadInput:
+    """An input Gradio could not prepare (not an image, a value out of range), carried to the request's own answer:
+    in a batched event an exception in one request's preprocessing would fail every request of the batch."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def check_top_k(value) -> int:
+    if isinstance(value, BadInput):
+        raise ValueError(value.message)
+    if not isinstance(value, (int, float)) or int(value) != value or not 1 <= value <= 10:
+        raise ValueError(f"labels per task must be a whole number from 1 to 10, got {value!r}")
+    return int(value)
+
+
+def answer_alone(
+    component: gr.components.Component, keep_unknown: bool = False, problem: str | None = None
+) -> gr.components.Component:
+    """Makes ``component`` hand a value it cannot prepare to the request's own answer instead of raising.
+
+    In a batched event Gradio prepares every request of the batch in one call, so one upload that is not an image,
+    one task that is not a choice or one top-k out of range would fail all the requests it was batched with. The
+    value goes on to ``DemoService``, which answers that request with a message. (The instance's method is replaced,
+    not the class: a Gradio component subclass needs a front end of its own.)
+    """
+    prepare = component.preprocess
+
+    def preprocess(payload):
+        if keep_unknown:  # task names are checked by DemoService.check_tasks, request by request
+            return list(payload or [])
+        try:
+            value = prepare(payload)
+        except Exception as error:  # noqa: BLE001  (whatever it is, it belongs to this request alone)
+            what = problem or f"{component.label.lower()}: not a valid value"
+            return BadInput(f"{what} ({type(error).__name__}: {error})")
+        return value
+
+    component.preprocess = preprocess
+    return component
 
 
 def parse_tasks(values: list[str]) -> dict[str, str]:
@@ -71,15 +116,24 @@ class DemoService:
 
     def __init__(self, backbone: str, tasks: dict[str, str], revision: str | None = None, device: str = "cpu") -> None:
         self.server = MultiTaskVPTM(backbone, revision=revision)
+        folder = resolve_backbone_path(backbone)
+        self.processor = AutoImageProcessor.from_pretrained(folder, revision=revision)
         self.refused: dict[str, str] = {}
+        self.accuracy: dict[str, float] = {}
         for name, source in tasks.items():
             try:
+                self.check_processor(source)
                 self.server.add_task(name, source)
             except (OSError, ValueError, KeyError) as error:
                 self.refused[name] = f"{type(error).__name__}: {error}"
+                continue
+            results = os.path.join(source, "all_results.json")
+            if os.path.isfile(results):
+                with open(results) as f:
+                    scored = json.load(f).get("scored", {})
+                if "accuracy" in scored.get("test", {}):  # scored once on the task's held-out test images
+                    self.accuracy[name] = scored["test"]["accuracy"]
         self.server.to(device)
-        folder = resolve_backbone_path(backbone)
-        self.processor = AutoImageProcessor.from_pretrained(folder, revision=revision)
         self.tokenizer = None
         if os.path.isfile(os.path.join(folder, TOKENIZER_FILE)):
             tokenizer = load_visual_tokenizer(folder)
@@ -87,6 +141,23 @@ class DemoService:
         self.device = device
         config = self.server.prompted_backbone.config
         self.grid = (config.image_size // config.patch_size,) * 2
+
+    def check_processor(self, source: str) -> None:
+        """Every task is fed by the backbone's image processor (one pass for all tasks); a task saved with another
+        one would be served inputs it was not trained on, so it is refused."""
+        try:
+            own = AutoImageProcessor.from_pretrained(source)
+        except OSError:  # no processor saved with the task: it was made on the backbone's
+            return
+        ignore = {"processor_class", "image_processor_type", "_processor_class"}
+        mine = {k: v for k, v in self.processor.to_dict().items() if k not in ignore}
+        theirs = {k: v for k, v in own.to_dict().items() if k not in ignore}
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(
+                f"its image processor differs from the backbone's in {differ}; the Space feeds every task the "
+                "backbone's processor"
+            )
 
     @property
     def task_names(self) -> list[str]:
@@ -97,19 +168,23 @@ class DemoService:
         for name, task in self.server.tasks.items():
             config = task.config
             kind = "VPTM: reads [MASK]" if config.reads_mask_token else "VPT: reads CLS"
-            lines.append(f"- **{name}**: {config.num_labels} classes, {kind}")
+            accuracy = self.accuracy.get(name)
+            scored = f", test accuracy {accuracy:.1%}" if accuracy is not None else ""
+            lines.append(f"- **{name}**: {config.num_labels} classes, {kind}{scored}")
         lines += [f"- ~~{name}~~ not loaded: {reason}" for name, reason in self.refused.items()]
         return "\n".join(lines) or "No task is loaded."
 
     # ------------------------------------------------------------------------------------------------ inputs
-    def read_image(self, path: str | None) -> Image.Image:
+    def read_image(self, path: str | BadInput | None) -> Image.Image:
         """The uploaded file as RGB, or a ``ValueError`` that says what was expected."""
+        if isinstance(path, BadInput):
+            raise ValueError(path.message)
         if not path:
             raise ValueError("no image: upload one or pick an example")
         try:
             with Image.open(path) as probe:  # reads the header only
                 width, height = probe.size
-        except (OSError, SyntaxError, ValueError) as error:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"not an image that can be read ({type(error).__name__}: {error})") from error
         if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
             raise ValueError(
@@ -118,7 +193,7 @@ class DemoService:
         return read_rgb(path)
 
     def check_tasks(self, tasks: list[str] | None) -> list[str]:
-        tasks = list(tasks or [])
+        tasks = list(dict.fromkeys(tasks or []))  # each task once, in the order given
         if not tasks:
             raise ValueError(f"no task chosen; the tasks are {self.task_names}")
         unknown = [t for t in tasks if t not in self.server.tasks]
@@ -136,12 +211,13 @@ class DemoService:
         """One answer per request: ``{task: [{"label", "score"}, ...]}`` (``top_k`` labels, one value or one per
         request), or ``{"error": message}`` for a request whose input is bad (the other requests of the batch are
         answered as if it were not there)."""
-        top_ks = [int(k) for k in top_k] if isinstance(top_k, list) else [top_k] * len(paths)
+        top_ks = top_k if isinstance(top_k, list) else [top_k] * len(paths)
         answers: list[dict] = [{} for _ in paths]
         images, rows = [], []  # one row per (request, task) pair
         for index, (path, tasks) in enumerate(zip(paths, task_lists, strict=True)):
             try:
                 tasks = self.check_tasks(tasks)
+                top_ks[index] = check_top_k(top_ks[index])
                 image = self.read_image(path)
             except ValueError as error:
                 answers[index] = {"error": str(error)}
@@ -165,7 +241,7 @@ class DemoService:
         image = self.read_image(path)
         pixel_values = self.pixel_values([image]).expand(len(tasks), -1, -1, -1)
         predictions = self.server.predict(pixel_values, tasks, output_readout_attention=True)
-        seen = np.asarray(image.resize((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.BILINEAR))
+        seen = self.model_view(image)
         num_patches = self.grid[0] * self.grid[1]
         out = {"heatmaps": [], "tokens": [], "summary": []}
         for task, prediction in zip(tasks, predictions, strict=True):
@@ -181,15 +257,21 @@ class DemoService:
             if prediction.visual_token_logits is not None:
                 tokens = top_visual_tokens(prediction.visual_token_logits.cpu(), num_tokens)
                 line += "; visual tokens at [MASK]: " + ", ".join(f"#{t} ({p:.3f})" for t, p in tokens)
-                for token, prob in tokens:
-                    out["tokens"].append((self.draw_token(token), f"{task}: token #{token}, p={prob:.3f}"))
+                if self.tokenizer is not None:  # codes that are pixels can be drawn; feature codes cannot
+                    for token, prob in tokens:
+                        out["tokens"].append((self.draw_token(token), f"{task}: token #{token}, p={prob:.3f}"))
             out["summary"].append(line)
         return out
 
+    def model_view(self, image: Image.Image) -> np.ndarray:
+        """The image as the model sees it (the processor's size and resampling), enlarged to ``DISPLAY_SIDE`` with
+        square pixels, ``(DISPLAY_SIDE, DISPLAY_SIDE, 3)`` ``uint8``."""
+        size = self.processor.size
+        small = image.resize((size["width"], size["height"]), Image.Resampling(self.processor.resample))
+        return np.asarray(small.resize((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.NEAREST))
+
     def draw_token(self, token: int) -> np.ndarray:
-        """A visual token as an RGB picture (its k-means code), or a grey tile where codes are not pixels."""
-        if self.tokenizer is None:
-            return np.full((64, 64, 3), 128, dtype=np.uint8)
+        """A visual token as an RGB picture of its k-means code (patch and context), enlarged with square pixels."""
         mean, std = float(np.mean(self.processor.image_mean)), float(np.mean(self.processor.image_std))
         patch = render_visual_token(self.tokenizer, token, mean, std)
         scale = max(1, 64 // patch.shape[0])
@@ -216,7 +298,7 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
     def look(path, tasks):
         try:
             out = service.look_inside(path, tasks)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             return [], [], f"**Cannot look inside:** {error}"
         return out["heatmaps"], out["tokens"], "\n\n".join(out["summary"])
 
@@ -229,18 +311,29 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="Image", elem_id="image-input", height=240)
-                tasks = gr.CheckboxGroup(choices=names, value=names[:3], label="Tasks", elem_id="task-choice")
-                top_k = gr.Slider(1, 10, value=3, step=1, label="Labels per task")
+                # image_mode=None: Gradio passes the file through instead of decoding and re-encoding it, so the
+                # size check below runs on the header before anything is decoded
+                image = answer_alone(gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image-input",
+                                              height=240), problem="not an image that can be read")  # fmt: skip
+                gr.Markdown(
+                    "The shipped backbone was pre-trained on Fashion-MNIST: 28 x 28 grey images of a light object "
+                    "on a dark background. Other pictures are resized to that and classified anyway."
+                )
+                tasks = answer_alone(gr.CheckboxGroup(names, value=names[:3], label="Tasks", elem_id="task-choice"),
+                                     keep_unknown=True)  # fmt: skip
+                top_k = answer_alone(gr.Slider(1, 10, value=3, step=1, label="Labels per task"))
                 with gr.Row():
                     classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                     look_button = gr.Button("Look inside", elem_id="look-button")
                 if examples:
-                    gr.Examples(examples=examples, inputs=image, label="Examples")
+                    names_shown = ", ".join(Path(e).stem.replace("-", " ") for e in examples)
+                    gr.Examples(examples=examples, inputs=image, label=f"Examples: {names_shown}")
                 gr.Markdown("### Tasks on this backbone\n" + service.describe_tasks())
             with gr.Column(scale=2):
-                labels = gr.Markdown(label="Predictions", elem_id="predictions")
-                answer = gr.JSON(label="Predictions (JSON)", visible=False)
+                gr.Markdown("### Predictions")
+                labels = gr.Markdown(elem_id="predictions")
+                with gr.Accordion("As JSON", open=False):
+                    answer = gr.JSON(label="Predictions")
                 heatmaps = gr.Gallery(label="Where the read-out token looked (last block)", columns=3, height=300,
                                       elem_id="heatmaps")  # fmt: skip
                 token_gallery = gr.Gallery(label="Visual tokens predicted at [MASK]", columns=5, height=180,
@@ -256,6 +349,9 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
             concurrency_id="backbone",  # one pass at a time on the shared backbone, for every event
             api_name="classify",
         )
+        # a new image clears the answers about the previous one
+        image.change(lambda: ("", None, [], [], ""), outputs=[labels, answer, heatmaps, token_gallery, summary],
+                     queue=False, api_visibility="private")  # fmt: skip
         look_button.click(
             look,
             inputs=[image, tasks],
@@ -274,13 +370,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", action="append", default=[], help="NAME=prompt checkpoint folder or Hub id.")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--max_batch_size", type=int, default=16, help="Requests gathered into one pass.")
+    parser.add_argument("--max_queue", type=int, default=256, help="Requests waiting at most; more are turned away.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     from_env = [v for v in os.environ.get("VPTM_TASKS", "").split(";") if v.strip()]
     tasks = parse_tasks(args.task + from_env) or bundled_tasks()
     service = DemoService(args.backbone, tasks, revision=args.revision, device=args.device)
-    build_demo(service, args.max_batch_size).queue().launch(server_name=args.host, server_port=args.port)
+    demo = build_demo(service, args.max_batch_size).queue(max_size=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

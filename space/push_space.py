@@ -11,6 +11,7 @@ backbone or tasks published with ``examples/push_backbone.py`` and ``run_classif
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,8 +20,25 @@ from huggingface_hub import HfApi, SpaceCard
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parent / "modeling_vptm"
-SPACE_FILES = ["app.py", "requirements.txt", "examples/*.png", "tasks/*/*"]
-PACKAGE_IGNORE = ["**/__pycache__/**", "shipped/fashion-mnist-1k/**"]  # the app needs the backbone, not the data
+SPACE_FILES = ["app.py", "requirements.txt", "examples", "tasks"]
+# the app needs the package and its backbone, not the shipped training data or bytecode
+PACKAGE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "fashion-mnist-1k")
+# files of an earlier push that this one does not bring are removed, so that no stale task is served
+REPLACED = ["tasks/**", "examples/**", "modeling_vptm/**"]
+
+
+def stage(folder: Path, models: list[str]) -> None:
+    """Lays out the Space repository in ``folder``: the card (with ``models``), the app, and the package."""
+    card = SpaceCard.load(HERE / "README.md")
+    card.data.models = sorted(set(card.data.models or []) | set(models))
+    card.save(folder / "README.md")
+    for name in SPACE_FILES:
+        source = HERE / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=PACKAGE_IGNORE)
+        else:
+            shutil.copy(source, folder / name)
+    shutil.copytree(PACKAGE, folder / PACKAGE.name, ignore=PACKAGE_IGNORE)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -31,16 +49,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     api = HfApi()
     api.create_repo(args.repo_id, repo_type="space", space_sdk="gradio", private=args.private, exist_ok=True)
-    card = SpaceCard.load(HERE / "README.md")
-    card.data.models = sorted(set(card.data.models or []) | set(args.model))
     with tempfile.TemporaryDirectory() as folder:
-        card.save(Path(folder) / "README.md")
-        api.upload_folder(repo_id=args.repo_id, repo_type="space", folder_path=folder,
-                          commit_message="Space card")  # fmt: skip
-    api.upload_folder(repo_id=args.repo_id, repo_type="space", folder_path=str(HERE), allow_patterns=SPACE_FILES,
-                      commit_message="VPTM demo app, examples and tasks")  # fmt: skip
-    api.upload_folder(repo_id=args.repo_id, repo_type="space", folder_path=str(PACKAGE), path_in_repo=PACKAGE.name,
-                      ignore_patterns=PACKAGE_IGNORE, commit_message="The vptm package the app imports")  # fmt: skip
+        stage(Path(folder), args.model)
+        # one commit, so the Space rebuilds once, with the app and the package it imports together
+        api.upload_folder(repo_id=args.repo_id, repo_type="space", folder_path=folder, delete_patterns=REPLACED,
+                          commit_message="VPTM demo: app, examples, tasks and the vptm package")  # fmt: skip
     url = f"https://huggingface.co/spaces/{args.repo_id}"
     print(url)
     return url

@@ -65,6 +65,11 @@ def capture(url: str, image: str, output: str, timeout: float = 60.0, size: tupl
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(output))
         return {"predictions": predictions, "heatmaps": heatmaps, "tokens": tokens}
+    except Exception:
+        # the page as it was when it failed, beside where the screenshot would have been
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(output).with_suffix(".failed.png")))
+        raise
     finally:
         driver.quit()
 

@@ -187,6 +187,16 @@ def test_a_checkpoint_of_another_backbone_is_reported_and_the_others_serve(space
     assert_same_predictions(answer["vptm-a"], predict_script(space["tasks"]["vptm-a"], space["images"][:1])[0])
 
 
+def test_a_task_saved_with_another_image_processor_is_refused(space, tmp_path):
+    other = tmp_path / "other-processor"
+    VPTMForImageClassification.from_pretrained(space["tasks"]["vptm-a"]).save_pretrained(other)
+    BeitImageProcessor(size={"height": 20, "width": 20}, image_mean=[0.1] * 3, image_std=[0.25] * 3,
+                       do_center_crop=False).save_pretrained(other)  # fmt: skip
+    service = app.DemoService(space["backbone"], {"vptm-a": space["tasks"]["vptm-a"], "other": str(other)})
+    assert service.task_names == ["vptm-a"]
+    assert "image processor differs from the backbone's in ['image_mean']" in service.refused["other"]
+
+
 def test_tasks_come_from_flags_or_the_environment():
     assert app.parse_tasks(["a=runs/a", " b = me/b "]) == {"a": "runs/a", "b": "me/b"}
     with pytest.raises(ValueError, match=r"NAME=FOLDER_OR_HUB_ID, got 'runs/a'"):
@@ -212,6 +222,27 @@ def test_the_served_app_answers_a_real_client_like_the_predict_script(space, ser
     markdown, answer = api.predict(handle_file(write_image(tmp_path / "t.png", (2, 2))), ["vptm-a"], 2,
                                    api_name="/classify")  # fmt: skip
     assert "error" in answer and markdown.startswith("**Cannot classify this image:**")
+
+
+def test_bad_requests_sharing_a_batch_do_not_fail_the_others(space, served, tmp_path):
+    """Inputs Gradio itself cannot prepare (not an image, a task that is not a choice, a top-k out of range) are
+    answered for their own request only, while good requests submitted with them get their answers."""
+    from gradio_client import handle_file
+
+    (tmp_path / "notes.png").write_text("not an image")
+    good = space["images"][2]
+    requests = [(good, ["vptm-a"], 3), (str(tmp_path / "notes.png"), ["vptm-a"], 3), (good, ["nope"], 3),
+                (good, ["vpt-b"], 20), (good, ["vpt-b", "vptm-a"], 2)] * 3  # fmt: skip
+    api = client(served, tmp_path)
+    jobs = [api.submit(handle_file(i), t, k, api_name="/classify") for i, t, k in requests]
+    answers = [job.result(timeout=120)[1] for job in jobs]
+    expected = predict_script(space["tasks"]["vptm-a"], [good])[0]
+    for k in range(0, len(requests), 5):
+        assert_same_predictions(answers[k]["vptm-a"], expected)
+        assert "not an image that can be read" in answers[k + 1]["error"]
+        assert "unknown task(s) ['nope']" in answers[k + 2]["error"]
+        assert "labels per task" in answers[k + 3]["error"] and "20" in answers[k + 3]["error"]
+        assert list(answers[k + 4]) == ["vpt-b", "vptm-a"] and len(answers[k + 4]["vptm-a"]) == 2
 
 
 def test_concurrent_clients_across_three_tasks_all_get_their_own_answer(space, served, tmp_path):
@@ -269,12 +300,13 @@ def test_the_space_card_and_its_publication(monkeypatch, tmp_path):
     card = SpaceCard.load(os.path.join(REPO_ROOT, "space", "README.md"))
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.title
     assert card.data.sdk_version.split(".")[0] == gradio.__version__.split(".")[0]
+    assert len(card.data.short_description) <= 60  # the Hub refuses longer ones
     calls = []
 
-    def upload_folder(api, repo_id, folder_path, repo_type=None, allow_patterns=None, path_in_repo=None, **kw):
-        readme = os.path.join(folder_path, "README.md")
-        pushed_card = SpaceCard.load(readme) if path_in_repo is None and allow_patterns is None else None
-        calls.append(("upload", repo_id, repo_type, path_in_repo, allow_patterns, pushed_card))
+    def upload_folder(api, repo_id, folder_path, repo_type=None, delete_patterns=None, **kw):
+        files = {os.path.relpath(os.path.join(r, f), folder_path) for r, _, fs in os.walk(folder_path) for f in fs}
+        card = SpaceCard.load(os.path.join(folder_path, "README.md"))
+        calls.append(("upload", repo_id, repo_type, delete_patterns, files, card))
 
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: calls.append(("create", repo_id, kw)))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -282,7 +314,16 @@ def test_the_space_card_and_its_publication(monkeypatch, tmp_path):
     assert url == "https://huggingface.co/spaces/me/demo"
     assert calls[0] == ("create", "me/demo", {"repo_type": "space", "space_sdk": "gradio", "private": False,
                                               "exist_ok": True})  # fmt: skip
-    card_upload, app_upload, package_upload = calls[1:]
-    assert card_upload[5].data.models == ["me/tiny-beit"] and card_upload[5].data.sdk == "gradio"
-    assert app_upload[2] == "space" and "app.py" in app_upload[4] and "tasks/*/*" in app_upload[4]
-    assert package_upload[2:4] == ("space", "modeling_vptm")
+    assert len(calls) == 2  # one commit: the Space rebuilds once, with the app and the package together
+    _, _, repo_type, delete_patterns, files, pushed_card = calls[1]
+    assert repo_type == "space" and pushed_card.data.models == ["me/tiny-beit"] and pushed_card.data.sdk == "gradio"
+    assert {
+        "app.py",
+        "requirements.txt",
+        "examples/bag.png",
+        "tasks/fashion-vptm/model.safetensors",
+        "modeling_vptm/serving.py",
+        "modeling_vptm/shipped/tiny-beit-fashion-mnist/model.safetensors",
+    } <= files
+    assert not any("__pycache__" in f or f.endswith(".pyc") or "fashion-mnist-1k" in f for f in files)
+    assert "tasks/**" in delete_patterns  # a task removed here is removed from the Space too
