@@ -246,19 +246,23 @@ def test_pretraining_is_deterministic_with_a_seed(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- shipped backbone/data
-def test_shipped_backbone_loads_offline_with_its_config(monkeypatch):
+@pytest.mark.parametrize("name", ["tiny-beit-fashion-mnist", "tiny-beit-fashion-mnist-v2"])
+def test_shipped_backbones_load_offline_with_their_config(monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = shipped_backbone_path()
+    path = shipped_backbone_path(name)
     assert path.startswith(os.path.join(REPO_ROOT, "modeling_vptm")) or "site-packages" in path
     model, info = BeitForMaskedImageModeling.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"]
     config = model.config
     assert (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers) == (28, 4, 128, 6)
     assert config.vocab_size == 512 and config.use_shared_relative_position_bias
-    tokenizer = PatchKMeansTokenizer.from_pretrained(path)
+    tokenizer = load_visual_tokenizer(path)
+    expected_kind = PatchKMeansTokenizer if name == "tiny-beit-fashion-mnist" else TeacherFeatureTokenizer
+    assert isinstance(tokenizer, expected_kind)
     assert tokenizer.vocab_size == config.vocab_size and tokenizer.patch_size == config.patch_size
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    assert size <= 10 * 2**20
+    shipped = os.path.dirname(path)
+    backbones = [os.path.join(shipped, d) for d in os.listdir(shipped) if d.startswith("tiny-beit")]
+    assert sum(os.path.getsize(os.path.join(b, f)) for b in backbones for f in os.listdir(b)) <= 10 * 2**20
     # the shipped weights and tokenizer still agree: MIM accuracy measured now, on 1,000 of the shipped test images,
     # matches the figure recorded on the 10,000 official ones and stays far above the most-frequent token
     from evaluate_backbone import mim_accuracy
@@ -272,6 +276,21 @@ def test_shipped_backbone_loads_offline_with_its_config(monkeypatch):
     recorded = json.loads(open(os.path.join(path, "evaluation.json")).read())
     assert measured["mim_accuracy"] == pytest.approx(recorded["mim_accuracy"], abs=0.02)
     assert measured["mim_accuracy"] > 1.5 * measured["majority_token_accuracy"]
+
+
+def test_second_generation_tokens_are_codes_of_the_first_backbones_features():
+    tokenizer = load_visual_tokenizer(shipped_backbone_path("tiny-beit-fashion-mnist-v2"))
+    assert tokenizer.teacher_name == SHIPPED_BACKBONE and tokenizer.layer == -1
+    teacher = BeitForMaskedImageModeling.from_pretrained(shipped_backbone_path()).eval()
+    from modeling_vptm.data import to_pixel_values
+
+    images = np.stack([np.asarray(i) for i in shipped_dataset()["test"]["image"][:8]])
+    pixels = to_pixel_values(images)
+    with torch.no_grad():
+        states = teacher.beit(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+    expected = (torch.nn.functional.normalize(states, dim=-1) @ tokenizer.centroids.T).argmax(-1)
+    assert torch.equal(tokenizer.encode(pixels), expected)
+    assert torch.allclose(tokenizer.centroids.norm(dim=-1), torch.ones(512), atol=1e-5)
 
 
 def test_vptm_on_the_shipped_backbone_names_it_portably(tmp_path):
