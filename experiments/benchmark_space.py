@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = sorted(str(p) for p in (REPO / "space" / "examples").glob("*.png"))
     tasks = service.task_names
     requests = [(images[k % len(images)], tasks[k % len(tasks)]) for k in range(args.requests)]
-    scratch = Path(args.output_dir) / "downloads"
+    scratch = Path(tempfile.mkdtemp(prefix="vptm-space-load-"))  # what the clients download; not kept
 
     def new_client(name: str) -> Client:
         return Client(url, verbose=False, download_files=str(scratch / name), analytics_enabled=False)
