@@ -139,31 +139,41 @@ def build_config(args: BackboneArguments) -> BeitConfig:
     )
 
 
-def _tokenizer_signature(tokenizer: PatchKMeansTokenizer | TeacherFeatureTokenizer) -> dict:
+def _requested_tokenizer(args: BackboneArguments) -> dict:
+    if args.teacher is not None:
+        return {"kind": "teacher_features", "teacher": args.teacher, "layer": args.teacher_layer,
+                "vocab_size": args.vocab_size}  # fmt: skip
+    return {"kind": "pixel_kmeans", "patch_size": args.patch_size, "vocab_size": args.vocab_size,
+            "token_context": args.token_context}  # fmt: skip
+
+
+def _saved_tokenizer(tokenizer: PatchKMeansTokenizer | TeacherFeatureTokenizer) -> dict:
     if isinstance(tokenizer, TeacherFeatureTokenizer):
-        return {"teacher": tokenizer.teacher_name, "layer": tokenizer.layer, "vocab_size": tokenizer.vocab_size}
-    return {"patch_size": tokenizer.patch_size, "vocab_size": tokenizer.vocab_size, "token_context": tokenizer.context}
+        return {"kind": "teacher_features", "teacher": tokenizer.teacher_name, "layer": tokenizer.layer,
+                "vocab_size": tokenizer.vocab_size}  # fmt: skip
+    return {"kind": "pixel_kmeans", "patch_size": tokenizer.patch_size, "vocab_size": tokenizer.vocab_size,
+            "token_context": tokenizer.context}  # fmt: skip
 
 
 def fit_or_load_tokenizer(
     args: BackboneArguments, images: np.ndarray, output_dir: str, seed: int
 ) -> PatchKMeansTokenizer | TeacherFeatureTokenizer:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.teacher is not None:
-        teacher = BeitForMaskedImageModeling.from_pretrained(resolve_backbone_path(args.teacher))
-        tokenizer = TeacherFeatureTokenizer(teacher, args.teacher, args.vocab_size, args.teacher_layer)
-    else:
-        tokenizer = PatchKMeansTokenizer(args.patch_size, 3, args.vocab_size, args.token_context)
-    if os.path.isfile(os.path.join(output_dir, TOKENIZER_FILE)):
+    if os.path.isfile(os.path.join(output_dir, TOKENIZER_FILE)):  # a resumed run: never refit, never mix
         saved = load_visual_tokenizer(output_dir)
-        expected, found = _tokenizer_signature(tokenizer), _tokenizer_signature(saved)
-        if type(saved) is not type(tokenizer) or found != expected:
+        expected, found = _requested_tokenizer(args), _saved_tokenizer(saved)
+        if found != expected:
             raise ValueError(
                 f"{output_dir} holds a tokenizer with {found}, but this run asks for {expected}; use another "
                 "--output_dir"
             )
         logger.info("Reusing the tokenizer saved in %s", output_dir)
         return saved
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.teacher is not None:
+        teacher = BeitForMaskedImageModeling.from_pretrained(resolve_backbone_path(args.teacher))
+        tokenizer = TeacherFeatureTokenizer(teacher, args.teacher, args.vocab_size, args.teacher_layer)
+    else:
+        tokenizer = PatchKMeansTokenizer(args.patch_size, 3, args.vocab_size, args.token_context)
     tokenizer = tokenizer.to(device)
     pixels = ImageTensorDataset(images).pixel_values
     start = time.perf_counter()

@@ -211,7 +211,7 @@ class DemoService:
         """One answer per request: ``{task: [{"label", "score"}, ...]}`` (``top_k`` labels, one value or one per
         request), or ``{"error": message}`` for a request whose input is bad (the other requests of the batch are
         answered as if it were not there)."""
-        top_ks = top_k if isinstance(top_k, list) else [top_k] * len(paths)
+        top_ks = list(top_k) if isinstance(top_k, list) else [top_k] * len(paths)  # checked below, per request
         answers: list[dict] = [{} for _ in paths]
         images, rows = [], []  # one row per (request, task) pair
         for index, (path, tasks) in enumerate(zip(paths, task_lists, strict=True)):
