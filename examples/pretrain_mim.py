@@ -41,9 +41,9 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from modeling_vptm.checkpoint_io import resolve_backbone_path
 from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, TokenizingMIMModel
-from modeling_vptm.modeling_vptm import resolve_backbone_path
 from modeling_vptm.tokenizer import (
     TOKENIZER_FILE,
     PatchKMeansTokenizer,

@@ -51,6 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_vptm
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification
+from modeling_vptm.checkpoint_io import load_mim_backbone, resolve_backbone_path
 from modeling_vptm.configuration_vptm import (
     EXTRA_TOKEN_BIASES,
     MASK_TOKEN_MODES,
@@ -63,7 +64,6 @@ from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone
 from modeling_vptm.images import IMAGE_EXTENSIONS, is_image_file
 from modeling_vptm.masking import random_resized_crop, random_shift_flip
 from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
-from modeling_vptm.modeling_vptm import load_mim_backbone, resolve_backbone_path
 
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ PROMPT_FIELDS = {"prompt_length", "prompt_layers", "prompt_init", "extra_token_b
 VERBALIZER_FIELDS = {"prototype_dim", "prototypes_per_class", "logit_scale_init", "learn_logit_scale",
                      "prototype_contrastive_weight", "instance_contrastive_weight", "contrastive_temperature",
                      "prototype_init"}  # fmt: skip
-MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "verbalizer_input", "vptm_head"}
+MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "verbalizer_input", "classifier"}
 METHOD_FIELDS = {
     "vptm": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS,
     "vpt": PROMPT_FIELDS,
@@ -169,10 +169,11 @@ class ModelArguments:
     backbone_hub_revision: str | None = field(
         default=None, metadata={"help": "The commit of --backbone_hub_id (push_backbone.py prints it)."}
     )
-    vptm_head: Literal["prototypical_verbalizer", "linear_mask"] = field(
+    classifier: Literal["prototypical_verbalizer", "linear_mask"] = field(
         default="prototypical_verbalizer",
-        metadata={"help": "For --method vptm: the prototypical verbalizer, or linear_mask (ablation: a linear head)."},
-    )
+        metadata={"help": "For --method vptm: the prototypical verbalizer at [MASK], or linear_mask (ablation: a "
+                  "linear head at [MASK]). VPT and the linear probe always use a linear head on CLS."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.prompt_layer_list()  # refuses anything but deep, shallow or block indices, before any work
@@ -193,7 +194,7 @@ class ModelArguments:
     def ignored_by_method(self, given: set[str]) -> list[str]:
         """The given flags (model fields only) that the chosen method does not read."""
         used = set(METHOD_FIELDS[self.method])
-        if self.method == "vptm" and self.vptm_head == "linear_mask":
+        if self.method == "vptm" and self.classifier == "linear_mask":
             used -= VERBALIZER_FIELDS
         return sorted((given & set().union(*METHOD_FIELDS.values())) - used)
 
@@ -483,7 +484,8 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     config_fields = {f.name for f in dataclasses.fields(VPTMConfig)}  # the script's other arguments stay out
     fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name in config_fields}
     fields["prompt_layers"] = model_args.prompt_layer_list()
-    fields["classifier"] = model_args.vptm_head if model_args.method == "vptm" else "linear_cls"
+    if model_args.method != "vptm":
+        fields["classifier"] = "linear_cls"
     if model_args.method == "linear":
         fields["prompt_length"] = 0
     return VPTMForImageClassification.from_backbone(
@@ -502,10 +504,9 @@ class PromptTrainer(Trainer):
     only a missing task tensor is worth a warning."""
 
     def _issue_warnings_after_load(self, load_result) -> None:
-        task_state_dict = getattr(self.model, "task_state_dict", None)
-        if task_state_dict is not None:
-            task = set(task_state_dict())
-            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k in task])
+        if isinstance(self.model, VPTMForImageClassification):
+            missing = [k for k in load_result.missing_keys if not k.startswith("backbone.")]
+            load_result = load_result._replace(missing_keys=missing)
         super()._issue_warnings_after_load(load_result)
 
 

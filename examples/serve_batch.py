@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
+from modeling_vptm.checkpoint_io import resolve_backbone_path
 from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
-from modeling_vptm.modeling_vptm import resolve_backbone_path
 from modeling_vptm.serving import MultiTaskVPTM
 
 

@@ -182,15 +182,14 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
 
 def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
     """A batch spread over 8 tasks against the same batch under one task (MultiTaskVPTM, same backbone)."""
-    from modeling_vptm.serving import MultiTaskVPTM, VPTMTask
+    from modeling_vptm import VPTMTask
+    from modeling_vptm.serving import MultiTaskVPTM
 
-    server = MultiTaskVPTM.__new__(MultiTaskVPTM)
-    nn.Module.__init__(server)
-    server.prompted_backbone, server.tasks = model.eval(), nn.ModuleDict()  # reuse the loaded backbone
-    for t in range(8):
+    server = MultiTaskVPTM.from_model(model.eval(), "task0")  # shares the model's backbone
+    for t in range(1, 8):
         task = VPTMTask(model.config)
         task.load_state_dict({k: v + 0.01 * t for k, v in model.task_state_dict().items()})
-        server.tasks[f"task{t}"] = task.to(device)
+        server.add_task(f"task{t}", task)
     if device == "cuda":
         server = server.to(dtype)
     inputs = x.to(next(server.parameters()).dtype)
@@ -211,8 +210,7 @@ def checkpoint_bytes(model: VPTMForImageClassification) -> dict:
         task = os.path.join(folder, "task.safetensors")
         backbone = os.path.join(folder, "backbone.safetensors")
         save_file({k: v.float().contiguous().cpu() for k, v in model.task_state_dict().items()}, task)
-        backbone_tensors = {k: v.float().contiguous().cpu() for k, v in model.state_dict().items()
-                            if k.split(".")[0] in ("beit", "layernorm", "lm_head")}  # fmt: skip
+        backbone_tensors = {k: v.float().contiguous().cpu() for k, v in model.backbone.state_dict().items()}
         save_file(backbone_tensors, backbone)
         sizes = {"prompt_checkpoint_bytes": os.path.getsize(task), "backbone_bytes": os.path.getsize(backbone)}
     sizes["ratio"] = round(sizes["prompt_checkpoint_bytes"] / sizes["backbone_bytes"], 5)

@@ -48,7 +48,7 @@ CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive
 ABLATIONS = {
     "verbalizer_on_logits": dict(method="vptm", verbalizer_input="logits", **CROSS_ENTROPY_ONLY),
     "linear_head_on_mask_logits": dict(
-        method="vptm", vptm_head="linear_mask", verbalizer_input="logits", **CROSS_ENTROPY_ONLY
+        method="vptm", classifier="linear_mask", verbalizer_input="logits", **CROSS_ENTROPY_ONLY
     ),  # fmt: skip
     "verbalizer_on_normalized_logits": dict(method="vptm", verbalizer_input="normalized_logits", **CROSS_ENTROPY_ONLY),
     "verbalizer_on_probs": dict(method="vptm", verbalizer_input="probs", **CROSS_ENTROPY_ONLY),

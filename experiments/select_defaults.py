@@ -42,6 +42,17 @@ CANDIDATES = {
     "vptm_ensemble_protoverb": dict(method="vptm", verbalizer_input="ensemble", **PROTOVERB),
 }
 REFERENCE = "vpt_deep"
+# The training augmentations (shift of +-2 pixels and horizontal flips, both on by default) are measured by turning
+# each off for VPT-deep and for the chosen VPTM verbalizer; these candidates answer that question only and never
+# take part in choosing the verbalizer. Each is compared, split by split, with the same method on the defaults.
+DEFAULT_VPTM = "vptm_hidden_instance_t0.1"
+AUGMENTATION_CANDIDATES = {
+    f"{base}_{suffix}": dict(CANDIDATES[base], **change)
+    for base in (REFERENCE, DEFAULT_VPTM)
+    for suffix, change in (("no_flip", {"augment_flip": "false"}), ("no_shift", {"augment_shift": 0}))
+}
+AUGMENTATION_BASE = {name: name.rsplit("_no_", 1)[0] for name in AUGMENTATION_CANDIDATES}
+ALL_CANDIDATES = {**CANDIDATES, **AUGMENTATION_CANDIDATES}
 
 
 def arguments(settings: dict, split_seed: int, args) -> list[str]:
@@ -79,7 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="Run on this backbone instead of the default one (folder, Hub id, vptm: name).",
     )
-    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        default=list(CANDIDATES),
+        choices=list(ALL_CANDIDATES),
+        help="Verbalizer candidates by default; the *_no_flip / *_no_shift ones measure the augmentation defaults.",
+    )
     parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.2, help="Validation fraction of the training images.")
     parser.add_argument("--epochs", type=float, default=30)
@@ -92,12 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict[int, dict]] = {name: {} for name in args.candidates}
     for seed in args.split_seeds:  # split-major: an interrupted selection has every candidate on the first splits
         for name in args.candidates:
-            runs[name][seed] = run_one(name, CANDIDATES[name], seed, args)
+            runs[name][seed] = run_one(name, ALL_CANDIDATES[name], seed, args)
     summary = {}
     for name, by_seed in runs.items():
         accuracies = [r["accuracy"] for r in by_seed.values()]
         row = {
-            "settings": CANDIDATES[name],
+            "settings": ALL_CANDIDATES[name],
             "validation_accuracy": accuracies,
             "mean": statistics.mean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -107,8 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
         if REFERENCE in runs and name != REFERENCE:
             differences = [r["accuracy"] - runs[REFERENCE][s]["accuracy"] for s, r in by_seed.items()]
             row["paired_difference_vs_reference"] = statistics.mean(differences)
+        base = AUGMENTATION_BASE.get(name)
+        if base in runs:
+            differences = [r["accuracy"] - runs[base][s]["accuracy"] for s, r in by_seed.items()]
+            spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+            row["paired_difference_vs_defaults"] = {"base": base, "mean": statistics.mean(differences), "std": spread}
         summary[name] = row
-    vptm = {k: v for k, v in summary.items() if CANDIDATES[k]["method"] == "vptm"}
+    vptm = {k: v for k, v in summary.items() if k in CANDIDATES and CANDIDATES[k]["method"] == "vptm"}
     chosen = max(vptm, key=lambda k: vptm[k]["mean"]) if vptm else None
     results = {
         "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
@@ -141,6 +163,22 @@ def markdown(results: dict) -> str:
             f"| {name}{mark} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} | {difference} | "
             f"{row['trainable_parameters']:,} |"
         )
+    augmentation = {k: v for k, v in results["candidates"].items() if "paired_difference_vs_defaults" in v}
+    if augmentation:
+        lines += [
+            "",
+            "Augmentation defaults (shift of 2 pixels and horizontal flips, both on): each turned off, compared "
+            "split by split with the same method on the defaults.",
+            "",
+            "| candidate | validation accuracy (mean ± std) | paired difference vs defaults (mean ± std) |",
+            "|---|---|---|",
+        ]
+        for name, row in augmentation.items():
+            difference = row["paired_difference_vs_defaults"]
+            lines.append(
+                f"| {name} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} | "
+                f"{100 * difference['mean']:+.2f} ± {100 * difference['std']:.2f} vs {difference['base']} |"
+            )
     return "\n".join(lines)
 
 

@@ -7,15 +7,11 @@ Importing the package registers `VPTMConfig` and `VPTMForImageClassification` wi
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .backbones import SHIPPED_BACKBONE, shipped_backbone_path
+from .checkpoint_io import load_mim_backbone
 from .configuration_vptm import VPTMConfig
-from .modeling_vptm import (
-    PrototypicalVerbalizer,
-    VPTMForImageClassification,
-    VPTMImageClassifierOutput,
-    VPTMPromptEmbeddings,
-    extend_relative_position_bias,
-    load_mim_backbone,
-)
+from .modeling_vptm import VPTMForImageClassification, VPTMImageClassifierOutput
+from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout, extend_relative_position_bias
+from .vptm_task import PrototypicalVerbalizer, TaskHeadOutput, VPTMPromptEmbeddings, VPTMTask
 
 
 __version__ = "0.1.0"
@@ -26,11 +22,16 @@ AutoModelForImageClassification.register(VPTMConfig, VPTMForImageClassification,
 
 __all__ = [
     "SHIPPED_BACKBONE",
+    "PromptedBackbone",
+    "PromptedBackboneOutput",
     "PrototypicalVerbalizer",
+    "SequenceLayout",
+    "TaskHeadOutput",
     "VPTMConfig",
     "VPTMForImageClassification",
     "VPTMImageClassifierOutput",
     "VPTMPromptEmbeddings",
+    "VPTMTask",
     "extend_relative_position_bias",
     "load_mim_backbone",
     "shipped_backbone_path",

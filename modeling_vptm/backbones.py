@@ -7,7 +7,7 @@ no network. See ``model_cards/tiny-beit-fashion-mnist.md``.
 
 from __future__ import annotations
 
-from .modeling_vptm import SHIPPED_PREFIX, resolve_backbone_path
+from .checkpoint_io import SHIPPED_PREFIX, resolve_backbone_path
 
 
 SHIPPED_BACKBONE = SHIPPED_PREFIX + "tiny-beit-fashion-mnist"

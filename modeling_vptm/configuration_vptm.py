@@ -98,10 +98,11 @@ class VPTMConfig(BeitConfig):
         contrastive_temperature (`float`, *optional*, defaults to 0.1):
             Temperature t of both contrastive terms (ProtoVerb uses exp of the plain cosine, t = 1; 0.1 was better
             on validation data for the instance term).
-        fast_inference (`bool`, *optional*, defaults to `True`):
-            Skip outputs that nothing reads, in training and inference (exact): the last block computes the read-out
-            token only, and a block followed by a prompted block skips its prompt slots' outputs, which that block
-            overwrites. Off when `output_hidden_states=True`.
+        skip_unread_outputs (`bool`, *optional*, defaults to `True`):
+            Compute only the outputs something reads, in training and inference alike (exact: the logits do not
+            change): the last block computes the read-out token only, and a block followed by a prompted block skips
+            its prompt slots' outputs, which that block overwrites. Off when `output_hidden_states=True`. Configs
+            saved before this name carry it as `fast_inference`, which is read as this field.
     """
 
     model_type = "vptm"
@@ -127,7 +128,7 @@ class VPTMConfig(BeitConfig):
     prototype_contrastive_weight: float = 0.0
     instance_contrastive_weight: float = 0.5
     contrastive_temperature: float = 0.1
-    fast_inference: bool = True
+    skip_unread_outputs: bool = True
 
     def __post_init__(self, **kwargs):
         # A dict taken from a BEiT config carries model_type="beit"; this config is always "vptm".
@@ -136,6 +137,10 @@ class VPTMConfig(BeitConfig):
         legacy = kwargs.pop("contrastive_weight", None)
         if legacy and not self.instance_contrastive_weight:
             self.instance_contrastive_weight = legacy
+        # the earlier name of skip_unread_outputs
+        legacy = kwargs.pop("fast_inference", None)
+        if legacy is not None:
+            self.skip_unread_outputs = legacy
         # BEiT's default drop_path_rate (0.1) would matter only in train mode, which the frozen backbone never
         # enters; keep the stored value, it is the checkpoint's.
         super().__post_init__(**kwargs)

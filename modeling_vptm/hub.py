@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 
+from .checkpoint_io import SHIPPED_PREFIX, load_mim_backbone, resolve_backbone_path
 from .model_card import LICENSE, is_hub_id
-from .modeling_vptm import SHIPPED_PREFIX, backbone_fingerprint, load_mim_backbone, resolve_backbone_path
+from .prompted_backbone import backbone_fingerprint
 
 
 # what a backbone folder may hold: the MIM model, its image processor, and the project's own extras

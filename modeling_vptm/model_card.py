@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .modeling_vptm import SHIPPED_PREFIX
+from .checkpoint_io import SHIPPED_PREFIX
 
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "prompt_checkpoint_card.md")

@@ -19,23 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint_io import check_fits_backbone, load_mim_backbone, read_task_tensors
 from .configuration_vptm import VPTMConfig
-from .modeling_vptm import (
-    VPTMForImageClassification,
-    backbone_config_fields,
-    backbone_fingerprint,
-    build_task_modules,
-    check_backbone_fits,
-    check_fingerprint,
-    check_task_tensors,
-    load_mim_backbone,
-    read_task_tensors,
-    run_task_head,
-)
-
-
-LAYOUT_FIELDS = ("prompt_length", "prompt_layers", "mask_token_mode", "mask_token_position", "extra_token_bias",
-                 "classifier")  # fmt: skip
+from .modeling_vptm import VPTMForImageClassification
+from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
+from .vptm_task import VPTMTask
 
 
 @dataclass
@@ -57,63 +45,65 @@ class TaskPrediction:
     readout_attention: torch.Tensor | None = None
 
 
-class VPTMTask(nn.Module):
-    """The small tensors of one task, under the same names as in `VPTMForImageClassification`."""
-
-    def __init__(self, config: VPTMConfig) -> None:
-        super().__init__()
-        self.config = config
-        for name, module in build_task_modules(config).items():
-            setattr(self, name, module)
-
-    def layout(self) -> tuple:
-        """Tasks with equal layouts share one backbone pass (the [MASK] read-out vs CLS is part of it)."""
-        config = self.config
-        return tuple(str(getattr(config, f)) if f != "classifier" else config.reads_mask_token for f in LAYOUT_FIELDS)
-
-
 class MultiTaskVPTM(nn.Module):
     """A frozen BEiT MIM backbone and any number of prompt checkpoints made on it."""
 
-    def __init__(self, backbone_name_or_path: str, revision: str | None = None, **hub_kwargs) -> None:
+    def __init__(
+        self,
+        backbone_name_or_path: str | None,
+        revision: str | None = None,
+        backbone: PromptedBackbone | None = None,
+        **hub_kwargs,
+    ) -> None:
+        """Loads the backbone `backbone_name_or_path` (Hub id, folder or `vptm:<name>`) at `revision`, or shares
+        `backbone`, one already loaded under that name (see `from_model`)."""
         super().__init__()
-        mim = load_mim_backbone(backbone_name_or_path, revision=revision, **hub_kwargs)
-        fields = backbone_config_fields(mim.config, backbone_name_or_path, revision, prompt_length=0,
-                                        classifier="linear_cls", num_labels=1)  # fmt: skip
-        # a task-less VPTM model: the backbone and the prompted forward every task goes through
-        self.prompted_backbone = VPTMForImageClassification(VPTMConfig(**fields))
-        self.prompted_backbone._load_backbone_weights(mim)
-        self.prompted_backbone.eval()
+        if backbone is None:
+            mim = load_mim_backbone(backbone_name_or_path, revision=revision, **hub_kwargs)
+            backbone = PromptedBackbone(mim.config)
+            backbone.load_mim_weights(mim)
+        self.backbone = backbone
         self.backbone_name_or_path, self.revision = backbone_name_or_path, revision
-        self.fingerprint = backbone_fingerprint(mim.state_dict())
+        self.fingerprint = self.backbone.fingerprint()
         self.tasks = nn.ModuleDict()
 
+    @classmethod
+    def from_model(cls, model: VPTMForImageClassification, name: str) -> MultiTaskVPTM:
+        """A server on the backbone of a loaded model, shared rather than loaded again, with the model's task added
+        as `name`."""
+        config = model.config
+        server = cls(config.backbone_name_or_path, config.backbone_revision, backbone=model.backbone)
+        server.add_task(name, model)
+        return server
+
     # --------------------------------------------------------------------------------------------------- tasks
-    def add_task(self, name: str, checkpoint: str | os.PathLike | VPTMForImageClassification, **hub_kwargs) -> None:
-        """Adds a prompt checkpoint (folder, Hub id or loaded model) made on this backbone; the backbone is not
+    def add_task(
+        self, name: str, checkpoint: str | os.PathLike | VPTMForImageClassification | VPTMTask, **hub_kwargs
+    ) -> None:
+        """Adds a prompt checkpoint (folder, Hub id, loaded model or task) made on this backbone; the backbone is not
         reloaded. Refuses checkpoints made on another backbone, revision or weights."""
-        if isinstance(checkpoint, VPTMForImageClassification):
-            config, tensors, source = (
-                checkpoint.config,
-                checkpoint.task_state_dict(),
-                f"task {name!r} (the given model)",
-            )
+        if isinstance(checkpoint, (VPTMForImageClassification, VPTMTask)):
+            source = f"task {name!r} (the given {type(checkpoint).__name__})"
+            task = checkpoint.task if isinstance(checkpoint, VPTMForImageClassification) else checkpoint
+            config, tensors = task.config, task.state_dict()
         else:
-            config = VPTMConfig.from_pretrained(checkpoint, **hub_kwargs)
-            tensors, source = read_task_tensors(checkpoint, **hub_kwargs), f"task {name!r} ({checkpoint})"
+            source = f"task {name!r} ({checkpoint})"
+            config, tensors = (
+                VPTMConfig.from_pretrained(checkpoint, **hub_kwargs),
+                read_task_tensors(checkpoint, **hub_kwargs),
+            )
         if (config.backbone_name_or_path, config.backbone_revision) != (self.backbone_name_or_path, self.revision):
             raise ValueError(
                 f"{source} was made on backbone {config.backbone_name_or_path!r} (revision "
                 f"{config.backbone_revision}), but this server holds {self.backbone_name_or_path!r} (revision "
                 f"{self.revision})"
             )
-        check_fingerprint(config, self.fingerprint, source)
-        check_backbone_fits(config, self.prompted_backbone.config, source)
+        check_fits_backbone(config, self.fingerprint, self.backbone.config, source)
         task = VPTMTask(config)
-        check_task_tensors(tensors, task.state_dict(), source)
-        task.load_state_dict(tensors)
-        param = next(self.prompted_backbone.parameters())
-        self.tasks[name] = task.to(param.device, param.dtype).eval().requires_grad_(False)
+        task.load_checkpoint_tensors(tensors, source)
+        self.tasks[name] = (
+            task.to(self.backbone.lm_head.weight.device, self.backbone.dtype).eval().requires_grad_(False)
+        )
 
     def remove_task(self, name: str) -> None:
         if name not in self.tasks:
@@ -137,47 +127,50 @@ class MultiTaskVPTM(nn.Module):
         unknown = sorted(set(tasks) - set(self.tasks))
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
-        self.prompted_backbone._check_inputs(pixel_values, None)
-        pixel_values = pixel_values.to(next(self.prompted_backbone.parameters()).dtype)
-        groups: dict[tuple, list[int]] = {}
+        self.backbone.check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(self.backbone.dtype)
+        groups: dict[SequenceLayout, list[int]] = {}
         for index, name in enumerate(tasks):
-            groups.setdefault(self.tasks[name].layout(), []).append(index)
+            groups.setdefault(self.tasks[name].layout, []).append(index)
         out: list[TaskPrediction | None] = [None] * len(tasks)
-        for rows in groups.values():
+        for layout, rows in groups.items():  # one backbone pass per layout, each image with its task's tokens
             members = [self.tasks[tasks[i]] for i in rows]
-            layout = members[0].config
-            prompts = None
-            if layout.prompted_layers:
-                prompts = torch.stack([t.prompt_embeddings.prompts for t in members])  # (rows, blocks, P, D)
+            prompts = torch.stack([t.prompts() for t in members]) if layout.prompted_layers else None  # (rows, ...)
             mask = None
-            if any(t.trainable_mask_token is not None for t in members):
-                default = self.prompted_backbone.beit.embeddings.mask_token
-                mask = torch.cat([t.trainable_mask_token if t.trainable_mask_token is not None else default
-                                  for t in members])  # (rows, 1, D)  # fmt: skip
+            if any(t.mask_embedding() is not None for t in members):
+                default = self.backbone.pretrained_mask_token
+                mask = torch.cat([default if t.mask_embedding() is None else t.mask_embedding() for t in members])
             index = torch.tensor(rows, device=pixel_values.device)
-            features = self.prompted_backbone.forward_features(
+            readout = self.backbone(
                 pixel_values[index],
+                layout,
                 prompts=prompts,
-                mask_embeddings=mask,
-                layout=layout,
+                mask_embeddings=mask,  # (rows, 1, D)
                 output_readout_attention=output_readout_attention,
             )
-            normed = self.prompted_backbone.layernorm(features.readout_state)  # (rows, D)
-            token_logits = self.prompted_backbone.lm_head(normed) if layout.reads_mask_token else None
             by_task: dict[str, list[int]] = {}
             for position, row in enumerate(rows):
                 by_task.setdefault(tasks[row], []).append(position)
             for name, positions in by_task.items():  # each head runs once on its task's images
-                task, select = self.tasks[name], torch.tensor(positions, device=normed.device)
-                selected_tokens = None if token_logits is None else token_logits[select]
-                logits = run_task_head(task, task.config, normed[select], selected_tokens).logits
+                select = torch.tensor(positions, device=pixel_values.device)
+                logits = self.tasks[name](readout_rows(readout, select)).logits
                 for position, row_logits in zip(positions, logits, strict=True):
                     out[rows[position]] = TaskPrediction(
                         task=name,
                         logits=row_logits,
-                        visual_token_logits=None if token_logits is None else token_logits[position],
-                        readout_attention=(
-                            None if features.readout_attention is None else features.readout_attention[position]
-                        ),
+                        visual_token_logits=optional_row(readout.visual_token_logits, position),
+                        readout_attention=optional_row(readout.readout_attention, position),
                     )
         return out
+
+
+def readout_rows(readout: PromptedBackboneOutput, rows: torch.Tensor) -> PromptedBackboneOutput:
+    """The read-out of some images of a batch (what a task head reads)."""
+    return PromptedBackboneOutput(
+        readout_hidden_state=readout.readout_hidden_state[rows],
+        visual_token_logits=None if readout.visual_token_logits is None else readout.visual_token_logits[rows],
+    )
+
+
+def optional_row(tensor: torch.Tensor | None, row: int) -> torch.Tensor | None:
+    return None if tensor is None else tensor[row]

@@ -285,7 +285,7 @@ class TeacherFeatureTokenizer(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike) -> TeacherFeatureTokenizer:
         from transformers import BeitForMaskedImageModeling
 
-        from .modeling_vptm import resolve_backbone_path
+        from .checkpoint_io import resolve_backbone_path
 
         path, meta = _read_meta(directory)
         missing = {"teacher", "vocab_size", "layer"} - set(meta)

@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from modeling_vptm.backbones import SHIPPED_BACKBONE
+from modeling_vptm.checkpoint_io import resolve_backbone_path
 from modeling_vptm.images import read_rgb, top_predictions
 from modeling_vptm.inspection import (
     heatmap_overlay,
@@ -32,7 +33,6 @@ from modeling_vptm.inspection import (
     render_visual_token,
     top_visual_tokens,
 )
-from modeling_vptm.modeling_vptm import resolve_backbone_path
 from modeling_vptm.serving import MultiTaskVPTM
 from modeling_vptm.tokenizer import TOKENIZER_FILE, PatchKMeansTokenizer, load_visual_tokenizer
 
@@ -139,7 +139,7 @@ class DemoService:
             tokenizer = load_visual_tokenizer(folder)
             self.tokenizer = tokenizer if isinstance(tokenizer, PatchKMeansTokenizer) else None
         self.device = device
-        config = self.server.prompted_backbone.config
+        config = self.server.backbone.config
         self.grid = (config.image_size // config.patch_size,) * 2
 
     def check_processor(self, source: str) -> None:

@@ -59,9 +59,17 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
         os.path.join(REPO_ROOT, "modeling_vptm/shipped/tiny-beit-fashion-mnist/model.safetensors")
     )
     files = set(os.listdir(tmp_path))
-    assert {"config.json", "modeling_vptm.py", "configuration_vptm.py", "preprocessor_config.json"} <= files
+    assert {
+        "config.json",
+        "modeling_vptm.py",
+        "configuration_vptm.py",
+        "prompted_backbone.py",
+        "vptm_task.py",
+        "checkpoint_io.py",
+        "preprocessor_config.json",
+    } <= files
     saved = json.load(open(tmp_path / "config.json"))  # only config fields: the script's own arguments stay out
-    assert not {"backbone_hub_id", "prototype_init", "vptm_head", "method", "token"} & set(saved)
+    assert not {"backbone_hub_id", "prototype_init", "method", "token"} & set(saved)
     metadata, body = read_card(tmp_path)
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-classification"
     # the packaged backbone and dataset are not Hub ids: the card does not name them as such
@@ -237,8 +245,9 @@ def test_pushed_checkpoint_on_a_pushed_backbone_loads_with_transformers_only(tmp
                              ("upload_folder", prompts, "v1")] * 2  # fmt: skip
     remote = tmp_path / "remote" / "vptm-tests/fashion-prompts"
     uploaded = sorted(os.listdir(remote))
-    assert uploaded == ["README.md", "config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py",
-                        "preprocessor_config.json"]  # fmt: skip
+    assert uploaded == ["README.md", "checkpoint_io.py", "config.json", "configuration_vptm.py", "model.safetensors",
+                        "modeling_vptm.py", "preprocessor_config.json", "prompted_backbone.py",
+                        "vptm_task.py"]  # fmt: skip
     assert results["pushed_files"] == uploaded and results["pushed_commit"] == f"{2:040x}"
     # the pushed config names the Hub copy; the local folder keeps the packaged name it was trained on
     pushed = json.load(open(remote / "config.json"))
@@ -375,8 +384,8 @@ def test_every_vptm_config_field_is_an_argument():
     from modeling_vptm import VPTMConfig
 
     vptm_fields = {f.name for f in dataclasses.fields(VPTMConfig)} - {f.name for f in dataclasses.fields(BeitConfig)}
-    set_by_the_script = {"backbone_name_or_path", "backbone_revision", "backbone_fingerprint", "classifier",
-                         "fast_inference"}  # fmt: skip
+    set_by_the_script = {"backbone_name_or_path", "backbone_revision", "backbone_fingerprint",
+                         "skip_unread_outputs"}  # fmt: skip
     arguments = {f.name for f in dataclasses.fields(run_classification.ModelArguments)}
     assert vptm_fields - set_by_the_script <= arguments, vptm_fields - set_by_the_script - arguments
     defaults = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments)}

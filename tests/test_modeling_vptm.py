@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_backbone, tiny_beit_config
 from safetensors import safe_open
-from transformers import AutoModelForImageClassification, BeitForImageClassification
+from transformers import AutoModelForImageClassification, BeitForImageClassification, BeitForMaskedImageModeling
 
 from modeling_vptm import (
     PrototypicalVerbalizer,
@@ -103,7 +103,7 @@ def test_every_mode_gives_shapes_and_finite_loss(fields, pixel_values):
         assert out.visual_token_logits is None
     else:
         assert out.visual_token_logits.shape == (3, 37)
-    assert out.mask_hidden_state.shape == (3, 24)
+    assert out.readout_hidden_state.shape == (3, 24)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,9 @@ def test_other_options_give_finite_loss(fields, pixel_values):
         else:
             assert parameter.grad is None, name
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trained and trained <= set(model.task_state_dict())  # only task tensors train, and all are saved
+    assert trained and trained <= {
+        "task." + name for name in model.task_state_dict()
+    }  # only task tensors train, and all are saved
 
 
 def test_output_hidden_states_has_prompted_sequence(pixel_values):
@@ -147,11 +149,11 @@ def test_only_task_parameters_train_and_backbone_is_bit_identical(backbone_dir, 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        "prompt_embeddings.prompts",
-        "trainable_mask_token",
-        "verbalizer.projection.weight",
-        "verbalizer.prototypes",
-        "verbalizer.logit_scale",
+        "task.prompt_embeddings.prompts",
+        "task.trainable_mask_token",
+        "task.verbalizer.projection.weight",
+        "task.verbalizer.prototypes",
+        "task.verbalizer.logit_scale",
     }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
     model.train()
@@ -162,7 +164,7 @@ def test_only_task_parameters_train_and_backbone_is_bit_identical(backbone_dir, 
         optimizer.zero_grad()
     after = model.state_dict()
     for name, tensor in after.items():
-        if name.split(".")[0] in ("beit", "layernorm", "lm_head"):
+        if name.startswith("backbone."):
             assert torch.equal(tensor, before[name]), name
         else:
             assert not torch.equal(tensor, before[name]), f"{name} did not change"
@@ -172,8 +174,8 @@ def test_only_task_parameters_train_and_backbone_is_bit_identical(backbone_dir, 
 def test_backbone_stays_in_eval_mode(backbone_dir, pixel_values):
     model = from_backbone(backbone_dir)  # the tiny backbone has drop_path_rate=0.1
     model.train()
-    assert model.training and not model.beit.training and not model.lm_head.training
-    assert all(not m.training for m in model.beit.modules())
+    assert model.training and not model.backbone.beit.training and not model.backbone.lm_head.training
+    assert all(not m.training for m in model.backbone.beit.modules())
     first, second = model(pixel_values).logits, model(pixel_values).logits
     assert torch.equal(first, second)  # no stochastic depth or dropout inside the backbone
 
@@ -183,7 +185,7 @@ def test_trainable_parameter_count(backbone_dir, capsys):
     trainable, total = model.get_nb_trainable_parameters()
     # deep prompts 3 blocks x 3 x 24, projection 24 x 5 (from the hidden state), prototypes 4 x 5, scale 1
     assert trainable == 3 * 3 * 24 + 24 * 5 + 4 * 5 + 1
-    assert total == trainable + sum(p.numel() for p in model.beit.parameters()) + 24 * 2 + 24 * 37 + 37
+    assert total == trainable + sum(p.numel() for p in model.backbone.beit.parameters()) + 24 * 2 + 24 * 37 + 37
     model.print_trainable_parameters()
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
 
@@ -232,16 +234,18 @@ def test_hidden_states_are_in_method_order(pixel_values, mode):
     """Block outputs are reported as [CLS] + P + [MASK] + patches and equal a library BeitLayer run on that order."""
     model = VPTMForImageClassification(vptm_config(prompt_layers=[1, 2], extra_token_bias=mode)).eval()
     with torch.no_grad():
-        model.prompt_embeddings.prompts.normal_()
-        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+        model.task.prompt_embeddings.prompts.normal_()
+        model.backbone.beit.shared_position_bias.relative_position_bias_table.normal_()
         states = model(pixel_values, output_hidden_states=True).hidden_states
-        bias = model.beit.shared_position_bias((5, 5), dim_size=26)
+        bias = model.backbone.beit.shared_position_bias((5, 5), dim_size=26)
         bias = extend_relative_position_bias(bias, 1 + 3, mode)  # prompts and [MASK] right after CLS
         before = states[1]  # output of block 0: [CLS, MASK, patches]
         for block, (inputs, prompts) in enumerate([(before, 0), (states[2], 1)], start=1):
             rest = inputs[:, 1:] if block == 1 else inputs[:, 4:]  # block 2 overwrites the prompt slots
-            sequence = torch.cat([inputs[:, :1], model.prompt_embeddings.prompts[prompts].expand(3, -1, -1), rest], 1)
-            expected = model.beit.layers[block](sequence, attention_mask=bias)
+            sequence = torch.cat(
+                [inputs[:, :1], model.task.prompt_embeddings.prompts[prompts].expand(3, -1, -1), rest], 1
+            )
+            expected = model.backbone.beit.layers[block](sequence, attention_mask=bias)
             torch.testing.assert_close(states[block + 1], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -267,17 +271,19 @@ def test_readout_attention_is_in_method_order(pixel_values, fields):
     """The read-out row over [CLS] + P + [MASK]? + patches, recomputed from the last block's input by hand."""
     model = VPTMForImageClassification(vptm_config(**fields)).eval()
     with torch.no_grad():
-        if model.prompt_embeddings is not None:
-            model.prompt_embeddings.prompts.normal_()
-        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+        if model.task.prompt_embeddings is not None:
+            model.task.prompt_embeddings.prompts.normal_()
+        model.backbone.beit.shared_position_bias.relative_position_bias_table.normal_()
         out = model(pixel_values, output_hidden_states=True, output_readout_attention=True)
         attention = out.readout_attention
         reads_mask = model.config.reads_mask_token
         extra = 3 + int(reads_mask)
-        bias = extend_relative_position_bias(model.beit.shared_position_bias((5, 5), dim_size=26), extra, "cls")
-        layer, inputs = model.beit.layers[-1], out.hidden_states[-2].clone()
+        bias = extend_relative_position_bias(
+            model.backbone.beit.shared_position_bias((5, 5), dim_size=26), extra, "cls"
+        )
+        layer, inputs = model.backbone.beit.layers[-1], out.hidden_states[-2].clone()
         if 2 in model.config.prompted_layers:  # the last block gets its own prompts in the prompt slots
-            inputs[:, 1:4] = model.prompt_embeddings.prompts[-1]
+            inputs[:, 1:4] = model.task.prompt_embeddings.prompts[-1]
         normed = layer.layernorm_before(inputs)
         query = layer.attention.q_proj(normed).view(3, -1, 2, 12).transpose(1, 2)
         key = layer.attention.k_proj(normed).view(3, -1, 2, 12).transpose(1, 2)
@@ -321,7 +327,7 @@ def test_skipping_unread_outputs_is_exact_in_inference_and_training(backbone_dir
     labels = torch.tensor([0, 1, 2])
     results = []
     for fast in (True, False):
-        model.config.fast_inference = fast
+        model.config.skip_unread_outputs = fast
         model.eval()
         with torch.no_grad():
             logits = model(pixel_values).logits
@@ -339,18 +345,18 @@ def test_skipping_unread_outputs_is_exact_in_inference_and_training(backbone_dir
 def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
     config = vptm_config(use_relative_position_bias=per_block, use_shared_relative_position_bias=not per_block)
     model = VPTMForImageClassification(config).eval()
-    tables = [module.relative_position_bias_table for module in model._bias_modules()]
+    tables = [module.relative_position_bias_table for module in model.backbone._bias_modules()]
 
     def fresh_logits():
-        model._bias_cache.clear()
+        model.backbone._bias_cache.clear()
         with torch.no_grad():
             return model(pixel_values).logits
 
     with torch.no_grad():
         model(pixel_values)
-    assert len(model._bias_cache) == 1 and not any("_bias_cache" in key for key in model.state_dict())
+    assert len(model.backbone._bias_cache) == 1 and not any("_bias_cache" in key for key in model.state_dict())
     model.double()  # a conversion drops the kept biases instead of keeping stale float32 copies
-    assert not model._bias_cache
+    assert not model.backbone._bias_cache
     with torch.no_grad():
         assert model(pixel_values.double()).logits.dtype == torch.float64
     model.float()
@@ -371,12 +377,12 @@ def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
         model(pixel_values)
     model.train()
     model(pixel_values, labels=torch.tensor([0, 1, 2])).loss.backward()
-    assert model.prompt_embeddings.prompts.grad is not None
+    assert model.task.prompt_embeddings.prompts.grad is not None
     # a trainable table (a user unfreezing the backbone) is never cached: its gradient must flow
-    model._bias_cache.clear()
+    model.backbone._bias_cache.clear()
     tables[0].requires_grad_(True)
     model(pixel_values, labels=torch.tensor([0, 1, 2])).loss.backward()
-    assert tables[0].grad is not None and not model._bias_cache
+    assert tables[0].grad is not None and not model.backbone._bias_cache
 
 
 def test_normalized_logits_ignore_the_offset_and_spread_of_the_mim_logits(pixel_values):
@@ -386,16 +392,16 @@ def test_normalized_logits_ignore_the_offset_and_spread_of_the_mim_logits(pixel_
         standardised = (before.visual_token_logits - before.visual_token_logits.mean(-1, keepdim=True)) / (
             before.visual_token_logits.var(-1, unbiased=False, keepdim=True) + 1e-5
         ).sqrt()
-        projected = torch.nn.functional.normalize(model.verbalizer.project(standardised), dim=-1)
+        projected = torch.nn.functional.normalize(model.task.verbalizer.project(standardised), dim=-1)
         expected = (
-            model.verbalizer.logit_scale
+            model.task.verbalizer.logit_scale
             * projected
-            @ torch.nn.functional.normalize(model.verbalizer.prototypes, dim=-1).T
+            @ torch.nn.functional.normalize(model.task.verbalizer.prototypes, dim=-1).T
         )
         torch.testing.assert_close(before.logits, expected, atol=1e-4, rtol=1e-4)
         assert before.logits.std() > 0.1  # non-trivial class scores (random prototypes)
-        model.lm_head.weight.mul_(3.0)  # every image's logits: 3x the spread and 2.5 higher
-        model.lm_head.bias.mul_(3.0).add_(2.5)
+        model.backbone.lm_head.weight.mul_(3.0)  # every image's logits: 3x the spread and 2.5 higher
+        model.backbone.lm_head.bias.mul_(3.0).add_(2.5)
         after = model(pixel_values)
     assert not torch.allclose(after.visual_token_logits, before.visual_token_logits)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-4, rtol=1e-4)
@@ -419,9 +425,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone_dir, pixel_val
         model = from_backbone(backbone_dir).train()
         if checkpointing:
             model.gradient_checkpointing_enable()
-            assert all(layer.gradient_checkpointing for layer in model.beit.layers)
+            assert all(layer.gradient_checkpointing for layer in model.backbone.beit.layers)
         model(pixel_values, labels=labels).loss.backward()
-        grads.append(model.prompt_embeddings.prompts.grad.clone())
+        grads.append(model.task.prompt_embeddings.prompts.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
@@ -430,7 +436,7 @@ def test_bfloat16_forward_and_backward(backbone_dir, pixel_values):
     out = model(pixel_values.to(torch.bfloat16), labels=torch.tensor([0, 1, 2]))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
-    assert torch.isfinite(model.prompt_embeddings.prompts.grad).all()
+    assert torch.isfinite(model.task.prompt_embeddings.prompts.grad).all()
 
 
 def test_torch_compile_matches_eager(backbone_dir, pixel_values):
@@ -442,12 +448,12 @@ def test_torch_compile_matches_eager(backbone_dir, pixel_values):
 
 def test_per_sample_prompts_equal_separate_runs(backbone_dir, pixel_values):
     model = from_backbone(backbone_dir).eval()
-    other = torch.randn_like(model.prompt_embeddings.prompts)
-    per_sample = torch.stack([model.prompt_embeddings.prompts, other, model.prompt_embeddings.prompts])
+    other = torch.randn_like(model.task.prompt_embeddings.prompts)
+    per_sample = torch.stack([model.task.prompt_embeddings.prompts, other, model.task.prompt_embeddings.prompts])
     with torch.no_grad():
-        mixed = model.forward_features(pixel_values, prompts=per_sample).readout_state
-        own = model.forward_features(pixel_values).readout_state
-        alone = model.forward_features(pixel_values, prompts=other).readout_state
+        mixed = model.forward_features(pixel_values, prompts=per_sample).readout_hidden_state
+        own = model.forward_features(pixel_values).readout_hidden_state
+        alone = model.forward_features(pixel_values, prompts=other).readout_hidden_state
     torch.testing.assert_close(mixed[[0, 2]], own[[0, 2]], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(mixed[1], alone[1], atol=1e-6, rtol=1e-6)
 
@@ -473,12 +479,12 @@ def test_class_mean_prototypes(backbone_dir, pixel_values):
     images = torch.cat([pixel_values, pixel_values[:1] * 0.5])
     model.initialize_prototypes([(images, labels)])
     with torch.no_grad():
-        projected = model.verbalizer.project(model(images).visual_token_logits)
-    torch.testing.assert_close(model.verbalizer.prototypes, projected, atol=1e-5, rtol=1e-5)
-    before = model.verbalizer.prototypes[3].clone()
+        projected = model.task.verbalizer.project(model(images).visual_token_logits)
+    torch.testing.assert_close(model.task.verbalizer.prototypes, projected, atol=1e-5, rtol=1e-5)
+    before = model.task.verbalizer.prototypes[3].clone()
     model.initialize_prototypes([(pixel_values * 2, labels[:3])])
-    assert torch.equal(model.verbalizer.prototypes[3], before)  # no example of class 3: prototype kept
-    assert not torch.allclose(model.verbalizer.prototypes[0], projected[0])
+    assert torch.equal(model.task.verbalizer.prototypes[3], before)  # no example of class 3: prototype kept
+    assert not torch.allclose(model.task.verbalizer.prototypes[0], projected[0])
 
 
 # ------------------------------------------------------------------------------------------------------- errors
@@ -521,19 +527,21 @@ def test_legacy_key_checkpoint_loads_every_backbone_tensor(backbone_dir, backbon
     assert any("encoder.layer.0.attention.attention.query.weight" in k for k in keys)  # the v4 (Hub) layout
     model = from_backbone(backbone_dir)
     reference = backbone.state_dict()
-    for name, tensor in model.state_dict().items():
-        if name.split(".")[0] in ("beit", "layernorm", "lm_head"):
-            assert torch.equal(tensor, reference[name]), name
+    loaded = model.backbone.state_dict()
+    assert sorted(loaded) == sorted(reference)  # the same names as BeitForMaskedImageModeling
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, reference[name]), name
 
 
 def test_save_writes_only_task_tensors_and_reloads_exactly(backbone_dir, pixel_values, tmp_path):
     model = from_backbone(backbone_dir).eval()
     with torch.no_grad():
-        model.prompt_embeddings.prompts.add_(0.5)  # trained-looking values
+        model.task.prompt_embeddings.prompts.add_(0.5)  # trained-looking values
         expected = model(pixel_values).logits
     model.save_pretrained(tmp_path / "prompts")
     files = sorted(os.listdir(tmp_path / "prompts"))
-    assert files == ["config.json", "configuration_vptm.py", "model.safetensors", "modeling_vptm.py"]
+    assert files == ["checkpoint_io.py", "config.json", "configuration_vptm.py", "model.safetensors",
+                     "modeling_vptm.py", "prompted_backbone.py", "vptm_task.py"]  # fmt: skip
     with safe_open(str(tmp_path / "prompts" / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(model.task_state_dict())
     config = json.loads((tmp_path / "prompts" / "config.json").read_text())
@@ -674,6 +682,53 @@ def test_from_pretrained_honours_or_refuses_each_argument(backbone_dir, pixel_va
         VPTMForImageClassification.from_pretrained(tmp_path, device_map={"beit": "cpu", "verbalizer": "cpu"})
     with pytest.raises(TypeError, match=r"cannot honour \['use_safetensors'\]"):
         VPTMForImageClassification.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_the_model_is_a_prompted_backbone_and_one_task(backbone_dir, pixel_values):
+    from modeling_vptm import PromptedBackbone, SequenceLayout, VPTMTask
+
+    model = from_backbone(backbone_dir, mask_token_mode="replace", mask_token_position=7, prompt_layers=[1, 2])
+    assert isinstance(model.backbone, PromptedBackbone) and isinstance(model.task, VPTMTask)
+    assert model.task.layout == SequenceLayout(3, (1, 2), "replace", 7, "cls")
+    # the backbone alone, given the task's tokens, is what forward_features runs
+    with torch.no_grad():
+        alone = model.backbone(pixel_values, model.task.layout, prompts=model.task.prompts())
+        features = model.forward_features(pixel_values)
+    torch.testing.assert_close(alone.readout_hidden_state, features.readout_hidden_state, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"the layout prompts blocks \[1, 2\], but no prompts were given"):
+        model.backbone(pixel_values, model.task.layout)
+    with pytest.raises(ValueError, match=r"a layout with prompts needs prompted layers"):
+        SequenceLayout(prompt_length=3)
+    with pytest.raises(ValueError, match=r"mask_token must be 'append', 'replace' or None, got 'prepend'"):
+        SequenceLayout(mask_token="prepend")
+
+
+def test_the_backbone_refuses_weights_it_cannot_hold(backbone_dir):
+    from modeling_vptm import PromptedBackbone
+
+    backbone = PromptedBackbone(tiny_beit_config(hidden_size=32, intermediate_size=64))
+    mim = BeitForMaskedImageModeling.from_pretrained(backbone_dir)
+    with pytest.raises(ValueError, match=r"backbone tensor .* has shape \(.*24.*\) in the checkpoint but \(.*32.*\)"):
+        backbone.load_mim_weights(mim)
+    del mim.lm_head
+    with pytest.raises(ValueError, match=r"the backbone checkpoint lacks 2 tensors VPTM needs, e.g. \['lm_head.bias'"):
+        PromptedBackbone(tiny_beit_config()).load_mim_weights(mim)
+
+
+def test_state_dicts_by_checkpoint_names_load_into_the_task(backbone_dir, pixel_values):
+    """Trainer reloads a checkpoint folder's file with `load_state_dict` (to resume, or to pick the best one): the
+    file names task tensors as the task does, without the model's `task.` prefix."""
+    model = from_backbone(backbone_dir, train_mask_token=True)
+    trained = {k: torch.randn_like(v) for k, v in model.task_state_dict().items()}
+    result = model.load_state_dict(trained, strict=False)
+    assert result.unexpected_keys == [] and not [k for k in result.missing_keys if not k.startswith("backbone.")]
+    for name, tensor in model.task_state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+def test_configs_saved_with_fast_inference_keep_their_setting():
+    assert vptm_config(fast_inference=False).skip_unread_outputs is False
+    assert vptm_config().skip_unread_outputs is True and "fast_inference" not in vptm_config().to_dict()
 
 
 @pytest.mark.parametrize("name", ["vptm-hidden", "vpt"])

@@ -128,7 +128,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(saved, monkeypat
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_midway)
     with torch.no_grad():
-        model.prompt_embeddings.prompts.add_(1.0)
+        model.task.prompt_embeddings.prompts.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(folder)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
@@ -220,7 +220,21 @@ def test_config_limits(backbone_dir, pixel_values, fields):
 
 
 # ------------------------------------------------------------------------------------------------------- security
-HUB_FILES = ("configuration_vptm.py", "modeling_vptm.py")
+def hub_files() -> list[str]:
+    """The files save_pretrained copies beside a prompt checkpoint: modeling_vptm.py and, recursively, every file it
+    imports relatively (found the way transformers finds them)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modeling = os.path.join(REPO_ROOT, "modeling_vptm", "modeling_vptm.py")
+    return sorted(os.path.basename(path) for path in [modeling, *get_relative_import_files(modeling)])
+
+
+HUB_FILES = hub_files()
+
+
+def test_hub_files_are_the_model_its_parts_and_the_config():
+    assert HUB_FILES == ["checkpoint_io.py", "configuration_vptm.py", "modeling_vptm.py", "prompted_backbone.py",
+                         "vptm_task.py"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", HUB_FILES)
@@ -230,7 +244,8 @@ def test_hub_files_only_define_things_at_import(name):
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
-                assert node.module.split(".")[0] in ("__future__", "torch", "transformers", "dataclasses"), node.module
+                allowed = ("__future__", "torch", "transformers", "dataclasses", "collections")
+                assert node.module.split(".")[0] in allowed, node.module
             if isinstance(node, ast.Import):
                 assert all(
                     a.name.split(".")[0] in ("hashlib", "math", "os", "shutil", "tempfile", "torch")
@@ -289,7 +304,7 @@ def test_any_valid_configuration_trains_saves_and_reloads(backbone_dir, num_labe
 def test_packaged_backbone_without_the_package_names_an_install_that_works(monkeypatch):
     import importlib.util
 
-    from modeling_vptm.modeling_vptm import resolve_backbone_path
+    from modeling_vptm.checkpoint_io import resolve_backbone_path
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

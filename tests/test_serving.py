@@ -80,14 +80,14 @@ def test_predict_gives_each_image_its_tasks_tokens_and_attention(backbone_dir, c
 
 def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
     server = MultiTaskVPTM(backbone_dir)
-    backbone = server.prompted_backbone.beit
+    backbone = server.backbone.beit
     calls = []
     monkeypatch.setattr(serving, "load_mim_backbone", lambda *a, **k: calls.append(a))
     server.add_task("deep", checkpoints["deep"])
     server.add_task("vpt", checkpoints["vpt-shallow"])
     server.remove_task("deep")
     server.add_task("deep", checkpoints["deep"])
-    assert calls == [] and server.prompted_backbone.beit is backbone and sorted(server.tasks) == ["deep", "vpt"]
+    assert calls == [] and server.backbone.beit is backbone and sorted(server.tasks) == ["deep", "vpt"]
     with pytest.raises(KeyError, match=r"no task 'gone'"):
         server.remove_task("gone")
     with pytest.raises(KeyError, match=r"unknown tasks \['gone'\]"):
@@ -103,11 +103,15 @@ def test_checkpoints_of_another_backbone_are_refused(backbone_dir, checkpoints, 
     server = MultiTaskVPTM(backbone_dir)
     with pytest.raises(ValueError, match=r"was made on backbone .*other.* but this server holds"):
         server.add_task("other", str(tmp_path / "other-task"))
-    server_with_revision = MultiTaskVPTM(backbone_dir, revision=None)
+    other_revision = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=2)
+    other_revision.config.backbone_revision = "v2"
+    with pytest.raises(ValueError, match=r"\(revision v2\), but this server holds .* \(revision None\)"):
+        server.add_task("r", other_revision)
     same_name_other_weights = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=2)
     same_name_other_weights.config.backbone_fingerprint = "0" * 64
     with pytest.raises(ValueError, match=r"task .* was trained on backbone .* do not fit these weights"):
-        server_with_revision.add_task("x", same_name_other_weights)
+        server.add_task("x", same_name_other_weights)
+    assert sorted(server.tasks) == []  # nothing refused was kept
 
 
 def test_serve_batch_cli_matches_each_model(tmp_path, capsys):
@@ -149,3 +153,34 @@ def test_serve_batch_cli_matches_each_model(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--input names task 'c', but the tasks are \['a', 'b'\]"):
         serve_batch.main(["--backbone", SHIPPED_BACKBONE, "--task", f"a={tmp_path / 'a'}", "--task",
                           f"b={tmp_path / 'b'}", "--input", f"c={tmp_path / 'in-a'}"])  # fmt: skip
+
+
+def test_tasks_share_a_pass_exactly_when_their_layouts_are_equal(backbone_dir, checkpoints, monkeypatch):
+    server = MultiTaskVPTM(backbone_dir)
+    for name, path in checkpoints.items():
+        server.add_task(name, path)
+    layouts = {name: task.layout for name, task in server.tasks.items()}
+    # these differ in their heads only (verbalizer sizes, two verbalizers, a linear head at [MASK])
+    assert layouts["deep"] == layouts["deep-other"] == layouts["ensemble"] == layouts["hidden-linear"]
+    assert len({layouts["deep"], layouts["vpt-shallow"], layouts["replace-trained-mask"]}) == 3
+    assert len(set(layouts.values())) == 3
+    passes = []
+    original = type(server.backbone).forward
+    monkeypatch.setattr(type(server.backbone), "forward", lambda self, x, layout, **kw: passes.append(
+        (len(x), layout)) or original(self, x, layout, **kw))  # fmt: skip
+    server(torch.randn(6, 3, 20, 20), tasks=["deep", "ensemble", "vpt-shallow", "deep-other", "deep", "vpt-shallow"])
+    assert sorted(n for n, _ in passes) == [2, 4] and {layout for _, layout in passes} == {
+        layouts["deep"],
+        layouts["vpt-shallow"],
+    }
+
+
+def test_from_model_shares_the_loaded_backbone(backbone_dir, checkpoints, pixel_values):
+    model = VPTMForImageClassification.from_pretrained(checkpoints["replace-trained-mask"])
+    server = MultiTaskVPTM.from_model(model, "mine")
+    assert server.backbone is model.backbone and list(server.tasks) == ["mine"]
+    server.add_task("deep", checkpoints["deep"])  # a checkpoint of the same backbone is accepted beside it
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    for row, logits in enumerate(server(pixel_values, tasks=["mine"] * 3)):
+        torch.testing.assert_close(logits, expected[row], atol=1e-5, rtol=1e-5)

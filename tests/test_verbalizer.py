@@ -11,13 +11,8 @@ from conftest import tiny_beit_config
 from torch.nn import functional as F
 
 from modeling_vptm import VPTMConfig, VPTMForImageClassification
-from modeling_vptm.modeling_vptm import (
-    instance_contrastive_loss,
-    prototype_contrastive_loss,
-    run_task_head,
-    standardize_class_logits,
-    task_loss,
-)
+from modeling_vptm.prompted_backbone import PromptedBackboneOutput
+from modeling_vptm.vptm_task import instance_contrastive_loss, prototype_contrastive_loss, standardize_class_logits
 
 
 def vptm_model(seed: int = 0, **fields) -> VPTMForImageClassification:
@@ -76,7 +71,8 @@ def test_loss_in_forward_is_cross_entropy_plus_weighted_terms(pixel_values):
     model = vptm_model(verbalizer_input="hidden", **weights)
     labels = torch.tensor([0, 0, 2])
     out = model(pixel_values, labels=labels)
-    head = model.classify(model.forward_features(pixel_values).readout_state)[0]
+    head = model.task(model.forward_features(pixel_values), labels)
+    torch.testing.assert_close(out.loss, head.loss)
     (projected,), (cosine,) = head.projected, head.prototype_cosine
     expected = (
         F.cross_entropy(head.logits, labels)
@@ -97,12 +93,12 @@ def test_legacy_contrastive_weight_is_the_instance_weight():
 # ---------------------------------------------------------------------------------------------------- ensemble
 def test_ensemble_averages_the_standardised_class_logits_of_both_paths(pixel_values):
     model = vptm_model(verbalizer_input="ensemble", num_labels=5)
-    assert model.verbalizer.projection.in_features == 37  # the MIM logits over the visual vocabulary
-    assert model.hidden_verbalizer.projection.in_features == 24  # the [MASK] hidden state
+    assert model.task.verbalizer.projection.in_features == 37  # the MIM logits over the visual vocabulary
+    assert model.task.hidden_verbalizer.projection.in_features == 24  # the [MASK] hidden state
     out = model(pixel_values)
-    normed = out.mask_hidden_state
-    token = model.verbalizer(out.visual_token_logits)[0]
-    hidden = model.hidden_verbalizer(normed)[0]
+    normed = out.readout_hidden_state
+    token = model.task.verbalizer(out.visual_token_logits)[0]
+    hidden = model.task.hidden_verbalizer(normed)[0]
 
     def zscore(logits):  # by hand: zero mean, unit (biased) variance over the classes of each image
         centred = logits - logits.mean(-1, keepdim=True)
@@ -132,7 +128,7 @@ def test_ensemble_checkpoint_holds_both_verbalizers(backbone_dir, pixel_values, 
         "hidden_verbalizer.prototypes",
     } <= keys
     with torch.no_grad():
-        model.hidden_verbalizer.prototypes.add_(1.0)  # as if trained
+        model.task.hidden_verbalizer.prototypes.add_(1.0)  # as if trained
     model.save_pretrained(tmp_path / "ensemble")
     again = VPTMForImageClassification.from_pretrained(tmp_path / "ensemble")
     with torch.no_grad():
@@ -147,20 +143,19 @@ def test_class_mean_prototypes_are_the_features_forward_scores(verbalizer_input,
     labels = torch.tensor([0, 1, 2, 0])
     model.initialize_prototypes([(images, labels)])
     with torch.no_grad():
-        head = model.classify(model.forward_features(images).readout_state)[0]
-    verbalizers = [model.verbalizer] + ([model.hidden_verbalizer] if verbalizer_input == "ensemble" else [])
+        head = model.task(model.forward_features(images))
+    verbalizers = [model.task.verbalizer] + ([model.task.hidden_verbalizer] if verbalizer_input == "ensemble" else [])
     assert len(head.projected) == len(verbalizers)
     for verbalizer, projected in zip(verbalizers, head.projected, strict=True):
         expected = torch.stack([projected[[0, 3]].mean(0), projected[1], projected[2]])
         torch.testing.assert_close(verbalizer.prototypes, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_run_task_head_of_a_linear_head_has_one_path():
+def test_a_linear_task_head_has_one_path_and_plain_cross_entropy():
     model = vptm_model(classifier="linear_mask", verbalizer_input="hidden")
     normed = torch.randn(2, 24)
-    head = run_task_head(model, model.config, normed, model.lm_head(normed))
-    torch.testing.assert_close(head.logits, model.classifier(normed))
+    readout = PromptedBackboneOutput(readout_hidden_state=normed, visual_token_logits=model.backbone.lm_head(normed))
+    head = model.task(readout, torch.tensor([0, 1]))
+    torch.testing.assert_close(head.logits, model.task.classifier(normed))
     assert head.path_logits == (head.logits,) and head.projected == ()
-    torch.testing.assert_close(
-        task_loss(model.config, head, torch.tensor([0, 1])), F.cross_entropy(head.logits, torch.tensor([0, 1]))
-    )
+    torch.testing.assert_close(head.loss, F.cross_entropy(head.logits, torch.tensor([0, 1])))

@@ -1,0 +1,184 @@
+"""Checkpoint IO of VPTM, in one place: loading the backbone a prompt checkpoint names, the config of prompts on
+a backbone, reading and checking a prompt checkpoint's tensors, and writing a folder atomically.
+
+Used alike by `VPTMForImageClassification.from_backbone` / `from_pretrained` / `save_pretrained` and by
+`MultiTaskVPTM.add_task`. Only safetensors files are ever read. This is a Hub code file: it imports only torch,
+transformers and the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import torch
+from transformers import BeitForMaskedImageModeling
+
+
+# Name of the single weights file of a prompt checkpoint (not "adapter_model.safetensors": with peft installed
+# the Auto classes would take the folder for a PEFT adapter).
+WEIGHTS_NAME = "model.safetensors"
+# The shipped backbone is named portably as "vptm:<name>" and resolved to the installed package's data folder.
+SHIPPED_PREFIX = "vptm:"
+# Architecture fields a prompt checkpoint and its backbone must agree on.
+FIT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "patch_size", "image_size")
+
+
+# ------------------------------------------------------------------------------------------------- the backbone
+def resolve_backbone_path(name_or_path: str) -> str:
+    """Resolves `vptm:<name>` to the folder shipped inside the installed `vptm` package; other names pass through.
+
+    Found by file lookup, without importing the package, so this Hub file keeps importing only torch and
+    transformers.
+    """
+    if not name_or_path.startswith(SHIPPED_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    name = name_or_path[len(SHIPPED_PREFIX) :]
+    spec = importlib.util.find_spec("modeling_vptm")
+    if spec is None or not spec.submodule_search_locations:
+        raise OSError(
+            f"backbone {name_or_path!r} is the backbone shipped with the vptm package, which is not installed here; "
+            "install it from its repository (`pip install -e .` in a checkout, or the wheel `pip wheel .` builds), "
+            "or pass a local folder or Hub id as backbone_name_or_path"
+        )
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "shipped", name)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise OSError(f"backbone {name_or_path!r}: the installed vptm package has no shipped backbone at {folder}")
+    return folder
+
+
+def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwargs) -> BeitForMaskedImageModeling:
+    """Loads a `BeitForMaskedImageModeling` checkpoint, refusing anything that is not one (no random weights)."""
+    from transformers import AutoConfig
+
+    path = resolve_backbone_path(name_or_path)
+    try:
+        backbone_config = AutoConfig.from_pretrained(path, revision=revision, **hub_kwargs)
+    except OSError as error:
+        raise OSError(
+            f"cannot load the backbone {name_or_path!r} (revision {revision}): {error}. Offline, pass the path of a "
+            "local folder holding its config.json and weights, or download it first with "
+            "`hf download <id>` while online (HF_HUB_OFFLINE=1 then finds it in the cache)"
+        ) from error
+    if backbone_config.model_type not in ("beit", "vptm") or not getattr(backbone_config, "use_mask_token", False):
+        raise ValueError(
+            f"{name_or_path!r} is not a BEiT masked-image-modeling checkpoint: expected model_type 'beit' with "
+            f"use_mask_token=True and an lm_head, got model_type {backbone_config.model_type!r}, architectures "
+            f"{getattr(backbone_config, 'architectures', None)}"
+        )
+    mim, info = BeitForMaskedImageModeling.from_pretrained(
+        path, revision=revision, output_loading_info=True, **hub_kwargs
+    )
+    missing = [k for k in info["missing_keys"] if "relative_position_index" not in k]
+    if missing:
+        raise ValueError(
+            f"{name_or_path!r} is not a complete BEiT masked-image-modeling checkpoint: {len(missing)} tensors would "
+            f"be random, e.g. {sorted(missing)[:5]} (fine-tuned BEiT classifiers have no MIM head and cannot be used)"
+        )
+    return mim.eval()
+
+
+def backbone_config_fields(backbone_config, backbone_name_or_path: str, revision: str | None, **fields) -> dict:
+    """The fields of a `VPTMConfig` for prompts on this backbone: its architecture, where it is loaded from, and
+    the given VPTM fields (its own labels and head are not carried over)."""
+    merged = backbone_config.to_dict()
+    for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
+        merged.pop(key, None)
+    merged.update(fields)
+    merged.update(backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------ a prompt checkpoint
+def read_task_tensors(checkpoint, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """The task tensors of a prompt checkpoint (folder or Hub id). Only safetensors is read: a pickled
+    `pytorch_model.bin` offered instead is never unpickled."""
+    from safetensors.torch import load_file
+    from transformers.utils.hub import cached_file
+
+    weights = cached_file(checkpoint, WEIGHTS_NAME, **hub_kwargs)
+    try:
+        return load_file(weights)
+    except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
+        raise ValueError(
+            f"cannot read the prompt weights {weights}: the file is truncated or not a safetensors file ({error})"
+        ) from error
+
+
+def check_fits_backbone(config, fingerprint: str, backbone_config, source: str) -> None:
+    """Refuses prompts trained on other backbone weights than the ones loaded (`fingerprint`), or whose architecture
+    fields disagree with the backbone's."""
+    if config.backbone_fingerprint is not None and fingerprint != config.backbone_fingerprint:
+        raise ValueError(
+            f"{source} was trained on backbone {config.backbone_name_or_path!r} (revision "
+            f"{config.backbone_revision}) with weights fingerprint {config.backbone_fingerprint[:16]}..., but the "
+            f"weights loaded now have fingerprint {fingerprint[:16]}...: the prompts do not fit these weights"
+        )
+    diff = {
+        f: (getattr(config, f), getattr(backbone_config, f))
+        for f in FIT_FIELDS
+        if getattr(config, f) != getattr(backbone_config, f)
+    }
+    if diff:
+        detail = ", ".join(f"{f}: checkpoint {a} vs backbone {b}" for f, (a, b) in diff.items())
+        raise ValueError(f"{source} does not fit the backbone {config.backbone_name_or_path!r}: {detail}")
+
+
+def check_task_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses task tensors that are missing, unexpected or wrongly shaped for the config they come with."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not hold this model's task tensors: missing {missing}, unexpected {unexpected}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but the config and backbone need "
+                f"{tuple(expected[name].shape)}"
+            )
+
+
+def resolve_device_map(device_map) -> torch.device | None:
+    """The one device a prompt-checkpoint model goes to: `device_map` as a device, a device index, `{"": device}`,
+    or `"auto"` (the first CUDA device if there is one, else the CPU). Maps that split the model are refused."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                "device_map must put the whole model on one device ({'': device}); a VPTM model is a frozen backbone "
+                f"plus small task tensors and is not split, got {device_map!r}"
+            )
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device_map must be a device, a device index, {{'': device}} or 'auto', got {device_map!r}"
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def write_atomically(save_directory: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Runs `write(folder)` on a fresh temporary folder beside `save_directory`, then moves each file it wrote into
+    `save_directory`: a failure leaves no half-written checkpoint, and other files there are kept."""
+    parent = os.path.dirname(os.path.abspath(save_directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
+    try:
+        write(staging)
+        os.makedirs(save_directory, exist_ok=True)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,499 @@
+"""The frozen BEiT MIM backbone, run on a sequence with a task's added tokens (prompts, [MASK]).
+
+`PromptedBackbone` holds the three parts of transformers' `BeitForMaskedImageModeling` under the same names
+(`beit`, `layernorm`, `lm_head`), so every BEiT MIM checkpoint loads into it 1:1, and adds what prompting needs:
+
+* `SequenceLayout`: where a task's tokens go. Tasks with equal layouts can share one pass (the multi-task server
+  groups a mixed batch by it).
+* the relative position bias extended to the added tokens (`extend_relative_position_bias`), kept between calls
+  because the bias tables are frozen;
+* the block loop, with exact savings: outputs nobody reads are not computed;
+* the read-out: the state of the read-out token ([MASK], or CLS), normed by the MIM head's layer norm, and the MIM
+  head's visual-token logits there.
+
+It knows nothing of classes or verbalizers. This is a Hub code file: it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.beit.modeling_beit import BeitLayer, eager_attention_forward
+from transformers.utils import ModelOutput
+
+
+# The backbone's parts, named as in `BeitForMaskedImageModeling`.
+BACKBONE_MODULES = ("beit", "layernorm", "lm_head")
+BIAS_CACHE_SIZE = 8  # a few layouts and image sizes at most; the oldest is dropped
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Where a task's added tokens go in the backbone's input sequence.
+
+    The documented order is `[CLS] + P prompts + [MASK]? + patches` (with `mask_token="replace"`, [MASK] takes the
+    place of patch `mask_position` instead). Blocks in `prompted_layers` get their own prompts; blocks before the
+    first of them see no prompts.
+
+    Attributes:
+        prompt_length: P, prompts per prompted block (0 when no block is prompted).
+        prompted_layers: indices of the blocks that get prompts, ascending.
+        mask_token: `"append"`, `"replace"`, or `None` to read out at CLS (the VPT baseline).
+        mask_position: patch index (raster order) replaced by [MASK] under `"replace"`, else 0.
+        extra_token_bias: relative position bias of the added tokens, `"cls"` or `"zero"` (see
+            `extend_relative_position_bias`).
+    """
+
+    prompt_length: int = 0
+    prompted_layers: tuple[int, ...] = ()
+    mask_token: str | None = None
+    mask_position: int = 0
+    extra_token_bias: str = "cls"
+
+    def __post_init__(self) -> None:
+        if bool(self.prompt_length) != bool(self.prompted_layers):
+            raise ValueError(
+                f"a layout with prompts needs prompted layers and the reverse, got prompt_length={self.prompt_length}"
+                f" and prompted_layers={self.prompted_layers}"
+            )
+        if self.mask_token not in (None, "append", "replace"):
+            raise ValueError(f"mask_token must be 'append', 'replace' or None, got {self.mask_token!r}")
+
+    @classmethod
+    def from_config(cls, config) -> SequenceLayout:
+        """The layout a `VPTMConfig` describes."""
+        prompted = tuple(config.prompted_layers)
+        mask = config.mask_token_mode if config.reads_mask_token else None
+        position = 0
+        if mask == "replace":
+            position = config.num_patches // 2 if config.mask_token_position is None else config.mask_token_position
+        return cls(
+            prompt_length=config.prompt_length if prompted else 0,
+            prompted_layers=prompted,
+            mask_token=mask,
+            mask_position=position,
+            extra_token_bias=config.extra_token_bias,
+        )
+
+    @property
+    def readout_offset(self) -> int:
+        """Index of the read-out token in `[CLS] + [MASK]? + patches`: [MASK] (appended or in place of a patch),
+        else CLS. Prompts, once in, come before all of these in the stored order (see
+        `PromptedBackbone.run_blocks`)."""
+        if self.mask_token == "append":
+            return 1
+        if self.mask_token == "replace":
+            return 1 + self.mask_position
+        return 0
+
+
+@dataclass
+class PromptedBackboneOutput(ModelOutput):
+    r"""
+    What the prompted backbone computed for one batch.
+
+    Args:
+        readout_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Final state of the read-out token ([MASK], or CLS when the layout has no [MASK]) after the MIM head's
+            layer norm: what the MIM head and the task heads read.
+        visual_token_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`, *optional*):
+            The frozen MIM head's prediction at [MASK]; `None` when the layout reads CLS.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
+            when `output_hidden_states=True`; tokens in the documented order `[CLS] + P prompts + [MASK]? + patches`
+            (no prompts before the first prompted block).
+        readout_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, sequence_length)`, *optional*):
+            The last block's attention from the read-out token to every token (each head's row sums to 1), tokens
+            in the order of `hidden_states`, so the last `num_patches` columns are the image patches; when
+            `output_readout_attention=True`.
+    """
+
+    readout_hidden_state: torch.FloatTensor | None = None
+    visual_token_logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    readout_attention: torch.FloatTensor | None = None
+
+
+class PromptedBackbone(nn.Module):
+    """A frozen BEiT masked-image-modeling backbone that runs with a task's prompts and [MASK] token.
+
+    `forward` reads as embed -> run the blocks -> read out. The backbone is composed, not forked: `beit` is
+    transformers' `BeitModel`, and `layernorm` / `lm_head` sit beside it as in `BeitForMaskedImageModeling`.
+    """
+
+    def __init__(self, config: BeitConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.beit = BeitModel(config, add_pooling_layer=False)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self._bias_cache: dict[tuple, list[torch.Tensor | None]] = {}  # see position_biases
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def load_mim_weights(self, mim: BeitForMaskedImageModeling) -> None:
+        """Copies the weights of a loaded BEiT MIM checkpoint in and freezes them; refuses missing or misshapen
+        tensors (nothing is left random)."""
+        source = mim.state_dict()
+        own = self.state_dict()
+        missing = sorted(set(own) - set(source))
+        if missing:
+            raise ValueError(f"the backbone checkpoint lacks {len(missing)} tensors VPTM needs, e.g. {missing[:5]}")
+        for name, tensor in own.items():
+            if tensor.shape != source[name].shape:
+                raise ValueError(
+                    f"backbone tensor {name} has shape {tuple(source[name].shape)} in the checkpoint but "
+                    f"{tuple(tensor.shape)} in this model's config"
+                )
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(source[name])
+        self.freeze()
+
+    def freeze(self) -> None:
+        """No gradients and eval mode (no dropout, no drop-path) for every backbone tensor."""
+        self.requires_grad_(False).eval()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the backbone weights (see `backbone_fingerprint`)."""
+        return backbone_fingerprint(self.state_dict())
+
+    @property
+    def pretrained_mask_token(self) -> torch.Tensor:
+        """The [MASK] embedding the backbone was pre-trained with, `(1, 1, D)`."""
+        return self.beit.embeddings.mask_token
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Refuses what the backbone cannot read, naming what it expected: not a 4-d float tensor, another
+        channel count or image size, an empty batch."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must be a tensor (batch, channels, height, width), got {shape}")
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have {self.config.num_channels} channels (the backbone's num_channels), got "
+                f"{pixel_values.shape[1]} in shape {tuple(pixel_values.shape)}"
+            )
+        height, width = pixel_values.shape[2:]
+        expected = self.config.image_size
+        expected = tuple(expected) if isinstance(expected, (list, tuple)) else (expected, expected)
+        if (height, width) != expected:
+            raise ValueError(
+                f"pixel_values must be {expected[0]}x{expected[1]} (the backbone's image_size), got {height}x{width}; "
+                "resize with the backbone's image processor"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch (batch size 0)")
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        layout: SequenceLayout,
+        prompts: torch.Tensor | None = None,
+        mask_embeddings: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_readout_attention: bool = False,
+        skip_unread_outputs: bool = True,
+    ) -> PromptedBackboneOutput:
+        """Runs the backbone on `pixel_values` `(batch, C, H, W)` laid out as `layout`.
+
+        `prompts`: `(num_prompted_blocks, P, D)` for the whole batch or `(batch, num_prompted_blocks, P, D)` per
+        image (needed when the layout has prompts). `mask_embeddings`: the [MASK] embedding, `(1, 1, D)` or per
+        image `(batch, 1, D)`; default: the pre-trained one. `skip_unread_outputs`: compute only the outputs that
+        are read later (exact; off when `output_hidden_states=True`).
+        """
+        if layout.prompted_layers and prompts is None:
+            raise ValueError(f"the layout prompts blocks {list(layout.prompted_layers)}, but no prompts were given")
+        if prompts is not None and prompts.ndim == 3:
+            prompts = prompts.unsqueeze(0).expand(pixel_values.shape[0], -1, -1, -1)  # (batch, blocks, P, D)
+        window = tuple(s // self.config.patch_size for s in pixel_values.shape[2:])
+        hidden = self.embed(pixel_values, layout, window, mask_embeddings)  # (batch, 1 + 1? + N, D)
+        state, all_hidden, attention = self.run_blocks(
+            hidden,
+            layout,
+            prompts,
+            window,
+            output_hidden_states=output_hidden_states,
+            output_readout_attention=output_readout_attention,
+            skip_unread_outputs=skip_unread_outputs and not output_hidden_states,
+        )
+        return self.read_out(state, layout, all_hidden, attention)
+
+    def embed(
+        self,
+        pixel_values: torch.Tensor,
+        layout: SequenceLayout,
+        window: tuple[int, int],
+        mask_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Patch embeddings with CLS and [MASK] in place, before any prompt: `[CLS] + [MASK] + patches` when
+        [MASK] is appended, `[CLS] + patches` (one of them replaced by [MASK], or none) otherwise."""
+        batch = pixel_values.shape[0]
+        bool_masked_pos = None
+        if layout.mask_token == "replace" and mask_embeddings is None:
+            # the pre-trained token, exactly as in pre-training: BEiT's embeddings put it in place
+            num_patches = window[0] * window[1]
+            bool_masked_pos = torch.zeros(batch, num_patches, dtype=torch.bool, device=pixel_values.device)
+            bool_masked_pos[:, layout.mask_position] = True
+        embeddings = self.beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # (batch, 1 + N, D)
+        if layout.mask_token is None or bool_masked_pos is not None:
+            return embeddings
+        mask = self.pretrained_mask_token if mask_embeddings is None else mask_embeddings
+        mask = mask.to(embeddings.dtype).expand(batch, 1, -1)  # (batch, 1, D)
+        if layout.mask_token == "append":
+            return torch.cat([embeddings[:, :1], mask, embeddings[:, 1:]], dim=1)
+        position = 1 + layout.mask_position
+        return torch.cat([embeddings[:, :position], mask, embeddings[:, position + 1 :]], dim=1)
+
+    def run_blocks(
+        self,
+        hidden: torch.Tensor,
+        layout: SequenceLayout,
+        prompts: torch.Tensor | None,
+        window: tuple[int, int],
+        output_hidden_states: bool = False,
+        output_readout_attention: bool = False,
+        skip_unread_outputs: bool = True,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+        """The blocks over the embedded sequence; prompts `(batch, blocks, P, D)` enter at each prompted block.
+
+        Returns the read-out token's final state `(batch, D)` (before any layer norm), the hidden states in the
+        documented order, and the last block's read-out attention.
+
+        Prompts are stored *before* CLS, `P + [CLS] + [MASK]? + patches`, with the relative bias permuted to match:
+        the same attention as the documented order `[CLS] + P + [MASK]? + patches` (attention has no order but the
+        bias), and the prompt slots become a prefix, so skipping their outputs is a view instead of three copies per
+        block. Hidden states and attention are returned in the documented order.
+        """
+        prompted, num_prompts = layout.prompted_layers, layout.prompt_length
+        num_extra_before = 1 if layout.mask_token == "append" else 0
+        mode = layout.extra_token_bias
+        biases_before = None
+        if prompted and prompted[0] > 0:
+            biases_before = self.position_biases(window, num_extra_before, mode)
+        biases_after = self.position_biases(window, num_extra_before + num_prompts, mode, leading=num_prompts)
+        all_hidden = (hidden,) if output_hidden_states else None
+        # gradient_checkpointing_enable() flags each BeitLayer; the layers themselves never checkpoint here because
+        # the frozen backbone stays in eval mode, so the flag is honoured by this loop instead.
+        checkpointing = torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.beit.layers)
+        inserted = has_slots = False
+        last = len(self.beit.layers) - 1
+        attention = None
+        for i, layer in enumerate(self.beit.layers):
+            if i in prompted:
+                block_prompts = prompts[:, prompted.index(i)].to(hidden.dtype)  # (batch, P, D)
+                rest = hidden[:, num_prompts:] if has_slots else hidden
+                hidden = torch.cat([block_prompts, rest], dim=1)  # (batch, P + 1 + 1? + N, D)
+                inserted = has_slots = True
+            bias = biases_after[i] if inserted or not prompted else biases_before[i]
+            index = layout.readout_offset + (num_prompts if inserted else 0)  # of the read-out token, as stored
+            if output_readout_attention and i == last:
+                attention = readout_attention(layer, hidden, bias, index)  # (batch, heads, L)
+                if inserted and num_prompts:
+                    attention = attention[..., documented_order(num_prompts, hidden.shape[1])]
+            query = index if skip_unread_outputs and i == last else None
+            skip = 0
+            if skip_unread_outputs and i < last and has_slots and (i + 1) in prompted:
+                skip, has_slots = num_prompts, False  # the next block overwrites the prompt slots
+            if checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    block, layer, hidden, bias, query, skip, use_reentrant=False
+                )
+            else:
+                hidden = block(layer, hidden, bias, query, skip)
+            if all_hidden is not None:  # never skipping, so once inserted the prompt slots are there
+                all_hidden += (hidden[:, documented_order(num_prompts, hidden.shape[1])] if inserted else hidden,)
+        state = hidden[:, 0] if query is not None else hidden[:, index]  # (batch, D); prompts are in by the last block
+        return state, all_hidden, attention
+
+    def read_out(
+        self,
+        state: torch.Tensor,
+        layout: SequenceLayout,
+        all_hidden: tuple[torch.Tensor, ...] | None = None,
+        attention: torch.Tensor | None = None,
+    ) -> PromptedBackboneOutput:
+        """The read-out token's final state through the MIM head's layer norm, and the MIM head's prediction there
+        when the layout has [MASK]."""
+        state = self.beit.layernorm(state)  # per token; Identity for MIM checkpoints with mean pooling
+        normed = self.layernorm(state)  # (batch, D)
+        token_logits = self.lm_head(normed) if layout.mask_token is not None else None  # (batch, V)
+        return PromptedBackboneOutput(
+            readout_hidden_state=normed,
+            visual_token_logits=token_logits,
+            hidden_states=all_hidden,
+            readout_attention=attention,
+        )
+
+    # ------------------------------------------------------------------------------------- position biases
+    def position_biases(
+        self, window: tuple[int, int], num_extra: int, mode: str, leading: int = 0
+    ) -> list[torch.Tensor | None]:
+        """Per-block attention bias, `(1, heads, L, L)` each, for a `window` patch grid with `num_extra` added tokens,
+        `leading` of them before CLS (see `extend_relative_position_bias`).
+
+        The bias tables are frozen, so the biases are constants: they are kept for the next call (keyed by the
+        tables' storage and version counters, which `.to()`, `load_state_dict` and in-place edits change) instead
+        of being interpolated, gathered and extended again for every batch. Trainable tables (and compilation) are
+        never cached.
+        """
+        tables = [module.relative_position_bias_table for module in self._bias_modules()]
+        key = None
+        if not torch.compiler.is_compiling() and not any(table.requires_grad for table in tables):
+            key = (window, num_extra, mode, leading, torch.is_inference_mode_enabled())
+            key += tuple((table.device, table.dtype, table.data_ptr(), table._version) for table in tables)
+            if key in self._bias_cache:
+                return self._bias_cache[key]
+        biases = self._compute_position_biases(window, num_extra, mode, leading)
+        if key is not None:
+            if len(self._bias_cache) >= BIAS_CACHE_SIZE:
+                self._bias_cache.pop(next(iter(self._bias_cache)))
+            self._bias_cache[key] = biases
+        return biases
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda() move or convert the tables; the kept biases would be stale copies holding memory
+        self._bias_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _bias_modules(self) -> list[nn.Module]:
+        modules = [self.beit.shared_position_bias] if self.beit.shared_position_bias is not None else []
+        return modules + [l.relative_position_bias for l in self.beit.layers if l.relative_position_bias is not None]
+
+    def _compute_position_biases(
+        self, window: tuple[int, int], num_extra: int, mode: str, leading: int
+    ) -> list[torch.Tensor | None]:
+        num_tokens = 1 + window[0] * window[1]
+        shared = None
+        if self.beit.shared_position_bias is not None:
+            shared = self.beit.shared_position_bias(window, dim_size=num_tokens)  # (1, heads, 1 + N, 1 + N)
+            shared = extend_relative_position_bias(shared, num_extra, mode, leading)  # extended once for all blocks
+        biases = []
+        for layer in self.beit.layers:
+            bias = shared
+            if layer.relative_position_bias is not None:
+                own = layer.relative_position_bias(window, dim_size=num_tokens)
+                own = extend_relative_position_bias(own, num_extra, mode, leading)
+                bias = own if bias is None else bias + own
+            biases.append(bias)
+        return biases
+
+
+def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str, leading: int = 0) -> torch.Tensor:
+    """Extends a BEiT relative position bias `(1, heads, 1 + N, 1 + N)` to `num_extra` added tokens placed around
+    CLS: `leading` of them before it, the rest right after it, the patches last.
+
+    `mode="cls"` gives each added token the CLS entries: added->patch = CLS->patch, patch->added = patch->CLS,
+    added<->added and added<->CLS = CLS->CLS. `mode="zero"` gives them zero bias. The CLS+patch block is copied
+    unchanged. Returns `(1, heads, 1 + num_extra + N, 1 + num_extra + N)`.
+    """
+    if not 0 <= leading <= num_extra:
+        raise ValueError(f"leading must be in [0, num_extra={num_extra}], got {leading}")
+    if num_extra == 0:
+        return bias
+    length = bias.shape[-1]
+    # position in the extended sequence -> position in the original one (added tokens act as CLS)
+    index = torch.cat([torch.zeros(1 + num_extra, dtype=torch.long), torch.arange(1, length, dtype=torch.long)]).to(
+        bias.device
+    )
+    extended = bias[:, :, index][:, :, :, index]  # (1, heads, 1 + E + N, 1 + E + N)
+    if mode == "zero":
+        added = [position for position in range(1 + num_extra) if position != leading]  # every slot but CLS
+        extended = extended.clone()
+        extended[:, :, added, :] = 0
+        extended[:, :, :, added] = 0
+    return extended
+
+
+def backbone_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the backbone tensors (float32 on the CPU), from a
+    `BeitForMaskedImageModeling` or `PromptedBackbone` state dict (the same names)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        if not name.startswith(tuple(m + "." for m in BACKBONE_MODULES)):
+            continue
+        tensor = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def documented_order(num_prompts: int, length: int) -> list[int]:
+    """Index that turns the stored order `P + [CLS] + rest` into the documented `[CLS] + P + rest`."""
+    return [num_prompts, *range(num_prompts), *range(num_prompts + 1, length)]
+
+
+def block(
+    layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, query_index: int | None = None, skip: int = 0
+) -> torch.Tensor:
+    """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
+
+    Every token stays a key and value; outputs nobody reads are not computed, which is exact: with `query_index`,
+    only that token's output, `(batch, 1, D)`; with `skip`, every output but the first `skip` rows,
+    `(batch, L - skip, D)` (the prompt slots that the next block overwrites).
+    """
+    normed = layer.layernorm_before(hidden)
+    if query_index is None and not skip:
+        attention, _ = layer.attention(normed, attention_mask=bias)
+        residual = hidden
+    else:
+        start, stop = (query_index, query_index + 1) if query_index is not None else (skip, hidden.shape[1])
+        queries, residual = normed[:, start:stop], hidden[:, start:stop]  # views, no copies
+        rows = bias[:, :, start:stop] if bias is not None else None
+        attention = partial_attention(layer.attention, normed, queries, rows)
+    hidden = layer.drop_path(layer.lambda_1 * layer.dropout(attention)) + residual
+    mlp = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
+    return layer.drop_path(layer.lambda_2 * mlp) + hidden
+
+
+def partial_attention(
+    attention, normed: torch.Tensor, queries: torch.Tensor, bias_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`BeitAttention` for a subset of query tokens `(batch, Lq, D)` against all `(batch, L, D)` keys and values."""
+    batch, length, _ = normed.shape
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+    num_queries = queries.shape[1]
+    query = attention.q_proj(queries).view(batch, num_queries, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    # bias_rows: (1, heads, Lq, L)
+    out, _ = interface(attention, query, key, value, bias_rows, dropout=0.0, scaling=attention.scaling)
+    return attention.o_proj(out.reshape(batch, num_queries, heads * head_dim))
+
+
+def readout_attention(layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, index: int) -> torch.Tensor:
+    """Attention probabilities of token `index` over all tokens in `layer`, `(batch, heads, L)`; the same scores
+    the block computes (scaled dot product plus the relative position bias), made explicit because fused attention
+    kernels do not return them."""
+    attention = layer.attention
+    normed = layer.layernorm_before(hidden)
+    batch, length, _ = normed.shape
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+    query = attention.q_proj(normed[:, index : index + 1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    scores = (query @ key.transpose(-1, -2)).float() * attention.scaling  # (batch, heads, 1, L)
+    if bias is not None:
+        scores = scores + bias[:, :, index : index + 1].float()
+    return scores.softmax(-1)[:, :, 0]
+
+
+__all__ = [
+    "PromptedBackbone",
+    "PromptedBackboneOutput",
+    "SequenceLayout",
+    "backbone_fingerprint",
+    "extend_relative_position_bias",
+]

@@ -1,0 +1,289 @@
+"""A VPTM (or VPT) task: everything that is trained and saved, nothing of the frozen backbone.
+
+`VPTMTask` holds a task's prompts, its optional trained [MASK] embedding and its head: the prototypical verbalizer
+(VPTM), two of them (`verbalizer_input="ensemble"`), or a linear head (`linear_cls`, the VPT baseline, or
+`linear_mask`). It reads what the prompted backbone returns (`PromptedBackboneOutput`) and returns a named
+`TaskHeadOutput`. `VPTMForImageClassification`, its class-mean prototype init and the multi-task server all use it,
+and its `state_dict()` is exactly what a prompt checkpoint holds. This is a Hub code file: it imports only torch,
+transformers and its sibling files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.utils import logging
+
+from .checkpoint_io import check_task_tensors
+from .configuration_vptm import VPTMConfig
+from .prompted_backbone import PromptedBackboneOutput, SequenceLayout
+
+
+logger = logging.get_logger(__name__)
+
+
+class VPTMPromptEmbeddings(nn.Module):
+    """The learnable prompts: `prompt_length` tokens for each prompted block, `(num_prompted_blocks, P, D)`."""
+
+    def __init__(self, config: VPTMConfig) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(torch.zeros(len(config.prompted_layers), config.prompt_length, config.hidden_size))
+
+    def forward(self) -> torch.Tensor:
+        return self.prompts
+
+
+class PrototypicalVerbalizer(nn.Module):
+    """Maps a read-out vector to class logits by cosine similarity with learnable class prototypes.
+
+    `(batch, input_dim)` -> projection without bias to `prototype_dim` -> cosine with `num_labels *
+    prototypes_per_class` prototypes -> max over each class's prototypes -> times a scale `s`. Knows nothing of
+    BEiT: any `(batch, input_dim)` tensor works.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_labels: int,
+        prototype_dim: int = 64,
+        prototypes_per_class: int = 1,
+        logit_scale_init: float = 10.0,
+        learn_logit_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_labels, self.prototypes_per_class = num_labels, prototypes_per_class
+        self.logit_scale_init = logit_scale_init
+        self.projection = nn.Linear(input_dim, prototype_dim, bias=False)
+        self.prototypes = nn.Parameter(torch.zeros(num_labels * prototypes_per_class, prototype_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)), requires_grad=learn_logit_scale)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-norm projected features, `(batch, prototype_dim)`."""
+        return F.normalize(self.projection(features), dim=-1)
+
+    def class_cosine(self, projected: torch.Tensor) -> torch.Tensor:
+        """Cosine of unit-norm projected features with each class's best prototype, `(batch, num_labels)`."""
+        cosine = projected @ F.normalize(self.prototypes, dim=-1).T  # (batch, num_labels * M)
+        return cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)  # (batch, num_labels)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(class_logits (batch, num_labels), projected (batch, prototype_dim))`."""
+        projected = self.project(features)
+        return self.logit_scale * self.class_cosine(projected), projected
+
+    @torch.no_grad()
+    def set_prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Sets every prototype of class k to the mean projected feature of class k (the `class_mean` init).
+
+        Classes without examples keep their current prototypes; their indices are returned (and logged).
+        """
+        projected = self.project(features.to(self.projection.weight.dtype))
+        missing = []
+        for k in range(self.num_labels):
+            chosen = labels == k
+            if not chosen.any():
+                missing.append(k)
+                continue
+            rows = slice(k * self.prototypes_per_class, (k + 1) * self.prototypes_per_class)
+            self.prototypes[rows] = projected[chosen].mean(0)
+        if missing:
+            logger.warning("class-mean prototypes: no examples of classes %s; they keep their random init", missing)
+        return missing
+
+
+@dataclass
+class TaskHeadOutput:
+    r"""
+    What a task's head makes of the prompted backbone's read-out.
+
+    Attributes:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Class scores (for `"ensemble"`, the mean of the two paths' per-image standardised class logits).
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The training loss (see `VPTMTask.loss`), when labels were given.
+        path_logits (`tuple(torch.FloatTensor)`):
+            Class logits of each verbalizer (one, or two for `"ensemble"`: token path, then hidden path), or of the
+            linear head; each path is trained with its own cross-entropy.
+        projected (`tuple(torch.FloatTensor)`):
+            Unit-norm projected features `(batch_size, prototype_dim)` of each verbalizer (empty for a linear head).
+        prototype_cosine (`tuple(torch.FloatTensor)`):
+            Cosine of those features with each class's best prototype, `(batch_size, num_labels)` per verbalizer.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    path_logits: tuple[torch.Tensor, ...] = ()
+    projected: tuple[torch.Tensor, ...] = ()
+    prototype_cosine: tuple[torch.Tensor, ...] = ()
+
+
+class VPTMTask(nn.Module):
+    """One task on a frozen BEiT MIM backbone: prompts, [MASK] embedding, read-out choice and head.
+
+    The tensors keep the names prompt checkpoints have always used (`prompt_embeddings.prompts`,
+    `trainable_mask_token`, `verbalizer.*`, `hidden_verbalizer.*`, `classifier.*`).
+    """
+
+    def __init__(self, config: VPTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.prompt_embeddings = VPTMPromptEmbeddings(config) if config.prompted_layers else None
+        self.trainable_mask_token = (
+            nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+            if config.train_mask_token and config.reads_mask_token
+            else None
+        )
+        self.verbalizer = self.hidden_verbalizer = self.classifier = None
+        if config.classifier == "prototypical_verbalizer":
+            # "ensemble": `verbalizer` reads the MIM logits, `hidden_verbalizer` the hidden state
+            self.verbalizer = self._verbalizer(
+                config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
+            )
+            if config.verbalizer_input == "ensemble":
+                self.hidden_verbalizer = self._verbalizer(config.hidden_size)
+        else:
+            reads_logits = config.classifier == "linear_mask" and config.verbalizer_input != "hidden"
+            self.classifier = nn.Linear(config.vocab_size if reads_logits else config.hidden_size, config.num_labels)
+
+    def _verbalizer(self, input_dim: int) -> PrototypicalVerbalizer:
+        config = self.config
+        return PrototypicalVerbalizer(
+            input_dim,
+            config.num_labels,
+            config.prototype_dim,
+            config.prototypes_per_class,
+            config.logit_scale_init,
+            config.learn_logit_scale,
+        )
+
+    # ------------------------------------------------------------------------------- what the backbone takes
+    @property
+    def layout(self) -> SequenceLayout:
+        """Where this task's tokens go; tasks with equal layouts can share one backbone pass."""
+        return SequenceLayout.from_config(self.config)
+
+    def prompts(self) -> torch.Tensor | None:
+        """`(num_prompted_blocks, P, D)`, or `None` for a task without prompts (linear probe)."""
+        return None if self.prompt_embeddings is None else self.prompt_embeddings()
+
+    def mask_embedding(self) -> torch.Tensor | None:
+        """The trained [MASK] embedding `(1, 1, D)`, or `None` for the backbone's pre-trained one."""
+        return self.trainable_mask_token
+
+    # -------------------------------------------------------------------------------------------------- head
+    def head_inputs(self, readout: PromptedBackboneOutput) -> list[tuple[nn.Module, torch.Tensor]]:
+        """Each head path with what it reads: the normed read-out state, or the MIM head's logits at [MASK] (raw,
+        standardised per image, or as probabilities), by `verbalizer_input`. `"ensemble"` has two paths: token
+        logits, then hidden state."""
+        config, normed, token_logits = self.config, readout.readout_hidden_state, readout.visual_token_logits
+        if config.classifier == "linear_cls" or config.verbalizer_input == "hidden":
+            features = normed
+        elif config.verbalizer_input == "probs":
+            features = token_logits.float().softmax(-1).to(token_logits.dtype)
+        elif config.verbalizer_input == "normalized_logits":
+            features = F.layer_norm(token_logits.float(), token_logits.shape[-1:]).to(token_logits.dtype)
+        else:  # "logits", and the token path of "ensemble"
+            features = token_logits
+        paths = [(self.verbalizer if self.classifier is None else self.classifier, features)]
+        if self.hidden_verbalizer is not None:
+            paths.append((self.hidden_verbalizer, normed))
+        return paths
+
+    def forward(self, readout: PromptedBackboneOutput, labels: torch.Tensor | None = None) -> TaskHeadOutput:
+        """Class logits (and, with `labels` `(batch,)`, the loss) from the prompted backbone's read-out."""
+        paths = self.head_inputs(readout)
+        if self.classifier is not None:
+            logits = self.classifier(paths[0][1])
+            head = TaskHeadOutput(logits=logits, path_logits=(logits,))
+        else:
+            path_logits, projected, cosine = [], [], []
+            for verbalizer, features in paths:
+                feature = verbalizer.project(features)  # (batch, prototype_dim)
+                cos = verbalizer.class_cosine(feature)  # (batch, num_labels)
+                path_logits.append(verbalizer.logit_scale * cos)
+                projected.append(feature)
+                cosine.append(cos)
+            if len(path_logits) == 1:
+                logits = path_logits[0]
+            else:
+                logits = torch.stack([standardize_class_logits(l) for l in path_logits]).mean(0)  # (batch, labels)
+            head = TaskHeadOutput(
+                logits=logits,
+                path_logits=tuple(path_logits),
+                projected=tuple(projected),
+                prototype_cosine=tuple(cosine),
+            )
+        if labels is not None:
+            head.loss = self.loss(head, labels)
+        return head
+
+    def loss(self, head: TaskHeadOutput, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each path (averaged over paths) plus ProtoVerb's weighted contrastive terms."""
+        config = self.config
+        loss = torch.stack([F.cross_entropy(l.float(), labels) for l in head.path_logits]).mean()
+        temperature = config.contrastive_temperature
+        for feature, cosine in zip(head.projected, head.prototype_cosine, strict=True):
+            if config.prototype_contrastive_weight > 0:
+                loss = loss + config.prototype_contrastive_weight * prototype_contrastive_loss(
+                    cosine.float(), labels, temperature
+                )
+            if config.instance_contrastive_weight > 0:
+                loss = loss + config.instance_contrastive_weight * instance_contrastive_loss(
+                    feature.float(), labels, temperature
+                )
+        return loss
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Loads a prompt checkpoint's tensors, refusing missing, unexpected or wrongly shaped ones by name."""
+        check_task_tensors(tensors, self.state_dict(), source)
+        self.load_state_dict(tensors)
+
+    @torch.no_grad()
+    def set_class_mean_prototypes(self, readout: PromptedBackboneOutput, labels: torch.Tensor) -> None:
+        """The `class_mean` prototype init: each verbalizer's prototypes set to the mean projected feature of their
+        class, from exactly what `forward` projects. `readout` holds the read-outs of the examples, `labels` theirs."""
+        if self.verbalizer is None:
+            raise ValueError(
+                f"class-mean prototypes need the prototypical verbalizer, not classifier={self.config.classifier!r}"
+            )
+        for verbalizer, features in self.head_inputs(readout):
+            verbalizer.set_prototypes_from_features(features.float(), labels)
+
+
+def standardize_class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-image z-score over the classes (zero mean, unit variance), so that verbalizers of different scales can be
+    averaged, as ProtoVerb ensembles its verbalizers."""
+    return F.layer_norm(logits.float(), logits.shape[-1:]).to(logits.dtype)
+
+
+def prototype_contrastive_loss(cosine: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ProtoVerb's instance–prototype loss: InfoNCE of each instance against the class prototypes.
+
+    `cosine` `(batch, num_labels)` holds each instance's cosine with each class's prototype; the loss is
+    `-log(exp(cos_iy / t) / sum_k exp(cos_ik / t))` averaged over the batch.
+    """
+    return F.cross_entropy(cosine / temperature, labels)
+
+
+def instance_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ProtoVerb's instance–instance loss on unit-norm `(batch, d)` features.
+
+    Each ordered pair (i, j) of distinct instances of the same class is contrasted with the instances of the other
+    classes only: `-log(e_ij / (e_ij + sum_{k: y_k != y_i} e_ik))` with `e_ij = exp(cos(v_i, v_j) / t)`, averaged over
+    the pairs (unlike the supervised contrastive loss of Khosla et al., the other positives are not in the
+    denominator). Zero when the batch holds no such pair.
+    """
+    similarity = features @ features.T / temperature  # (batch, batch)
+    same = labels[:, None] == labels[None, :]
+    positives = same & ~torch.eye(len(features), dtype=torch.bool, device=features.device)
+    if not positives.any():
+        return features.sum() * 0.0
+    negatives = similarity.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)  # (batch, 1)
+    # -log(e^s / (e^s + e^n)) = log(1 + e^(n - s)) = softplus(n - s); exp(-inf) = 0 when a row has no negatives
+    return F.softplus(negatives - similarity)[positives].mean()
+
+
+__all__ = ["PrototypicalVerbalizer", "TaskHeadOutput", "VPTMPromptEmbeddings", "VPTMTask"]
