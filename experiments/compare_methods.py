@@ -77,7 +77,9 @@ def has_full_test_set() -> bool:
 
 def arguments(settings: dict, seed: int, args, dataset: str | None = None) -> list[str]:
     settings = dict(settings)
-    argv = ["--method", settings.pop("method"), "--seed", str(seed), "--dataset_name", dataset or args.dataset,
+    # the published tables were measured with horizontal flips on (then the default; the transfer task turns them off)
+    argv = ["--augment_flip", "true", "--method", settings.pop("method"), "--seed", str(seed),
+            "--dataset_name", dataset or args.dataset,
             "--save_strategy", "no", "--disable_tqdm", "true", "--num_train_epochs", str(args.epochs)]  # fmt: skip
     for key, value in settings.items():
         argv += [f"--{key}", str(LAYERS.get(value, value) if key == "prompt_layers" else value)]

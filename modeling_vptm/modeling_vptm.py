@@ -22,6 +22,7 @@ code files: they import only torch, transformers and each other.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from transformers.utils import logging
 from .checkpoint_io import (
     backbone_config_fields,
     check_fits_backbone,
+    check_task_tensors,
     load_mim_backbone,
     read_task_tensors,
     resolve_device_map,
@@ -45,9 +47,6 @@ from .vptm_task import PrototypicalVerbalizer, VPTMPromptEmbeddings, VPTMTask
 
 
 logger = logging.get_logger(__name__)
-
-# The top-level names of a task's tensors in a prompt checkpoint (the task's own state_dict names).
-TASK_MODULES = ("prompt_embeddings", "verbalizer", "hidden_verbalizer", "classifier", "trainable_mask_token")
 
 
 @dataclass
@@ -64,8 +63,8 @@ class VPTMImageClassifierOutput(ImageClassifierOutput):
         visual_token_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`, *optional*):
             The frozen MIM head's prediction at [MASK] (`None` for the `linear_cls` classifier).
         readout_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
-            The final state of the read-out token ([MASK], or CLS for `linear_cls`) after the backbone's final layer
-            norm.
+            The final state of the read-out token ([MASK], or CLS for `linear_cls`) after the MIM head's layer norm:
+            what the MIM head and the verbalizer read.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
             when `output_hidden_states=True`; tokens in the order `[CLS] + P prompts + [MASK] + patches` (no prompts
@@ -91,6 +90,9 @@ class VPTMPreTrainedModel(BeitPreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*"]
+    # the loss is a per-batch mean: Trainer must scale it for gradient accumulation (forward's **kwargs take no
+    # num_items_in_batch)
+    accepts_loss_kwargs = False
     # save_pretrained copies this file and its sibling Hub files and writes auto_map (see save_pretrained)
     _auto_class = "AutoModelForImageClassification"
 
@@ -129,6 +131,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         self.backbone.freeze()
         # prompt checkpoints name the task's tensors without the "task." prefix (see task_state_dict)
         self.register_load_state_dict_pre_hook(_checkpoint_names_to_module_names)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.beit.get_input_embeddings()
 
     # ----------------------------------------------------------------------------------------------- training state
     def train(self, mode: bool = True) -> VPTMForImageClassification:
@@ -174,6 +179,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_readout_attention=output_readout_attention,
             skip_unread_outputs=self.config.skip_unread_outputs,
+            gradient_checkpointing=self.training,
         )
 
     def forward(
@@ -242,21 +248,18 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         was_training = self.training
         self.eval()
         device = self.backbone.lm_head.weight.device
-        states, token_logits, labels = [], [], []
+        features: list[list[torch.Tensor]] = []  # per verbalizer path, one tensor per batch
+        labels = []
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             pixel_values, y = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
-            readout = self.forward_features(pixel_values.to(device, self.backbone.dtype))
-            states.append(readout.readout_hidden_state.float())
-            if readout.visual_token_logits is not None:
-                token_logits.append(readout.visual_token_logits.float())
+            paths = self.task.head_inputs(self.forward_features(pixel_values.to(device, self.backbone.dtype)))
+            features = features or [[] for _ in paths]
+            for kept, (_, path_features) in zip(features, paths, strict=True):
+                kept.append(path_features.float())  # exactly what `forward` projects
             labels.append(y.to(device))
-        readout = PromptedBackboneOutput(
-            readout_hidden_state=torch.cat(states),
-            visual_token_logits=torch.cat(token_logits) if token_logits else None,
-        )
-        self.task.set_class_mean_prototypes(readout, torch.cat(labels))
+        self.task.set_class_mean_prototypes([torch.cat(kept) for kept in features], torch.cat(labels))
         self.train(was_training)
 
     # ---------------------------------------------------------------------------------------- building and loading
@@ -313,30 +316,36 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         config names no backbone holds full weights and loads the ordinary way.
         """
         config = kwargs.pop("config", None)
+        if config is not None and getattr(config, "model_type", None) != VPTMConfig.model_type:
+            raise TypeError(f"{cls.__name__}.from_pretrained needs config=VPTMConfig, got {type(config).__name__}")
         hub = {
             k: kwargs.pop(k)
-            for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+            for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder", "proxies")
             if k in kwargs
         }
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         attn_implementation = kwargs.pop("attn_implementation", None)
-        if not isinstance(config, VPTMConfig):
+        if config is None:
             config = VPTMConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-        if config.backbone_name_or_path is None:
-            return super().from_pretrained(
+        if config.backbone_name_or_path is None:  # a folder holding the backbone too
+            model = super().from_pretrained(
                 pretrained_model_name_or_path,
                 *model_args,
                 config=config,
                 dtype=dtype,
                 attn_implementation=attn_implementation,
+                key_mapping=FULL_CHECKPOINT_NAMES,
                 **hub,
                 **kwargs,
             )
+            loaded = model[0] if isinstance(model, tuple) else model
+            loaded.backbone.freeze()
+            return model
         device_map = kwargs.pop("device_map", None)
         output_loading_info = kwargs.pop("output_loading_info", False)
         # Passed by the Auto classes and pipelines; they change nothing for a prompt checkpoint (only safetensors is
         # ever read, and there is no PEFT adapter to load). Names with a leading underscore are transformers' own.
-        for key in ("trust_remote_code", "code_revision", "proxies"):
+        for key in ("trust_remote_code", "code_revision"):
             kwargs.pop(key, None)
         for key, harmless in (("use_safetensors", (None, True)), ("adapter_kwargs", (None, {}))):
             if key in kwargs and kwargs[key] in harmless:
@@ -350,7 +359,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             )
         device = resolve_device_map(device_map)
         task_tensors = read_task_tensors(pretrained_model_name_or_path, **hub)
-        backbone_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only")}
+        backbone_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only", "proxies")}
         mim = load_mim_backbone(config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub)
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
@@ -359,7 +368,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         model = cls(config)
         model.backbone.load_mim_weights(mim)
         model.task.load_checkpoint_tensors(task_tensors, source)
-        if dtype not in (None, "auto"):
+        if dtype == "auto":  # the dtype the checkpoint was saved in
+            dtype = config.dtype
+        if dtype is not None:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         if device is not None:
             model = model.to(device)
@@ -380,8 +391,11 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             # nothing to rebuild the backbone from: this folder must hold it
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         task = self.task_state_dict()
-        if state_dict is not None:  # e.g. from Trainer: keep only the task tensors, with their (synced) values
-            task = {k[len("task.") :]: v for k, v in state_dict.items() if k.startswith("task.")}
+        if state_dict is not None:  # e.g. Trainer's (synced) values: the model's names, or a prompt checkpoint's
+            task = {k.removeprefix("task."): v for k, v in state_dict.items() if not k.startswith("backbone.")}
+            check_task_tensors(task, self.task_state_dict(), "the state_dict given to save_pretrained")
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # named after the folder, not the staging one
+            kwargs["repo_id"] = os.path.basename(os.path.abspath(save_directory))
         # The saved config maps the Auto classes to the saved code files (_auto_class adds the
         # AutoModelForImageClassification entry, the other two are set here); the model's own config is left as it was.
         had_auto_map = "auto_map" in self.config.__dict__
@@ -413,13 +427,22 @@ def _checkpoint_names_to_module_names(module, state_dict, prefix, *args) -> None
     """`load_state_dict` pre-hook: a prompt checkpoint (as Trainer reloads it to resume or to pick the best one)
     names the task's tensors as the task does, `prompt_embeddings.prompts`; the model holds them under `task.`.
     Backbone names of `BeitForMaskedImageModeling` (`beit.*`, `layernorm.*`, `lm_head.*`) go under `backbone.`."""
+    task_names = set(module.task._modules) | set(module.task._parameters)
     for key in list(state_dict):
         if not key.startswith(prefix):
             continue
         first = key[len(prefix) :].split(".")[0]
-        home = "task." if first in TASK_MODULES else "backbone." if first in BACKBONE_MODULES else None
+        home = "task." if first in task_names else "backbone." if first in BACKBONE_MODULES else None
         if home is not None:
             state_dict[prefix + home + key[len(prefix) :]] = state_dict.pop(key)
+
+
+# Full checkpoints (a config without backbone_name_or_path) saved before the model had its two parts named their
+# tensors as a prompt checkpoint and BeitForMaskedImageModeling do; transformers renames them on load.
+FULL_CHECKPOINT_NAMES = {
+    r"^(prompt_embeddings|verbalizer|hidden_verbalizer|classifier|trainable_mask_token)": r"task.\1",
+    r"^(beit|layernorm|lm_head)\.": r"backbone.\1.",
+}
 
 
 __all__ = ["VPTMForImageClassification", "VPTMImageClassifierOutput", "VPTMPreTrainedModel"]

@@ -133,6 +133,9 @@ class PromptedBackbone(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self._bias_cache: dict[tuple, list[torch.Tensor | None]] = {}  # see position_biases
+        # of the weights as loaded (float32), so that a later cast to bf16 does not change what tasks are checked on
+        self.loaded_fingerprint: str | None = None
+        self.eval()
 
     # ----------------------------------------------------------------------------------------------- weights
     def load_mim_weights(self, mim: BeitForMaskedImageModeling) -> None:
@@ -152,15 +155,29 @@ class PromptedBackbone(nn.Module):
         with torch.no_grad():
             for name, tensor in own.items():
                 tensor.copy_(source[name])
+        self.loaded_fingerprint = backbone_fingerprint(source)
         self.freeze()
 
     def freeze(self) -> None:
         """No gradients and eval mode (no dropout, no drop-path) for every backbone tensor."""
         self.requires_grad_(False).eval()
 
+    def train(self, mode: bool = True) -> PromptedBackbone:
+        # frozen: never in train mode (drop-path and dropout would change the features), whatever holds it
+        return super().train(False)
+
     def fingerprint(self) -> str:
-        """SHA-256 of the backbone weights (see `backbone_fingerprint`)."""
-        return backbone_fingerprint(self.state_dict())
+        """SHA-256 of the backbone weights as loaded (see `backbone_fingerprint`); of the current weights when they
+        were not loaded from a checkpoint."""
+        return self.loaded_fingerprint or backbone_fingerprint(self.state_dict())
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid `(rows, columns)` of the configured image size."""
+        size, patch = self.config.image_size, self.config.patch_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+        return size[0] // patch[0], size[1] // patch[1]
 
     @property
     def pretrained_mask_token(self) -> torch.Tensor:
@@ -206,13 +223,16 @@ class PromptedBackbone(nn.Module):
         output_hidden_states: bool = False,
         output_readout_attention: bool = False,
         skip_unread_outputs: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> PromptedBackboneOutput:
         """Runs the backbone on `pixel_values` `(batch, C, H, W)` laid out as `layout`.
 
         `prompts`: `(num_prompted_blocks, P, D)` for the whole batch or `(batch, num_prompted_blocks, P, D)` per
         image (needed when the layout has prompts). `mask_embeddings`: the [MASK] embedding, `(1, 1, D)` or per
         image `(batch, 1, D)`; default: the pre-trained one. `skip_unread_outputs`: compute only the outputs that
-        are read later (exact; off when `output_hidden_states=True`).
+        are read later (exact; off when `output_hidden_states=True`). `gradient_checkpointing`: recompute each block
+        flagged by `gradient_checkpointing_enable()` in the backward pass instead of keeping its activations (the
+        holder passes whether it trains: the backbone itself is always in eval mode).
         """
         if layout.prompted_layers and prompts is None:
             raise ValueError(f"the layout prompts blocks {list(layout.prompted_layers)}, but no prompts were given")
@@ -228,6 +248,7 @@ class PromptedBackbone(nn.Module):
             output_hidden_states=output_hidden_states,
             output_readout_attention=output_readout_attention,
             skip_unread_outputs=skip_unread_outputs and not output_hidden_states,
+            gradient_checkpointing=gradient_checkpointing,
         )
         return self.read_out(state, layout, all_hidden, attention)
 
@@ -242,19 +263,21 @@ class PromptedBackbone(nn.Module):
         [MASK] is appended, `[CLS] + patches` (one of them replaced by [MASK], or none) otherwise."""
         batch = pixel_values.shape[0]
         bool_masked_pos = None
-        if layout.mask_token == "replace" and mask_embeddings is None:
-            # the pre-trained token, exactly as in pre-training: BEiT's embeddings put it in place
-            num_patches = window[0] * window[1]
-            bool_masked_pos = torch.zeros(batch, num_patches, dtype=torch.bool, device=pixel_values.device)
+        if layout.mask_token == "replace":  # BEiT's embeddings put the pre-trained token in place, as in pre-training
+            bool_masked_pos = torch.zeros(batch, window[0] * window[1], dtype=torch.bool, device=pixel_values.device)
             bool_masked_pos[:, layout.mask_position] = True
         embeddings = self.beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # (batch, 1 + N, D)
-        if layout.mask_token is None or bool_masked_pos is not None:
+        if layout.mask_token is None or mask_embeddings is None and layout.mask_token == "replace":
             return embeddings
         mask = self.pretrained_mask_token if mask_embeddings is None else mask_embeddings
         mask = mask.to(embeddings.dtype).expand(batch, 1, -1)  # (batch, 1, D)
         if layout.mask_token == "append":
             return torch.cat([embeddings[:, :1], mask, embeddings[:, 1:]], dim=1)
+        # another [MASK] embedding in place of the pre-trained one, keeping what the embeddings added to the slot
+        # (an absolute position embedding, on backbones that have them)
         position = 1 + layout.mask_position
+        slot = embeddings[:, position : position + 1]
+        mask = mask + (slot - self.pretrained_mask_token.to(embeddings.dtype))
         return torch.cat([embeddings[:, :position], mask, embeddings[:, position + 1 :]], dim=1)
 
     def run_blocks(
@@ -266,6 +289,7 @@ class PromptedBackbone(nn.Module):
         output_hidden_states: bool = False,
         output_readout_attention: bool = False,
         skip_unread_outputs: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
         """The blocks over the embedded sequence; prompts `(batch, blocks, P, D)` enter at each prompted block.
 
@@ -285,9 +309,9 @@ class PromptedBackbone(nn.Module):
             biases_before = self.position_biases(window, num_extra_before, mode)
         biases_after = self.position_biases(window, num_extra_before + num_prompts, mode, leading=num_prompts)
         all_hidden = (hidden,) if output_hidden_states else None
-        # gradient_checkpointing_enable() flags each BeitLayer; the layers themselves never checkpoint here because
-        # the frozen backbone stays in eval mode, so the flag is honoured by this loop instead.
-        checkpointing = torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.beit.layers)
+        # gradient_checkpointing_enable() flags each BeitLayer and gives it its checkpoint function; the layers never
+        # checkpoint themselves here because the frozen backbone stays in eval mode, so this loop honours the flags.
+        checkpointing = gradient_checkpointing and torch.is_grad_enabled()
         inserted = has_slots = False
         last = len(self.beit.layers) - 1
         attention = None
@@ -300,19 +324,17 @@ class PromptedBackbone(nn.Module):
             bias = biases_after[i] if inserted or not prompted else biases_before[i]
             index = layout.readout_offset + (num_prompts if inserted else 0)  # of the read-out token, as stored
             if output_readout_attention and i == last:
-                attention = readout_attention(layer, hidden, bias, index)  # (batch, heads, L)
+                attention = readout_attention_probs(layer, hidden, bias, index)  # (batch, heads, L)
                 if inserted and num_prompts:
                     attention = attention[..., documented_order(num_prompts, hidden.shape[1])]
             query = index if skip_unread_outputs and i == last else None
             skip = 0
             if skip_unread_outputs and i < last and has_slots and (i + 1) in prompted:
                 skip, has_slots = num_prompts, False  # the next block overwrites the prompt slots
-            if checkpointing:
-                hidden = torch.utils.checkpoint.checkpoint(
-                    block, layer, hidden, bias, query, skip, use_reentrant=False
-                )
+            if checkpointing and layer.gradient_checkpointing:
+                hidden = layer._gradient_checkpointing_func(run_block, layer, hidden, bias, query, skip)
             else:
-                hidden = block(layer, hidden, bias, query, skip)
+                hidden = run_block(layer, hidden, bias, query, skip)
             if all_hidden is not None:  # never skipping, so once inserted the prompt slots are there
                 all_hidden += (hidden[:, documented_order(num_prompts, hidden.shape[1])] if inserted else hidden,)
         state = hidden[:, 0] if query is not None else hidden[:, index]  # (batch, D); prompts are in by the last block
@@ -435,7 +457,7 @@ def documented_order(num_prompts: int, length: int) -> list[int]:
     return [num_prompts, *range(num_prompts), *range(num_prompts + 1, length)]
 
 
-def block(
+def run_block(
     layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, query_index: int | None = None, skip: int = 0
 ) -> torch.Tensor:
     """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
@@ -474,7 +496,9 @@ def partial_attention(
     return attention.o_proj(out.reshape(batch, num_queries, heads * head_dim))
 
 
-def readout_attention(layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, index: int) -> torch.Tensor:
+def readout_attention_probs(
+    layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, index: int
+) -> torch.Tensor:
     """Attention probabilities of token `index` over all tokens in `layer`, `(batch, heads, L)`; the same scores
     the block computes (scaled dot product plus the relative position bias), made explicit because fused attention
     kernels do not return them."""

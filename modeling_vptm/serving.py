@@ -66,6 +66,7 @@ class MultiTaskVPTM(nn.Module):
         self.backbone_name_or_path, self.revision = backbone_name_or_path, revision
         self.fingerprint = self.backbone.fingerprint()
         self.tasks = nn.ModuleDict()
+        self.eval()
 
     @classmethod
     def from_model(cls, model: VPTMForImageClassification, name: str) -> MultiTaskVPTM:

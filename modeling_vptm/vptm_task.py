@@ -69,10 +69,12 @@ class PrototypicalVerbalizer(nn.Module):
         cosine = projected @ F.normalize(self.prototypes, dim=-1).T  # (batch, num_labels * M)
         return cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)  # (batch, num_labels)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(class_logits (batch, num_labels), projected (batch, prototype_dim))`."""
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns `(class_logits (batch, num_labels), projected (batch, prototype_dim), cosine (batch, num_labels))`:
+        the scaled cosines, the unit-norm projected features, and their cosine with each class's best prototype."""
         projected = self.project(features)
-        return self.logit_scale * self.class_cosine(projected), projected
+        cosine = self.class_cosine(projected)
+        return self.logit_scale * cosine, projected, cosine
 
     @torch.no_grad()
     def set_prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -199,13 +201,9 @@ class VPTMTask(nn.Module):
             logits = self.classifier(paths[0][1])
             head = TaskHeadOutput(logits=logits, path_logits=(logits,))
         else:
-            path_logits, projected, cosine = [], [], []
-            for verbalizer, features in paths:
-                feature = verbalizer.project(features)  # (batch, prototype_dim)
-                cos = verbalizer.class_cosine(feature)  # (batch, num_labels)
-                path_logits.append(verbalizer.logit_scale * cos)
-                projected.append(feature)
-                cosine.append(cos)
+            path_logits, projected, cosine = zip(
+                *(verbalizer(features) for verbalizer, features in paths), strict=True
+            )
             if len(path_logits) == 1:
                 logits = path_logits[0]
             else:
@@ -242,15 +240,16 @@ class VPTMTask(nn.Module):
         self.load_state_dict(tensors)
 
     @torch.no_grad()
-    def set_class_mean_prototypes(self, readout: PromptedBackboneOutput, labels: torch.Tensor) -> None:
+    def set_class_mean_prototypes(self, features: list[torch.Tensor], labels: torch.Tensor) -> None:
         """The `class_mean` prototype init: each verbalizer's prototypes set to the mean projected feature of their
-        class, from exactly what `forward` projects. `readout` holds the read-outs of the examples, `labels` theirs."""
+        class. `features` holds, per head path, what `head_inputs` gave for the examples; `labels` theirs."""
         if self.verbalizer is None:
             raise ValueError(
                 f"class-mean prototypes need the prototypical verbalizer, not classifier={self.config.classifier!r}"
             )
-        for verbalizer, features in self.head_inputs(readout):
-            verbalizer.set_prototypes_from_features(features.float(), labels)
+        verbalizers = [v for v in (self.verbalizer, self.hidden_verbalizer) if v is not None]
+        for verbalizer, path_features in zip(verbalizers, features, strict=True):
+            verbalizer.set_prototypes_from_features(path_features, labels)
 
 
 def standardize_class_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -139,8 +139,7 @@ class DemoService:
             tokenizer = load_visual_tokenizer(folder)
             self.tokenizer = tokenizer if isinstance(tokenizer, PatchKMeansTokenizer) else None
         self.device = device
-        config = self.server.backbone.config
-        self.grid = (config.image_size // config.patch_size,) * 2
+        self.grid = self.server.backbone.grid_size
 
     def check_processor(self, source: str) -> None:
         """Every task is fed by the backbone's image processor (one pass for all tasks); a task saved with another

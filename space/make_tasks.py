@@ -21,9 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE.parent / "examples" / "run_classification.py"
-TASKS = {
-    "fashion-vptm": ["--method", "vptm"],
-    "fashion-vpt": ["--method", "vpt"],
+TASKS = {  # the bundled fashion tasks were trained with horizontal flips (then the default), the digits without
+    "fashion-vptm": ["--method", "vptm", "--augment_flip", "true"],
+    "fashion-vpt": ["--method", "vpt", "--augment_flip", "true"],
     "digits-vptm": ["--method", "vptm", "--dataset_name", "vptm:digits", "--augment_flip", "false"],
 }
 KEEP = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json")

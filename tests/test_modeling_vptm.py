@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -178,6 +179,9 @@ def test_backbone_stays_in_eval_mode(backbone_dir, pixel_values):
     assert all(not m.training for m in model.backbone.beit.modules())
     first, second = model(pixel_values).logits, model(pixel_values).logits
     assert torch.equal(first, second)  # no stochastic depth or dropout inside the backbone
+    holder = torch.nn.ModuleList([model.backbone])  # whatever holds the backbone, training it leaves it in eval
+    holder.train()
+    assert not any(m.training for m in model.backbone.modules())
 
 
 def test_trainable_parameter_count(backbone_dir, capsys):
@@ -429,6 +433,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone_dir, pixel_val
         model(pixel_values, labels=labels).loss.backward()
         grads.append(model.task.prompt_embeddings.prompts.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    # through each layer's own checkpoint function, and only while the model trains (not for gradients in eval)
+    calls = []
+    for layer in model.backbone.beit.layers:
+        function = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *args, function=function: calls.append(1) or function(*args)
+    model(pixel_values, labels=labels).loss.backward()
+    assert len(calls) == 3
+    model.eval()(pixel_values, labels=labels).loss.backward()
+    assert len(calls) == 3
 
 
 def test_bfloat16_forward_and_backward(backbone_dir, pixel_values):
@@ -467,8 +480,9 @@ def test_verbalizer_is_scaled_cosine_with_max_over_prototypes():
             torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [-1, 0, 0, 0], [0, 0, 0, -1]])
         )
     features = torch.tensor([[2.0, 0, 0, 0, 5, 5], [0, 0, 0, -3, 1, 1]])
-    logits, projected = verbalizer(features)
+    logits, projected, cosine = verbalizer(features)
     assert projected.shape == (2, 4)
+    torch.testing.assert_close(logits, verbalizer.logit_scale * cosine)
     # sample 0 points along e0: class 0 (prototype e0) cos 1, class 1 max(0, 0), class 2 max(-1, 0)
     torch.testing.assert_close(logits, torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]]))
 
@@ -724,6 +738,88 @@ def test_state_dicts_by_checkpoint_names_load_into_the_task(backbone_dir, pixel_
     assert result.unexpected_keys == [] and not [k for k in result.missing_keys if not k.startswith("backbone.")]
     for name, tensor in model.task_state_dict().items():
         assert torch.equal(tensor, trained[name]), name
+
+
+def test_state_dict_given_to_save_is_checked(backbone_dir, tmp_path):
+    model = from_backbone(backbone_dir)
+    by_model_names = {k: v + 1 for k, v in model.state_dict().items()}  # what Trainer passes
+    model.save_pretrained(tmp_path / "a", state_dict=by_model_names)
+    by_checkpoint_names = {k: v + 1 for k, v in model.task_state_dict().items()}
+    model.save_pretrained(tmp_path / "b", state_dict=by_checkpoint_names)
+    for folder in ("a", "b"):
+        loaded = VPTMForImageClassification.from_pretrained(tmp_path / folder)
+        for name, tensor in loaded.task_state_dict().items():
+            torch.testing.assert_close(tensor, by_checkpoint_names[name])
+    incomplete = {k: v for k, v in by_checkpoint_names.items() if not k.startswith("verbalizer.")}
+    with pytest.raises(ValueError, match=r"the state_dict given to save_pretrained .* missing \['verbalizer"):
+        model.save_pretrained(tmp_path / "c", state_dict=incomplete)
+    assert not (tmp_path / "c").exists()  # nothing written
+
+
+def test_save_and_push_names_the_repo_after_the_folder(backbone_dir, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            created.append(repo_id)
+            return types.SimpleNamespace(repo_id=repo_id)
+
+    model, created, pushed = from_backbone(backbone_dir), [], []
+    monkeypatch.setattr(transformers.modeling_utils, "hf_api", Api)
+    monkeypatch.setattr(type(model), "_upload_modified_files", lambda self, folder, repo_id, *a, **kw: pushed.append(
+        (repo_id, sorted(os.listdir(folder)))))  # fmt: skip
+    model.save_pretrained(tmp_path / "my-task", push_to_hub=True)
+    assert created == ["my-task"] and pushed[0][0] == "my-task" and "model.safetensors" in pushed[0][1]
+
+
+def test_full_checkpoints_with_the_earlier_tensor_names_load(tmp_path, pixel_values):
+    """A folder holding the backbone too (no backbone_name_or_path), saved when the task's tensors and the backbone's
+    sat side by side in the model: `prompt_embeddings.prompts`, `beit.embeddings...`."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = VPTMForImageClassification(vptm_config(train_mask_token=True)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+        expected = model(pixel_values).logits
+    earlier = {
+        k.removeprefix("task.").removeprefix("backbone."): v.contiguous() for k, v in model.state_dict().items()
+    }
+    model.config.save_pretrained(tmp_path)
+    save_file(earlier, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = VPTMForImageClassification.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, expected)
+    assert not any(p.requires_grad for p in loaded.backbone.parameters())
+
+
+def test_a_trained_mask_in_place_of_a_patch_keeps_the_position_embedding(tmp_path, pixel_values):
+    """On a backbone with absolute position embeddings, a trained [MASK] embedding equal to the pre-trained one gives
+    the pre-trained token's features, position embedding included."""
+    make_backbone(tmp_path, use_absolute_position_embeddings=True)
+    fields = dict(prompt_length=2, mask_token_mode="replace", mask_token_position=6)
+    torch.manual_seed(0)
+    pretrained = VPTMForImageClassification.from_backbone(str(tmp_path), num_labels=4, **fields).eval()
+    torch.manual_seed(0)
+    trained = VPTMForImageClassification.from_backbone(str(tmp_path), num_labels=4, train_mask_token=True, **fields)
+    trained.eval().task.load_state_dict({**pretrained.task_state_dict(), "trainable_mask_token":
+                                         pretrained.backbone.pretrained_mask_token})  # fmt: skip
+    assert pretrained.backbone.beit.embeddings.position_embeddings is not None
+    with torch.no_grad():
+        torch.testing.assert_close(trained(pixel_values).logits, pretrained(pixel_values).logits)
+
+
+def test_conventions_transformers_relies_on(backbone_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = from_backbone(backbone_dir)
+    assert model.get_input_embeddings() is model.backbone.beit.embeddings.patch_embeddings
+    # the loss is a batch mean, so Trainer must divide it by the accumulation steps itself
+    trainer = Trainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True))
+    assert trainer.model_accepts_loss_kwargs is False
+    with pytest.raises(TypeError, match=r"from_pretrained needs config=VPTMConfig, got BeitConfig"):
+        VPTMForImageClassification.from_pretrained(tmp_path, config=tiny_beit_config())
 
 
 def test_configs_saved_with_fast_inference_keep_their_setting():

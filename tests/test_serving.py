@@ -179,6 +179,10 @@ def test_from_model_shares_the_loaded_backbone(backbone_dir, checkpoints, pixel_
     model = VPTMForImageClassification.from_pretrained(checkpoints["replace-trained-mask"])
     server = MultiTaskVPTM.from_model(model, "mine")
     assert server.backbone is model.backbone and list(server.tasks) == ["mine"]
+    server.train()  # training what holds the frozen backbone leaves it in eval mode
+    assert not any(m.training for m in server.backbone.modules())
+    half = VPTMForImageClassification.from_pretrained(checkpoints["deep"], dtype=torch.bfloat16)
+    assert MultiTaskVPTM.from_model(half, "deep").fingerprint == server.fingerprint  # of the weights as loaded
     server.add_task("deep", checkpoints["deep"])  # a checkpoint of the same backbone is accepted beside it
     with torch.no_grad():
         expected = model(pixel_values).logits
