@@ -598,8 +598,9 @@ def test_eval_subset_is_seeded_and_random_not_the_first_rows():
 
 
 def test_card_names_a_hub_backbone_as_base_model_of_an_adapter(tmp_path):
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
     from huggingface_hub.repocard_data import model_index_to_eval_results
+    from huggingface_hub.utils import validate_repo_id
 
     from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
 
@@ -614,6 +615,12 @@ def test_card_names_a_hub_backbone_as_base_model_of_an_adapter(tmp_path):
     card = ModelCard.load(tmp_path / "README.md")  # parsed back by the library: valid front matter
     data = card.data.to_dict()
     assert data["base_model"] == "microsoft/beit-base-patch16-224-pt22k" and data["base_model_relation"] == "adapter"
+    # the Hub's metadata rules that can be checked offline (its validate-yaml endpoint is online only): repo ids
+    # where ids go, a relation the model tree knows, an SPDX-style license id, eval results the library rebuilds
+    for repo_id in [data["base_model"], *data["datasets"]]:
+        validate_repo_id(repo_id)
+    assert data["base_model_relation"] in ("adapter", "merge", "quantized", "finetune") and data["license"] == "mit"
+    assert ModelCardData(**data).to_dict() == data
     assert data["datasets"] == ["uoft-cs/cifar10"] and data["pipeline_tag"] == "image-classification"
     name, results = model_index_to_eval_results(data["model-index"])
     assert name == "beit-cifar-vptm"
