@@ -54,10 +54,10 @@ from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassificati
 from modeling_vptm.checkpoint_io import load_mim_backbone, resolve_backbone_path
 from modeling_vptm.configuration_vptm import (
     EXTRA_TOKEN_BIASES,
+    HEAD_INPUTS,
     MASK_TOKEN_MODES,
     PROMPT_INITS,
     PROMPT_LAYER_PRESETS,
-    VERBALIZER_INPUTS,
 )
 from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics
 from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone
@@ -86,7 +86,7 @@ PROMPT_FIELDS = {"prompt_length", "prompt_layers", "prompt_init", "extra_token_b
 VERBALIZER_FIELDS = {"prototype_dim", "prototypes_per_class", "logit_scale_init", "learn_logit_scale",
                      "prototype_contrastive_weight", "instance_contrastive_weight", "contrastive_temperature",
                      "prototype_init"}  # fmt: skip
-MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "verbalizer_input", "classifier"}
+MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "head_input", "classifier"}
 METHOD_FIELDS = {
     "vptm": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS,
     "vpt": PROMPT_FIELDS,
@@ -134,9 +134,9 @@ class ModelArguments:
     train_mask_token: bool = field(
         default=VPTMConfig.train_mask_token, metadata={"help": "Also train a copy of the mask token (vptm)."}
     )
-    verbalizer_input: Literal[VERBALIZER_INPUTS] = field(
-        default=VPTMConfig.verbalizer_input,
-        metadata={"help": "What the verbalizer reads at [MASK]: the MIM head's visual-token logits, normalized "
+    head_input: Literal[HEAD_INPUTS] = field(
+        default=VPTMConfig.head_input,
+        metadata={"help": "What the task head reads at [MASK]: the MIM head's visual-token logits, normalized "
                   "logits, probs, the hidden state, or an ensemble of logits and hidden state (docs/method.md)."},
     )  # fmt: skip
     prototype_dim: int = field(default=VPTMConfig.prototype_dim, metadata={"help": "Verbalizer projection size."})

@@ -46,16 +46,16 @@ SWEEPS = {
 # Each ablation names its read-out and loss weights, so that a row keeps its meaning whatever the defaults are.
 CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive_weight": 0.0}
 ABLATIONS = {
-    "verbalizer_on_logits": dict(method="vptm", verbalizer_input="logits", **CROSS_ENTROPY_ONLY),
+    "verbalizer_on_logits": dict(method="vptm", head_input="logits", **CROSS_ENTROPY_ONLY),
     "linear_head_on_mask_logits": dict(
-        method="vptm", classifier="linear_mask", verbalizer_input="logits", **CROSS_ENTROPY_ONLY
+        method="vptm", classifier="linear_mask", head_input="logits", **CROSS_ENTROPY_ONLY
     ),  # fmt: skip
-    "verbalizer_on_normalized_logits": dict(method="vptm", verbalizer_input="normalized_logits", **CROSS_ENTROPY_ONLY),
-    "verbalizer_on_probs": dict(method="vptm", verbalizer_input="probs", **CROSS_ENTROPY_ONLY),
-    "verbalizer_on_hidden": dict(method="vptm", verbalizer_input="hidden", **CROSS_ENTROPY_ONLY),
-    "hidden_with_protoverb_losses": dict(method="vptm", verbalizer_input="hidden", **PROTOVERB_LOSSES),
-    "ensemble_logits_and_hidden": dict(method="vptm", verbalizer_input="ensemble", **CROSS_ENTROPY_ONLY),
-    "ensemble_with_protoverb_losses": dict(method="vptm", verbalizer_input="ensemble", **PROTOVERB_LOSSES),
+    "verbalizer_on_normalized_logits": dict(method="vptm", head_input="normalized_logits", **CROSS_ENTROPY_ONLY),
+    "verbalizer_on_probs": dict(method="vptm", head_input="probs", **CROSS_ENTROPY_ONLY),
+    "verbalizer_on_hidden": dict(method="vptm", head_input="hidden", **CROSS_ENTROPY_ONLY),
+    "hidden_with_protoverb_losses": dict(method="vptm", head_input="hidden", **PROTOVERB_LOSSES),
+    "ensemble_logits_and_hidden": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY),
+    "ensemble_with_protoverb_losses": dict(method="vptm", head_input="ensemble", **PROTOVERB_LOSSES),
     "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),  # on the default read-out
 }
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.

@@ -28,18 +28,18 @@ from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB
 CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive_weight": 0.0}
 CANDIDATES = {
     "vpt_deep": dict(method="vpt"),
-    "vptm_logits": dict(method="vptm", verbalizer_input="logits", **CROSS_ENTROPY_ONLY),
-    "vptm_hidden": dict(method="vptm", verbalizer_input="hidden", **CROSS_ENTROPY_ONLY),
-    "vptm_hidden_protoverb": dict(method="vptm", verbalizer_input="hidden", **PROTOVERB),
+    "vptm_logits": dict(method="vptm", head_input="logits", **CROSS_ENTROPY_ONLY),
+    "vptm_hidden": dict(method="vptm", head_input="hidden", **CROSS_ENTROPY_ONLY),
+    "vptm_hidden_protoverb": dict(method="vptm", head_input="hidden", **PROTOVERB),
     "vptm_hidden_instance_t0.1": dict(
         method="vptm",
-        verbalizer_input="hidden",
+        head_input="hidden",
         prototype_contrastive_weight=0.0,
         instance_contrastive_weight=0.5,
         contrastive_temperature=0.1,
     ),
-    "vptm_ensemble": dict(method="vptm", verbalizer_input="ensemble", **CROSS_ENTROPY_ONLY),
-    "vptm_ensemble_protoverb": dict(method="vptm", verbalizer_input="ensemble", **PROTOVERB),
+    "vptm_ensemble": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY),
+    "vptm_ensemble_protoverb": dict(method="vptm", head_input="ensemble", **PROTOVERB),
 }
 REFERENCE = "vpt_deep"
 # The selection trains with shifts of up to 2 pixels and horizontal flips (the script's defaults when it was run;

@@ -16,7 +16,7 @@ PROMPT_INITS = ("uniform", "normal")
 MASK_TOKEN_MODES = ("append", "replace")
 EXTRA_TOKEN_BIASES = ("cls", "zero")
 CLASSIFIERS = ("prototypical_verbalizer", "linear_cls", "linear_mask")
-VERBALIZER_INPUTS = ("logits", "normalized_logits", "probs", "hidden", "ensemble")
+HEAD_INPUTS = ("logits", "normalized_logits", "probs", "hidden", "ensemble")
 # ProtoVerb's contrastive terms as its reference implementation weights them (both at 1, exp of the plain cosine)
 PROTOVERB_LOSSES = {
     "prototype_contrastive_weight": 1.0,
@@ -66,14 +66,15 @@ class VPTMConfig(BeitConfig):
             `"prototypical_verbalizer"` (VPTM): the MIM head's output at [MASK] is mapped to classes by
             prototypes. `"linear_cls"` (the VPT baseline): a linear head on the final CLS state, no [MASK], no MIM
             head. `"linear_mask"` (an ablation): a linear head on the same [MASK] readout as the verbalizer.
-        verbalizer_input (`str`, *optional*, defaults to `"hidden"`):
-            What the verbalizer reads at [MASK]: the normalised `"hidden"` state that the MIM head decodes (the
-            default: ProtoVerb's choice, and the best read-out on validation data carved from the shipped training
-            images), the MIM head's `"logits"` over the visual vocabulary, the same logits standardised per image
-            over the vocabulary (`"normalized_logits"`: zero mean, unit variance, so the per-image offset and
-            spread of the logits no longer sway the cosine), their softmax `"probs"`, or `"ensemble"`: two
-            verbalizers, one on the MIM logits and one on the hidden state, whose class logits are each
-            standardised per image (z-scored over the classes) and averaged, as ProtoVerb ensembles its prototypes
+        head_input (`str`, *optional*, defaults to `"hidden"`):
+            What the task head (the verbalizer, or the `linear_mask` head) reads at [MASK]; configs saved before this
+            name carry it as `verbalizer_input`, which is read as this field. The normalised `"hidden"` state that the
+            MIM head decodes (the default: ProtoVerb's choice, and the best read-out on validation data carved from the
+            shipped training images), the MIM head's `"logits"` over the visual vocabulary, the same logits
+            standardised per image over the vocabulary (`"normalized_logits"`: zero mean, unit variance, so the
+            per-image offset and spread of the logits no longer sway the cosine), their softmax `"probs"`, or
+            `"ensemble"`: two verbalizers, one on the MIM logits and one on the hidden state, whose class logits are
+            each standardised per image (z-scored over the classes) and averaged, as ProtoVerb ensembles its prototypes
             with a manual verbalizer. The token path keeps the prediction of the pre-training task in use; the
             hidden-state path carries what the visual tokens lose. Each path is trained with its own cross-entropy
             and contrastive terms.
@@ -120,7 +121,7 @@ class VPTMConfig(BeitConfig):
     extra_token_bias: str = "cls"
     train_mask_token: bool = False
     classifier: str = "prototypical_verbalizer"
-    verbalizer_input: str = "hidden"
+    head_input: str = "hidden"
     prototype_dim: int = 64
     prototypes_per_class: int = 1
     logit_scale_init: float = 10.0
@@ -137,10 +138,13 @@ class VPTMConfig(BeitConfig):
         legacy = kwargs.pop("contrastive_weight", None)
         if legacy and not self.instance_contrastive_weight:
             self.instance_contrastive_weight = legacy
-        # the earlier name of skip_unread_outputs
+        # earlier names of skip_unread_outputs and head_input
         legacy = kwargs.pop("fast_inference", None)
         if legacy is not None:
             self.skip_unread_outputs = legacy
+        legacy = kwargs.pop("verbalizer_input", None)
+        if legacy is not None:
+            self.head_input = legacy
         # BEiT's default drop_path_rate (0.1) would matter only in train mode, which the frozen backbone never
         # enters; keep the stored value, it is the checkpoint's.
         super().__post_init__(**kwargs)
@@ -166,7 +170,7 @@ class VPTMConfig(BeitConfig):
         choice("mask_token_mode", MASK_TOKEN_MODES)
         choice("extra_token_bias", EXTRA_TOKEN_BIASES)
         choice("classifier", CLASSIFIERS)
-        choice("verbalizer_input", VERBALIZER_INPUTS)
+        choice("head_input", HEAD_INPUTS)
         if isinstance(self.prompt_layers, str):
             choice("prompt_layers", PROMPT_LAYER_PRESETS)
         elif not isinstance(self.prompt_layers, (list, tuple)):
@@ -201,9 +205,9 @@ class VPTMConfig(BeitConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"VPTMConfig.{name} must be a number >= 0, got {value!r}")
-        if self.verbalizer_input == "ensemble" and self.classifier != "prototypical_verbalizer":
+        if self.head_input == "ensemble" and self.classifier != "prototypical_verbalizer":
             raise ValueError(
-                "VPTMConfig.verbalizer_input='ensemble' combines two prototypical verbalizers, so classifier must be "
+                "VPTMConfig.head_input='ensemble' combines two prototypical verbalizers, so classifier must be "
                 f"'prototypical_verbalizer', got classifier={self.classifier!r}"
             )
         if not self.use_mask_token and self.classifier != "linear_cls":

@@ -56,7 +56,7 @@ class VPTMImageClassifierOutput(ImageClassifierOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Cross-entropy over the class logits (for `verbalizer_input="ensemble"`, the mean of each path's
+            Cross-entropy over the class logits (for `head_input="ensemble"`, the mean of each path's
             cross-entropy) plus the weighted contrastive terms, when `labels` are given.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Class scores.

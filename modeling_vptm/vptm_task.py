@@ -1,7 +1,7 @@
 """A VPTM (or VPT) task: everything that is trained and saved, nothing of the frozen backbone.
 
 `VPTMTask` holds a task's prompts, its optional trained [MASK] embedding and its head: the prototypical verbalizer
-(VPTM), two of them (`verbalizer_input="ensemble"`), or a linear head (`linear_cls`, the VPT baseline, or
+(VPTM), two of them (`head_input="ensemble"`), or a linear head (`linear_cls`, the VPT baseline, or
 `linear_mask`). It reads what the prompted backbone returns (`PromptedBackboneOutput`) and returns a named
 `TaskHeadOutput`. `VPTMForImageClassification`, its class-mean prototype init and the multi-task server all use it,
 and its `state_dict()` is exactly what a prompt checkpoint holds. This is a Hub code file: it imports only torch,
@@ -142,12 +142,12 @@ class VPTMTask(nn.Module):
         if config.classifier == "prototypical_verbalizer":
             # "ensemble": `verbalizer` reads the MIM logits, `hidden_verbalizer` the hidden state
             self.verbalizer = self._verbalizer(
-                config.hidden_size if config.verbalizer_input == "hidden" else config.vocab_size
+                config.hidden_size if config.head_input == "hidden" else config.vocab_size
             )
-            if config.verbalizer_input == "ensemble":
+            if config.head_input == "ensemble":
                 self.hidden_verbalizer = self._verbalizer(config.hidden_size)
         else:
-            reads_logits = config.classifier == "linear_mask" and config.verbalizer_input != "hidden"
+            reads_logits = config.classifier == "linear_mask" and config.head_input != "hidden"
             self.classifier = nn.Linear(config.vocab_size if reads_logits else config.hidden_size, config.num_labels)
 
     def _verbalizer(self, input_dim: int) -> PrototypicalVerbalizer:
@@ -178,14 +178,14 @@ class VPTMTask(nn.Module):
     # -------------------------------------------------------------------------------------------------- head
     def head_inputs(self, readout: PromptedBackboneOutput) -> list[tuple[nn.Module, torch.Tensor]]:
         """Each head path with what it reads: the normed read-out state, or the MIM head's logits at [MASK] (raw,
-        standardised per image, or as probabilities), by `verbalizer_input`. `"ensemble"` has two paths: token
+        standardised per image, or as probabilities), by `head_input`. `"ensemble"` has two paths: token
         logits, then hidden state."""
         config, normed, token_logits = self.config, readout.readout_hidden_state, readout.visual_token_logits
-        if config.classifier == "linear_cls" or config.verbalizer_input == "hidden":
+        if config.classifier == "linear_cls" or config.head_input == "hidden":
             features = normed
-        elif config.verbalizer_input == "probs":
+        elif config.head_input == "probs":
             features = token_logits.float().softmax(-1).to(token_logits.dtype)
-        elif config.verbalizer_input == "normalized_logits":
+        elif config.head_input == "normalized_logits":
             features = F.layer_norm(token_logits.float(), token_logits.shape[-1:]).to(token_logits.dtype)
         else:  # "logits", and the token path of "ensemble"
             features = token_logits

@@ -13,11 +13,11 @@ from modeling_vptm.serving import MultiTaskVPTM
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("verbalizer_input", ["logits", "hidden", "ensemble"])
-def test_cuda_logits_equal_cpu_logits(backbone_dir, pixel_values, verbalizer_input):
+@pytest.mark.parametrize("head_input", ["logits", "hidden", "ensemble"])
+def test_cuda_logits_equal_cpu_logits(backbone_dir, pixel_values, head_input):
     torch.manual_seed(0)
     model = VPTMForImageClassification.from_backbone(
-        backbone_dir, num_labels=4, prompt_length=3, verbalizer_input=verbalizer_input
+        backbone_dir, num_labels=4, prompt_length=3, head_input=head_input
     ).eval()
     with torch.no_grad():
         expected = model(pixel_values).logits

@@ -538,7 +538,7 @@ def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(cap
     assert "--method {vptm,vpt,linear,full}" in text
     assert lines[2] == run_classification.__doc__.splitlines()[0]
     assert "--method {vptm,vpt,linear,full}" in text
-    assert "--verbalizer_input {logits,normalized_logits,probs,hidden,ensemble}" in text
+    assert "--head_input {logits,normalized_logits,probs,hidden,ensemble}" in text
     for dataclass_type in (run_classification.ModelArguments, run_classification.DataTrainingArguments):
         for f in dataclasses.fields(dataclass_type):
             assert f.metadata.get("help"), f"--{f.name} has no help"

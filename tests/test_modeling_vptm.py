@@ -48,7 +48,7 @@ def from_backbone(backbone_dir, **fields) -> VPTMForImageClassification:
         ({"mask_token_position": 25}, r"mask_token_position must be a patch index in \[0, 25\).* got 25"),
         ({"extra_token_bias": "learned"}, r"extra_token_bias must be one of"),
         ({"classifier": "mlp"}, r"classifier must be one of .*got 'mlp'"),
-        ({"verbalizer_input": "features"}, r"verbalizer_input must be one of"),
+        ({"head_input": "features"}, r"head_input must be one of"),
         ({"prototype_dim": 0}, r"prototype_dim must be an integer >= 1, got 0"),
         ({"prototypes_per_class": 0}, r"prototypes_per_class must be an integer >= 1"),
         ({"logit_scale_init": 0.0}, r"logit_scale_init must be a number > 0"),
@@ -56,7 +56,7 @@ def from_backbone(backbone_dir, **fields) -> VPTMForImageClassification:
         ({"instance_contrastive_weight": "0.5"}, r"instance_contrastive_weight must be a number >= 0, got '0.5'"),
         ({"contrastive_temperature": 0}, r"contrastive_temperature must be a number > 0"),
         (
-            {"verbalizer_input": "ensemble", "classifier": "linear_mask"},
+            {"head_input": "ensemble", "classifier": "linear_mask"},
             r"'ensemble' combines two prototypical verbalizers, so classifier must be 'prototypical_verbalizer', "
             r"got classifier='linear_mask'",
         ),
@@ -83,7 +83,7 @@ def test_config_round_trip_and_model_type():
 
 # ------------------------------------------------------------------------------------------------ shapes, loss
 MODES = [
-    dict(zip(("prompt_layers", "mask_token_mode", "classifier", "verbalizer_input"), combo, strict=True))
+    dict(zip(("prompt_layers", "mask_token_mode", "classifier", "head_input"), combo, strict=True))
     for combo in itertools.product(
         ("deep", "shallow", [1, 2]),
         ("append", "replace"),
@@ -115,7 +115,7 @@ def test_every_mode_gives_shapes_and_finite_loss(fields, pixel_values):
         dict(train_mask_token=True, mask_token_mode="replace", mask_token_position=0),
         dict(extra_token_bias="zero"),
         dict(prototypes_per_class=3, prototype_dim=5, prototype_contrastive_weight=0.5, instance_contrastive_weight=1),
-        dict(verbalizer_input="ensemble", prototype_contrastive_weight=1.0, instance_contrastive_weight=1.0),
+        dict(head_input="ensemble", prototype_contrastive_weight=1.0, instance_contrastive_weight=1.0),
         dict(learn_logit_scale=False, prompt_init="normal"),
     ],
 )
@@ -390,7 +390,7 @@ def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
 
 
 def test_normalized_logits_ignore_the_offset_and_spread_of_the_mim_logits(pixel_values):
-    model = VPTMForImageClassification(vptm_config(verbalizer_input="normalized_logits")).eval()
+    model = VPTMForImageClassification(vptm_config(head_input="normalized_logits")).eval()
     with torch.no_grad():
         before = model(pixel_values)
         standardised = (before.visual_token_logits - before.visual_token_logits.mean(-1, keepdim=True)) / (
@@ -488,7 +488,7 @@ def test_verbalizer_is_scaled_cosine_with_max_over_prototypes():
 
 
 def test_class_mean_prototypes(backbone_dir, pixel_values):
-    model = from_backbone(backbone_dir, verbalizer_input="logits")
+    model = from_backbone(backbone_dir, head_input="logits")
     labels = torch.tensor([0, 1, 2, 3])
     images = torch.cat([pixel_values, pixel_values[:1] * 0.5])
     model.initialize_prototypes([(images, labels)])
@@ -822,9 +822,11 @@ def test_conventions_transformers_relies_on(backbone_dir, tmp_path):
         VPTMForImageClassification.from_pretrained(tmp_path, config=tiny_beit_config())
 
 
-def test_configs_saved_with_fast_inference_keep_their_setting():
-    assert vptm_config(fast_inference=False).skip_unread_outputs is False
-    assert vptm_config().skip_unread_outputs is True and "fast_inference" not in vptm_config().to_dict()
+def test_configs_saved_under_earlier_field_names_keep_their_settings():
+    earlier = vptm_config(fast_inference=False, verbalizer_input="logits")
+    assert earlier.skip_unread_outputs is False and earlier.head_input == "logits"
+    saved = vptm_config().to_dict()
+    assert saved["skip_unread_outputs"] is True and not {"fast_inference", "verbalizer_input"} & set(saved)
 
 
 @pytest.mark.parametrize("name", ["vptm-hidden", "vpt"])

@@ -16,8 +16,8 @@ TASKS = {
     "deep-other": dict(prompt_length=3, num_labels=2, prototype_dim=8),  # same layout as "deep"
     "vpt-shallow": dict(prompt_length=2, prompt_layers="shallow", classifier="linear_cls", num_labels=3),
     "replace-trained-mask": dict(prompt_length=1, mask_token_mode="replace", train_mask_token=True, num_labels=5),
-    "hidden-linear": dict(prompt_length=3, classifier="linear_mask", verbalizer_input="hidden", num_labels=3),
-    "ensemble": dict(prompt_length=3, verbalizer_input="ensemble", num_labels=4),  # same layout as "deep"
+    "hidden-linear": dict(prompt_length=3, classifier="linear_mask", head_input="hidden", num_labels=3),
+    "ensemble": dict(prompt_length=3, head_input="ensemble", num_labels=4),  # same layout as "deep"
 }
 
 

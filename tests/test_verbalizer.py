@@ -68,7 +68,7 @@ def test_instance_contrastive_loss_without_pairs_is_zero_and_keeps_the_graph():
 
 def test_loss_in_forward_is_cross_entropy_plus_weighted_terms(pixel_values):
     weights = dict(prototype_contrastive_weight=0.3, instance_contrastive_weight=0.7, contrastive_temperature=0.5)
-    model = vptm_model(verbalizer_input="hidden", **weights)
+    model = vptm_model(head_input="hidden", **weights)
     labels = torch.tensor([0, 0, 2])
     out = model(pixel_values, labels=labels)
     head = model.task(model.forward_features(pixel_values), labels)
@@ -80,7 +80,7 @@ def test_loss_in_forward_is_cross_entropy_plus_weighted_terms(pixel_values):
         + 0.7 * instance_contrastive_loss(projected, labels, 0.5)
     )
     torch.testing.assert_close(out.loss, expected)
-    plain = vptm_model(verbalizer_input="hidden", instance_contrastive_weight=0.0)(pixel_values, labels=labels)
+    plain = vptm_model(head_input="hidden", instance_contrastive_weight=0.0)(pixel_values, labels=labels)
     torch.testing.assert_close(plain.loss, F.cross_entropy(plain.logits, labels))
     assert out.loss > plain.loss  # the same weights (same seed), plus two positive terms
 
@@ -92,7 +92,7 @@ def test_legacy_contrastive_weight_is_the_instance_weight():
 
 # ---------------------------------------------------------------------------------------------------- ensemble
 def test_ensemble_averages_the_standardised_class_logits_of_both_paths(pixel_values):
-    model = vptm_model(verbalizer_input="ensemble", num_labels=5)
+    model = vptm_model(head_input="ensemble", num_labels=5)
     assert model.task.verbalizer.projection.in_features == 37  # the MIM logits over the visual vocabulary
     assert model.task.hidden_verbalizer.projection.in_features == 24  # the [MASK] hidden state
     out = model(pixel_values)
@@ -120,7 +120,7 @@ def test_standardised_logits_ignore_offset_and_scale():
 
 
 def test_ensemble_checkpoint_holds_both_verbalizers(backbone_dir, pixel_values, tmp_path):
-    model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=3, verbalizer_input="ensemble")
+    model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=3, head_input="ensemble")
     keys = set(model.task_state_dict())
     assert {
         "verbalizer.projection.weight",
@@ -136,15 +136,15 @@ def test_ensemble_checkpoint_holds_both_verbalizers(backbone_dir, pixel_values, 
 
 
 # ------------------------------------------------------------------------------------------ class-mean prototypes
-@pytest.mark.parametrize("verbalizer_input", ["logits", "normalized_logits", "probs", "hidden", "ensemble"])
-def test_class_mean_prototypes_are_the_features_forward_scores(verbalizer_input, pixel_values):
-    model = vptm_model(verbalizer_input=verbalizer_input, num_labels=3)
+@pytest.mark.parametrize("head_input", ["logits", "normalized_logits", "probs", "hidden", "ensemble"])
+def test_class_mean_prototypes_are_the_features_forward_scores(head_input, pixel_values):
+    model = vptm_model(head_input=head_input, num_labels=3)
     images = torch.cat([pixel_values, pixel_values[:1] * -1.5])
     labels = torch.tensor([0, 1, 2, 0])
     model.initialize_prototypes([(images, labels)])
     with torch.no_grad():
         head = model.task(model.forward_features(images))
-    verbalizers = [model.task.verbalizer] + ([model.task.hidden_verbalizer] if verbalizer_input == "ensemble" else [])
+    verbalizers = [model.task.verbalizer] + ([model.task.hidden_verbalizer] if head_input == "ensemble" else [])
     assert len(head.projected) == len(verbalizers)
     for verbalizer, projected in zip(verbalizers, head.projected, strict=True):
         expected = torch.stack([projected[[0, 3]].mean(0), projected[1], projected[2]])
@@ -152,7 +152,7 @@ def test_class_mean_prototypes_are_the_features_forward_scores(verbalizer_input,
 
 
 def test_a_linear_task_head_has_one_path_and_plain_cross_entropy():
-    model = vptm_model(classifier="linear_mask", verbalizer_input="hidden")
+    model = vptm_model(classifier="linear_mask", head_input="hidden")
     normed = torch.randn(2, 24)
     readout = PromptedBackboneOutput(readout_hidden_state=normed, visual_token_logits=model.backbone.lm_head(normed))
     head = model.task(readout, torch.tensor([0, 1]))
