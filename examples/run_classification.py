@@ -284,6 +284,14 @@ class VPTMTrainingArguments(TrainingArguments):
     do_predict: bool = field(
         default=True, metadata={"help": "Score the test split once, at the end, if there is one (never in training)."}
     )
+    hp_search_trials: int = field(
+        default=0,
+        metadata={"help": "Before training: this many trials of Trainer.hyperparameter_search (optuna, seeded by "
+                  "--seed) over the learning rate (log-uniform, 1e-4 to 1e-1; 1e-5 to 1e-2 for full) and the weight "
+                  "decay (0, 1e-4, 1e-3, 1e-2), each trained as configured and scored by --metric_for_best_model "
+                  "(default accuracy) on the validation split, never on test; the best pair then trains the final "
+                  "model. Needs a validation split (--validation_split) and `pip install optuna` (0: off)."},
+    )  # fmt: skip
     num_train_epochs: float = 30.0
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 256
@@ -511,6 +519,66 @@ class PromptTrainer(Trainer):
         super()._issue_warnings_after_load(load_result)
 
 
+HP_SEARCH_FILE = "hp_search.json"
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+
+
+def search_hyperparameters(model_init, model_args, training_args, trainer_inputs, resume) -> dict:
+    """Learning rate and weight decay by `Trainer.hyperparameter_search` (optuna) on the validation split.
+
+    Each trial trains a fresh model (`model_init`, seeded by --seed) as configured, without checkpoints, under
+    `output_dir/hp_search/`. The trials and the best pair are written to `output_dir/hp_search.json`; a resumed run
+    reads them from there instead of searching again.
+    """
+    saved = os.path.join(training_args.output_dir, HP_SEARCH_FILE)
+    if resume and os.path.isfile(saved):
+        with open(saved) as f:
+            return json.load(f)
+    try:
+        import optuna
+    except ImportError as error:
+        raise ImportError(
+            "--hp_search_trials needs optuna: pip install optuna (or the package's hpo extra)"
+        ) from error
+    low, high = (1e-5, 1e-2) if model_args.method == "full" else (1e-4, 1e-1)
+
+    def space(trial) -> dict:
+        return {
+            "learning_rate": trial.suggest_float("learning_rate", low, high, log=True),
+            "weight_decay": trial.suggest_categorical("weight_decay", WEIGHT_DECAYS),
+        }
+
+    metric = training_args.metric_for_best_model or "accuracy"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    search_args = dataclasses.replace(
+        training_args, output_dir=os.path.join(training_args.output_dir, "hp_search"), save_strategy="no",
+        load_best_model_at_end=False, hp_search_trials=0,
+    )  # fmt: skip
+    trainer = PromptTrainer(model_init=model_init, args=search_args, **trainer_inputs)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.InMemoryStorage()  # kept, to read every trial back
+    best = trainer.hyperparameter_search(
+        hp_space=space, compute_objective=lambda metrics: metrics[metric], n_trials=training_args.hp_search_trials,
+        direction="maximize", backend="optuna", sampler=optuna.samplers.TPESampler(seed=training_args.seed),
+        study_name="vptm", storage=storage,
+    )  # fmt: skip
+    result = None
+    if best is not None:  # the main process ran the study; the others followed its trials
+        trials = optuna.load_study(study_name="vptm", storage=storage).trials
+        trials = [{"number": t.number, **t.params, metric: t.value} for t in trials]
+        result = {"metric": metric, "trials": trials, "best": best.hyperparameters, "best_objective": best.objective}
+    if training_args.world_size > 1:
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    if trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(saved, "w") as f:
+            json.dump(result, f, indent=2)
+    logger.info("hyperparameter search: best %s (%s %.4f)", result["best"], metric, result["best_objective"])
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------- run guards
 def check_output_dir(output_dir: str, run_args: dict, overwrite: bool) -> str | None:
     """Returns the checkpoint to resume from (same run) or None; refuses a folder that holds a different run."""
@@ -551,7 +619,7 @@ def run_arguments(model_args, data_args, training_args) -> dict:
     args = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
     args.update({k: v for k, v in training_args.to_dict().items() if k in ("learning_rate", "num_train_epochs",
                  "per_device_train_batch_size", "weight_decay", "seed", "lr_scheduler_type", "warmup_steps",
-                 "max_steps")})  # fmt: skip
+                 "max_steps", "hp_search_trials")})  # fmt: skip
     return {k: v for k, v in sorted(args.items()) if k not in ignore and not k.startswith("_")}
 
 
@@ -670,6 +738,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     label_names = labels_of(dataset)
     id2label = dict(enumerate(label_names))
+    if training_args.hp_search_trials and "validation" not in dataset:
+        raise ValueError(
+            f"--hp_search_trials {training_args.hp_search_trials} scores each trial on a validation split, and this "
+            "dataset has none (the test images must not choose hyperparameters): pass --validation_split 0.1 to carve "
+            "one from train"
+        )
     if training_args.do_train:
         model = build_model(model_args, id2label)
     else:  # evaluate what an earlier run left in output_dir
@@ -687,17 +761,29 @@ def main(argv: list[str] | None = None) -> dict:
     splits = {name: dataset[name].with_transform(eval_transform) for name in ("validation", "test") if name in dataset}
     train_data = dataset["train"].with_transform(train_transform)
 
-    if model_args.prototype_init == "class_mean" and training_args.do_train:
-        plain = dataset["train"].with_transform(eval_transform)
-        loader = torch.utils.data.DataLoader(plain, batch_size=64, collate_fn=collate)
-        model.initialize_prototypes(loader)
+    def initialize(model):
+        if model_args.prototype_init == "class_mean" and training_args.do_train:
+            plain = dataset["train"].with_transform(eval_transform)
+            model.initialize_prototypes(torch.utils.data.DataLoader(plain, batch_size=64, collate_fn=collate))
+        return model
+
+    model = initialize(model)
+    trainer_inputs = dict(
+        train_dataset=train_data, eval_dataset=splits.get("validation"), data_collator=collate,
+        compute_metrics=compute_metrics(data_args.metric_names), processing_class=processor,
+    )  # fmt: skip
+    search = None
+    if training_args.hp_search_trials and training_args.do_train:
+        search = search_hyperparameters(
+            lambda trial=None: initialize(build_model(model_args, id2label)),
+            model_args, training_args, trainer_inputs, resume,
+        )  # fmt: skip
+        training_args.learning_rate = search["best"]["learning_rate"]
+        training_args.weight_decay = search["best"]["weight_decay"]
 
     trainable, total = parameter_counts(model)
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
-    trainer = PromptTrainer(
-        model=model, args=training_args, train_dataset=train_data, eval_dataset=splits.get("validation"),
-        data_collator=collate, compute_metrics=compute_metrics(data_args.metric_names), processing_class=processor,
-    )  # fmt: skip
+    trainer = PromptTrainer(model=model, args=training_args, **trainer_inputs)
     train_seconds, train_loss = 0.0, None
     if training_args.do_train:
         if trainer.is_world_process_zero():
@@ -741,7 +827,11 @@ def main(argv: list[str] | None = None) -> dict:
         "train_loss": train_loss,
         "train_seconds": round(train_seconds, 1),
         "resumed_from": resume,
+        "learning_rate": training_args.learning_rate,
+        "weight_decay": training_args.weight_decay,
     }
+    if search is not None:
+        results["hp_search"] = search
     if trainer.is_world_process_zero():
         out = training_args.output_dir
         processor.save_pretrained(out)

@@ -665,3 +665,27 @@ def test_224_pixel_recipe_on_a_tiny_backbone(tmp_path):
     assert processor["size"] == {"height": 224, "width": 224}
     with pytest.raises(ValueError, match=r"--augment_crop_scale must be in \[0, 1\] \(0: off\), got 2.0"):
         run_classification.main(["--output_dir", str(tmp_path / "x"), "--augment_crop_scale", "2"])
+
+
+def test_hp_search_chooses_on_validation_and_trains_with_the_best(tmp_path):
+    results = run(tmp_path, "--validation_split", "0.25", "--hp_search_trials", "2")
+    search = json.load(open(tmp_path / "hp_search.json"))
+    assert search == results["hp_search"] and search["metric"] == "eval_accuracy" and len(search["trials"]) == 2
+    for trial in search["trials"]:
+        assert 1e-4 <= trial["learning_rate"] <= 1e-1 and trial["weight_decay"] in (0.0, 1e-4, 1e-3, 1e-2)
+    assert search["best_objective"] == max(trial["eval_accuracy"] for trial in search["trials"])
+    # the final model trained with the best pair; the test split was scored once, after the search
+    assert (results["learning_rate"], results["weight_decay"]) == (
+        search["best"]["learning_rate"],
+        search["best"]["weight_decay"],
+    )
+    assert sorted(results["scored"]) == ["test", "validation"] and results["eval_split"] == "test"
+    # the same seed gives the same trials
+    again = run(tmp_path / "again", "--validation_split", "0.25", "--hp_search_trials", "2")
+    assert again["hp_search"] == search
+
+
+def test_hp_search_without_a_validation_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--hp_search_trials 2 scores each trial on a validation split, and this"):
+        run(tmp_path, "--hp_search_trials", "2")
+    assert not os.path.exists(tmp_path / "hp_search.json")
