@@ -170,15 +170,23 @@ def resolve_device_map(device_map) -> torch.device | None:
 
 # ---------------------------------------------------------------------------------------------------- writing
 def write_atomically(save_directory: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Runs `write(folder)` on a fresh temporary folder beside `save_directory`, then moves each file it wrote into
-    `save_directory`: a failure leaves no half-written checkpoint, and other files there are kept."""
+    """Runs `write(folder)` on a fresh temporary folder beside `save_directory`, then moves what it wrote into place
+    (the whole folder when `save_directory` is new, else file by file, keeping other files there): a failure while
+    writing leaves no half-written checkpoint."""
     parent = os.path.dirname(os.path.abspath(save_directory))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
     try:
         write(staging)
-        os.makedirs(save_directory, exist_ok=True)
-        for name in os.listdir(staging):
+        if not os.path.exists(save_directory):  # a new folder appears whole, in one rename
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's folder is private)
+            os.replace(staging, save_directory)
+            return
+        # into an existing folder file by file, the weights last: until then it holds the previous checkpoint's
+        names = sorted(os.listdir(staging), key=lambda name: name.endswith(".safetensors"))
+        for name in names:
             os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

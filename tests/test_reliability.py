@@ -133,6 +133,18 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(saved, monkeypat
         model.save_pretrained(folder)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
     assert not any(d.startswith(".vptm-save-") for d in os.listdir(folder.parent))
+    with pytest.raises(KeyboardInterrupt):  # into a new folder: none appears
+        model.save_pretrained(folder.parent / "new-task")
+    assert not (folder.parent / "new-task").exists()
+
+
+def test_a_new_checkpoint_folder_appears_whole_with_ordinary_permissions(saved, tmp_path):
+    _, model = saved
+    model.save_pretrained(tmp_path / "fresh")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o777 & ~umask  # not the staging folder's 0o700
+    assert "model.safetensors" in os.listdir(tmp_path / "fresh")
 
 
 # ------------------------------------------------------------------------------------------------------ images
