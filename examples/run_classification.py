@@ -523,15 +523,16 @@ HP_SEARCH_FILE = "hp_search.json"
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
-def search_hyperparameters(model_init, model_args, training_args, trainer_inputs, resume) -> dict:
+def search_hyperparameters(model_init, model_args, data_args, training_args, trainer_inputs) -> dict:
     """Learning rate and weight decay by `Trainer.hyperparameter_search` (optuna) on the validation split.
 
-    Each trial trains a fresh model (`model_init`, seeded by --seed) as configured, without checkpoints, under
-    `output_dir/hp_search/`. The trials and the best pair are written to `output_dir/hp_search.json`; a resumed run
-    reads them from there instead of searching again.
+    Each trial trains a fresh model (`model_init`, seeded by --seed) as configured, without checkpoints and without
+    pruning, in a temporary folder; it is scored by --metric_for_best_model (default accuracy), maximised or, for a
+    loss, minimised. The trials and the best pair are written to `output_dir/hp_search.json`, which a rerun of the same
+    command (resumed or not) reads instead of searching again.
     """
     saved = os.path.join(training_args.output_dir, HP_SEARCH_FILE)
-    if resume and os.path.isfile(saved):
+    if os.path.isfile(saved):  # check_output_dir has made sure this folder holds this same run
         with open(saved) as f:
             return json.load(f)
     try:
@@ -540,6 +541,14 @@ def search_hyperparameters(model_init, model_args, training_args, trainer_inputs
         raise ImportError(
             "--hp_search_trials needs optuna: pip install optuna (or the package's hpo extra)"
         ) from error
+    metric = training_args.metric_for_best_model or "accuracy"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    known = ["eval_loss", *(f"eval_{name}" for name in data_args.metric_names)]
+    if metric not in known:
+        raise ValueError(f"--metric_for_best_model {metric} is not computed; it must be one of {known}")
+    maximize = (
+        training_args.greater_is_better if training_args.greater_is_better is not None else metric != "eval_loss"
+    )
     low, high = (1e-5, 1e-2) if model_args.method == "full" else (1e-4, 1e-1)
 
     def space(trial) -> dict:
@@ -548,31 +557,30 @@ def search_hyperparameters(model_init, model_args, training_args, trainer_inputs
             "weight_decay": trial.suggest_categorical("weight_decay", WEIGHT_DECAYS),
         }
 
-    metric = training_args.metric_for_best_model or "accuracy"
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    search_args = dataclasses.replace(
-        training_args, output_dir=os.path.join(training_args.output_dir, "hp_search"), save_strategy="no",
-        load_best_model_at_end=False, hp_search_trials=0,
-    )  # fmt: skip
-    trainer = PromptTrainer(model_init=model_init, args=search_args, **trainer_inputs)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.InMemoryStorage()  # kept, to read every trial back
-    best = trainer.hyperparameter_search(
-        hp_space=space, compute_objective=lambda metrics: metrics[metric], n_trials=training_args.hp_search_trials,
-        direction="maximize", backend="optuna", sampler=optuna.samplers.TPESampler(seed=training_args.seed),
-        study_name="vptm", storage=storage,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="vptm-hp-search-") as folder:
+        search_args = dataclasses.replace(
+            training_args, output_dir=folder, save_strategy="no", load_best_model_at_end=False, hp_search_trials=0
+        )
+        trainer = PromptTrainer(model_init=model_init, args=search_args, **trainer_inputs)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.InMemoryStorage()  # kept, to read every trial back
+        best = trainer.hyperparameter_search(
+            hp_space=space, compute_objective=lambda metrics: metrics[metric],
+            n_trials=training_args.hp_search_trials, direction="maximize" if maximize else "minimize",
+            backend="optuna", sampler=optuna.samplers.TPESampler(seed=training_args.seed),
+            pruner=optuna.pruners.NopPruner(), study_name="vptm", storage=storage,
+        )  # fmt: skip
     result = None
     if best is not None:  # the main process ran the study; the others followed its trials
         trials = optuna.load_study(study_name="vptm", storage=storage).trials
         trials = [{"number": t.number, **t.params, metric: t.value} for t in trials]
-        result = {"metric": metric, "trials": trials, "best": best.hyperparameters, "best_objective": best.objective}
+        result = {"metric": metric, "maximize": maximize, "trials": trials, "best": best.hyperparameters,
+                  "best_objective": best.objective}  # fmt: skip
     if training_args.world_size > 1:
         box = [result]
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
     if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
         with open(saved, "w") as f:
             json.dump(result, f, indent=2)
     logger.info("hyperparameter search: best %s (%s %.4f)", result["best"], metric, result["best_objective"])
@@ -586,6 +594,12 @@ def check_output_dir(output_dir: str, run_args: dict, overwrite: bool) -> str | 
         return None
     previous_path = os.path.join(output_dir, RUN_ARGS_FILE)
     previous = json.load(open(previous_path)) if os.path.isfile(previous_path) else None
+    if previous is not None:  # runs recorded before some arguments were renamed or added
+        for old, new in (("verbalizer_input", "head_input"), ("vptm_head", "classifier")):
+            if old in previous:
+                previous[new] = previous.pop(old)
+        previous.setdefault("hp_search_trials", 0)
+        previous.setdefault("metric_for_best_model", None)
     if previous == run_args:
         return get_last_checkpoint(output_dir)
     if not overwrite:
@@ -614,12 +628,12 @@ def run_arguments(model_args, data_args, training_args) -> dict:
         "token",
         "local_rank",
         "disable_tqdm",
-        "metric_names",  # what is reported, not what is trained
+        "metric_names",  # what is reported, not what is trained (the search's metric is metric_for_best_model)
     }
     args = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
     args.update({k: v for k, v in training_args.to_dict().items() if k in ("learning_rate", "num_train_epochs",
                  "per_device_train_batch_size", "weight_decay", "seed", "lr_scheduler_type", "warmup_steps",
-                 "max_steps", "hp_search_trials")})  # fmt: skip
+                 "max_steps", "hp_search_trials", "metric_for_best_model")})  # fmt: skip
     return {k: v for k, v in sorted(args.items()) if k not in ignore and not k.startswith("_")}
 
 
@@ -773,17 +787,27 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics(data_args.metric_names), processing_class=processor,
     )  # fmt: skip
     search = None
-    if training_args.hp_search_trials and training_args.do_train:
-        search = search_hyperparameters(
-            lambda trial=None: initialize(build_model(model_args, id2label)),
-            model_args, training_args, trainer_inputs, resume,
-        )  # fmt: skip
-        training_args.learning_rate = search["best"]["learning_rate"]
-        training_args.weight_decay = search["best"]["weight_decay"]
+    model_init = None
+    if training_args.do_train and trainer_inputs["eval_dataset"] is not None and training_args.hp_search_trials:
+        if training_args.should_save:  # recorded first, so that an interrupted search is rerun as the same run
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
+                json.dump(run_args, f, indent=2, sort_keys=True)
+
+        def model_init(trial=None):
+            return initialize(build_model(model_args, id2label))
+
+        search = search_hyperparameters(model_init, model_args, data_args, training_args, trainer_inputs)
+        for name in ("learning_rate", "weight_decay"):
+            if name in given_flags(argv):
+                logger.warning("--%s %s is replaced by the search's best value", name, getattr(training_args, name))
+            setattr(training_args, name, search["best"][name])
 
     trainable, total = parameter_counts(model)
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
-    trainer = PromptTrainer(model=model, args=training_args, **trainer_inputs)
+    # after a search, the final model is built and trained as the trials were (same seed, same random draws)
+    trainer = PromptTrainer(model=None if model_init else model, model_init=model_init, args=training_args,
+                            **trainer_inputs)  # fmt: skip
     train_seconds, train_loss = 0.0, None
     if training_args.do_train:
         if trainer.is_world_process_zero():
@@ -851,7 +875,8 @@ def main(argv: list[str] | None = None) -> dict:
             eval_images=results["eval_images"], train_images=results["train_images"], labels=label_names,
             metrics=scores, trainable_parameters=trainable, total_parameters=total,
             checkpoint_bytes=results["checkpoint_bytes"], train_seconds=train_seconds, device=device, repo_id=repo_id,
-            arguments=json.dumps(run_args, indent=2, sort_keys=True),
+            arguments=json.dumps({**run_args, "learning_rate": training_args.learning_rate,
+                                  "weight_decay": training_args.weight_decay}, indent=2, sort_keys=True),
             versions={"vptm": modeling_vptm.__version__, "transformers": transformers.__version__,
                       "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__},
         )  # fmt: skip

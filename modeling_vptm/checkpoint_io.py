@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -175,16 +174,19 @@ def write_atomically(save_directory: str | os.PathLike, write: Callable[[str], N
     writing leaves no half-written checkpoint."""
     parent = os.path.dirname(os.path.abspath(save_directory))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".vptm-save-", dir=parent)
+    # made as os.makedirs makes folders (umask, inherited group), since a new checkpoint folder is this one renamed
+    staging = os.path.join(parent, f".vptm-save-{os.urandom(8).hex()}")
+    os.mkdir(staging)
     try:
         write(staging)
         if not os.path.exists(save_directory):  # a new folder appears whole, in one rename
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's folder is private)
-            os.replace(staging, save_directory)
-            return
+            try:
+                os.replace(staging, save_directory)
+                return
+            except OSError:  # made by someone else meanwhile: move file by file below
+                pass
         # into an existing folder file by file, the weights last: until then it holds the previous checkpoint's
+        os.makedirs(save_directory, exist_ok=True)
         names = sorted(os.listdir(staging), key=lambda name: name.endswith(".safetensors"))
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(save_directory, name))

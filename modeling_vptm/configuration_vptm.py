@@ -138,13 +138,11 @@ class VPTMConfig(BeitConfig):
         legacy = kwargs.pop("contrastive_weight", None)
         if legacy and not self.instance_contrastive_weight:
             self.instance_contrastive_weight = legacy
-        # earlier names of skip_unread_outputs and head_input
-        legacy = kwargs.pop("fast_inference", None)
-        if legacy is not None:
-            self.skip_unread_outputs = legacy
-        legacy = kwargs.pop("verbalizer_input", None)
-        if legacy is not None:
-            self.head_input = legacy
+        # earlier names of skip_unread_outputs and head_input; the new name wins when it was set too
+        for old, new in (("fast_inference", "skip_unread_outputs"), ("verbalizer_input", "head_input")):
+            legacy = kwargs.pop(old, None)
+            if legacy is not None and getattr(self, new) == getattr(type(self), new):
+                setattr(self, new, legacy)
         # BEiT's default drop_path_rate (0.1) would matter only in train mode, which the frozen backbone never
         # enters; keep the stored value, it is the checkpoint's.
         super().__post_init__(**kwargs)

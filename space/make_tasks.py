@@ -3,8 +3,9 @@
     python space/make_tasks.py            # about 8 minutes on 2 CPU cores
 
 Three tasks on the one shipped backbone, each trained by ``examples/run_classification.py`` with the project's
-defaults and seed 0: Fashion-MNIST with VPTM-deep and with VPT-deep (so the Space can compare [MASK] and CLS), and
-handwritten digits with VPTM-deep (scikit-learn's 8x8 digits, 50 images per class, no flips). Only what a task
+defaults and seed 0, horizontal flips as stated (they were the default when the bundled tasks were made):
+Fashion-MNIST with VPTM-deep and with VPT-deep, flips on (so the Space can compare [MASK] and CLS), and handwritten
+digits with VPTM-deep (scikit-learn's 8x8 digits, 50 images per class, no flips). Only what a task
 needs is kept: its config, its prompt tensors, its image processor, its model card and its metrics. It also writes
 the example images of ``space/examples/``: the first test image of a few classes of both tasks (never trained on).
 """

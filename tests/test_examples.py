@@ -680,9 +680,29 @@ def test_hp_search_chooses_on_validation_and_trains_with_the_best(tmp_path):
         search["best"]["weight_decay"],
     )
     assert sorted(results["scored"]) == ["test", "validation"] and results["eval_split"] == "test"
+    # the final model is the best trial's, trained again the same way: the same validation score
+    assert results["scored"]["validation"]["accuracy"] == search["best_objective"]
+    _, body = read_card(tmp_path)  # the card states the values the model was trained with
+    assert f'"learning_rate": {search["best"]["learning_rate"]}' in body
     # the same seed gives the same trials
     again = run(tmp_path / "again", "--validation_split", "0.25", "--hp_search_trials", "2")
     assert again["hp_search"] == search
+
+
+def test_hp_search_is_not_repeated_by_a_rerun_and_minimises_a_loss(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    arguments = ["--validation_split", "0.25", "--hp_search_trials", "2", "--save_strategy", "no",
+                 "--metric_for_best_model", "loss"]  # fmt: skip
+    first = run(tmp_path, *arguments)
+    assert first["hp_search"]["metric"] == "eval_loss" and first["hp_search"]["maximize"] is False
+    losses = [trial["eval_loss"] for trial in first["hp_search"]["trials"]]
+    assert first["hp_search"]["best_objective"] == min(losses)
+    monkeypatch.setattr(Trainer, "hyperparameter_search", lambda *a, **k: pytest.fail("searched again"))
+    assert run(tmp_path, *arguments)["hp_search"] == first["hp_search"]  # no checkpoint, the same run: read back
+    with pytest.raises(ValueError, match=r"--metric_for_best_model eval_precision is not computed; it must be one of"):
+        run(tmp_path / "other", "--validation_split", "0.25", "--hp_search_trials", "2",
+            "--metric_for_best_model", "precision")  # fmt: skip
 
 
 def test_hp_search_without_a_validation_split_is_refused(tmp_path):

@@ -825,6 +825,7 @@ def test_conventions_transformers_relies_on(backbone_dir, tmp_path):
 def test_configs_saved_under_earlier_field_names_keep_their_settings():
     earlier = vptm_config(fast_inference=False, verbalizer_input="logits")
     assert earlier.skip_unread_outputs is False and earlier.head_input == "logits"
+    assert vptm_config(verbalizer_input="logits", head_input="probs").head_input == "probs"  # the new name wins
     saved = vptm_config().to_dict()
     assert saved["skip_unread_outputs"] is True and not {"fast_inference", "verbalizer_input"} & set(saved)
 
