@@ -781,18 +781,16 @@ def main(argv: list[str] | None = None) -> dict:
             model.initialize_prototypes(torch.utils.data.DataLoader(plain, batch_size=64, collate_fn=collate))
         return model
 
-    model = initialize(model)
     trainer_inputs = dict(
         train_dataset=train_data, eval_dataset=splits.get("validation"), data_collator=collate,
         compute_metrics=compute_metrics(data_args.metric_names), processing_class=processor,
     )  # fmt: skip
-    search = None
-    model_init = None
-    if training_args.do_train and trainer_inputs["eval_dataset"] is not None and training_args.hp_search_trials:
-        if training_args.should_save:  # recorded first, so that an interrupted search is rerun as the same run
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
-                json.dump(run_args, f, indent=2, sort_keys=True)
+    if training_args.do_train and training_args.should_save:  # before any search or training: rerun as this run
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
+            json.dump(run_args, f, indent=2, sort_keys=True)
+    search = model_init = None
+    if training_args.do_train and training_args.hp_search_trials:
 
         def model_init(trial=None):
             return initialize(build_model(model_args, id2label))
@@ -802,6 +800,8 @@ def main(argv: list[str] | None = None) -> dict:
             if name in given_flags(argv):
                 logger.warning("--%s %s is replaced by the search's best value", name, getattr(training_args, name))
             setattr(training_args, name, search["best"][name])
+    else:
+        model = initialize(model)
 
     trainable, total = parameter_counts(model)
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
@@ -810,10 +810,6 @@ def main(argv: list[str] | None = None) -> dict:
                             **trainer_inputs)  # fmt: skip
     train_seconds, train_loss = 0.0, None
     if training_args.do_train:
-        if trainer.is_world_process_zero():
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
-                json.dump(run_args, f, indent=2, sort_keys=True)
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=resume)
         train_seconds, train_loss = time.perf_counter() - start, train_result.training_loss

@@ -218,9 +218,7 @@ class VPTMConfig(BeitConfig):
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid ``(rows, columns)`` of the configured image size."""
-        size = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,) * 2
-        patch = self.patch_size if isinstance(self.patch_size, (list, tuple)) else (self.patch_size,) * 2
-        return size[0] // patch[0], size[1] // patch[1]
+        return patch_grid(self)
 
     @property
     def num_patches(self) -> int:
@@ -242,6 +240,13 @@ class VPTMConfig(BeitConfig):
     def reads_mask_token(self) -> bool:
         """Whether the model reads out at a [MASK] token (every classifier but the VPT baseline)."""
         return self.classifier != "linear_cls"
+
+
+def patch_grid(config: BeitConfig) -> tuple[int, int]:
+    """Patch grid ``(rows, columns)`` of a BEiT config's image size (sizes may be ints or pairs)."""
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    patch = config.patch_size if isinstance(config.patch_size, (list, tuple)) else (config.patch_size,) * 2
+    return size[0] // patch[0], size[1] // patch[1]
 
 
 __all__ = ["VPTMConfig"]

@@ -26,6 +26,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.beit.modeling_beit import BeitLayer, eager_attention_forward
 from transformers.utils import ModelOutput
 
+from .configuration_vptm import patch_grid
+
 
 # The backbone's parts, named as in `BeitForMaskedImageModeling`.
 BACKBONE_MODULES = ("beit", "layernorm", "lm_head")
@@ -174,10 +176,7 @@ class PromptedBackbone(nn.Module):
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid `(rows, columns)` of the configured image size."""
-        size, patch = self.config.image_size, self.config.patch_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
-        return size[0] // patch[0], size[1] // patch[1]
+        return patch_grid(self.config)
 
     @property
     def pretrained_mask_token(self) -> torch.Tensor:
@@ -267,7 +266,7 @@ class PromptedBackbone(nn.Module):
             bool_masked_pos = torch.zeros(batch, window[0] * window[1], dtype=torch.bool, device=pixel_values.device)
             bool_masked_pos[:, layout.mask_position] = True
         embeddings = self.beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # (batch, 1 + N, D)
-        if layout.mask_token is None or mask_embeddings is None and layout.mask_token == "replace":
+        if layout.mask_token is None or (layout.mask_token == "replace" and mask_embeddings is None):
             return embeddings
         mask = self.pretrained_mask_token if mask_embeddings is None else mask_embeddings
         mask = mask.to(embeddings.dtype).expand(batch, 1, -1)  # (batch, 1, D)

@@ -130,23 +130,24 @@ class MultiTaskVPTM(nn.Module):
             raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
         self.backbone.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.backbone.dtype)
+        layouts = {name: self.tasks[name].layout for name in set(tasks)}  # once per task, not per image
         groups: dict[SequenceLayout, list[int]] = {}
         for index, name in enumerate(tasks):
-            groups.setdefault(self.tasks[name].layout, []).append(index)
+            groups.setdefault(layouts[name], []).append(index)
         out: list[TaskPrediction | None] = [None] * len(tasks)
         for layout, rows in groups.items():  # one backbone pass per layout, each image with its task's tokens
             members = [self.tasks[tasks[i]] for i in rows]
             prompts = torch.stack([t.prompts() for t in members]) if layout.prompted_layers else None  # (rows, ...)
+            masks = [t.mask_embedding() for t in members]
             mask = None
-            if any(t.mask_embedding() is not None for t in members):
-                default = self.backbone.pretrained_mask_token
-                mask = torch.cat([default if t.mask_embedding() is None else t.mask_embedding() for t in members])
+            if any(m is not None for m in masks):  # (rows, 1, D), the pre-trained one for tasks without their own
+                mask = torch.cat([self.backbone.pretrained_mask_token if m is None else m for m in masks])
             index = torch.tensor(rows, device=pixel_values.device)
             readout = self.backbone(
                 pixel_values[index],
                 layout,
                 prompts=prompts,
-                mask_embeddings=mask,  # (rows, 1, D)
+                mask_embeddings=mask,
                 output_readout_attention=output_readout_attention,
             )
             by_task: dict[str, list[int]] = {}
