@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from modeling_vptm.checkpoint_io import check_local_folder
 from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
 
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.trust_remote_code:
         import modeling_vptm  # noqa: F401  (registers the VPTM classes with the Auto classes)
 
+    check_local_folder(args.model, "prompt checkpoint")  # a mistyped folder fails now, not after Hub retries
     model = AutoModelForImageClassification.from_pretrained(
         args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
     ).to(args.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,50 @@ WEIGHTS_NAME = "model.safetensors"
 SHIPPED_PREFIX = "vptm:"
 # Architecture fields a prompt checkpoint and its backbone must agree on.
 FIT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "patch_size", "image_size")
+
+
+# ---------------------------------------------------------------------------------------------- names and paths
+def check_local_folder(name_or_path: str | os.PathLike, what: str) -> None:
+    """Refuses at once a name meant as a local folder that does not exist, instead of trying it as a Hub id.
+
+    A name is meant as a folder when it starts with ``.``, ``/`` or ``~``, has more than one ``/`` (a Hub id has at
+    most one), or names a folder that exists (``runs/vtpm`` when ``runs/`` does). Without this check a mistyped
+    folder is sent to the Hub, which costs half a minute of retries without a network before an error about
+    connecting to huggingface.co. `what` names the thing in the message ("prompt checkpoint", "backbone").
+    """
+    path = os.fspath(name_or_path)
+    if path.startswith(SHIPPED_PREFIX) or os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file; expected a folder holding config.json, or a Hub id")
+    parent = os.path.dirname(path.rstrip("/\\"))
+    looks_local = (
+        path.startswith((".", "/", "~", os.sep))
+        or os.path.isabs(path)
+        or path.count("/") > 1
+        or "\\" in path
+        or (parent != "" and os.path.isdir(os.path.expanduser(parent)))
+    )
+    if looks_local:
+        raise FileNotFoundError(
+            f"{what} folder {path!r} not found (looked in {os.path.abspath(os.path.expanduser(path))}); expected an "
+            "existing folder holding config.json, or a Hub id 'org/name'"
+        )
+
+
+def hub_error(what: str, name_or_path: str, revision: str | None, error: Exception) -> str:
+    """One line saying why `name_or_path`, not a local folder, could not be loaded from the Hub, and what to do."""
+    from huggingface_hub import is_offline_mode
+
+    at = f" at revision {revision!r}" if revision else ""
+    advice = f"download it first with `hf download {name_or_path}` while online, or pass a local folder"
+    if is_offline_mode():  # the library's message would talk of connecting to the Hub, which was never tried
+        return (
+            f"cannot load the {what} {name_or_path!r}{at}: no such local folder, and offline (HF_HUB_OFFLINE) this "
+            f"Hub id is not in the cache; {advice}"
+        )
+    reason = " ".join(str(error).split()).rstrip(".")
+    return f"cannot load the {what} {name_or_path!r}{at}: no such local folder, and from the Hub: {reason}; {advice}"
 
 
 # ------------------------------------------------------------------------------------------------- the backbone
@@ -55,14 +100,14 @@ def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwar
     from transformers import AutoConfig
 
     path = resolve_backbone_path(name_or_path)
+    check_local_folder(path, "backbone")
     try:
         backbone_config = AutoConfig.from_pretrained(path, revision=revision, **hub_kwargs)
     except OSError as error:
-        raise OSError(
-            f"cannot load the backbone {name_or_path!r} (revision {revision}): {error}. Offline, pass the path of a "
-            "local folder holding its config.json and weights, or download it first with "
-            "`hf download <id>` while online (HF_HUB_OFFLINE=1 then finds it in the cache)"
-        ) from error
+        if os.path.isdir(path):  # a local folder without a readable config.json
+            reason = " ".join(str(error).split())
+            raise OSError(f"cannot load the backbone {name_or_path!r} from the folder {path}: {reason}") from error
+        raise OSError(hub_error("backbone", name_or_path, revision, error)) from error
     if backbone_config.model_type not in ("beit", "vptm") or not getattr(backbone_config, "use_mask_token", False):
         raise ValueError(
             f"{name_or_path!r} is not a BEiT masked-image-modeling checkpoint: expected model_type 'beit' with "
@@ -93,6 +138,19 @@ def backbone_config_fields(backbone_config, backbone_name_or_path: str, revision
 
 
 # ------------------------------------------------------------------------------------------ a prompt checkpoint
+def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **hub_kwargs):
+    """The config of a prompt checkpoint (folder or Hub id); a missing folder is refused at once, and a Hub id that
+    cannot be loaded is explained in one line."""
+    check_local_folder(checkpoint, "prompt checkpoint")
+    try:
+        return config_class.from_pretrained(checkpoint, **hub_kwargs)
+    except OSError as error:
+        if os.path.isdir(checkpoint):  # the folder exists: the library's message names the missing file
+            raise
+        source = os.fspath(checkpoint)
+        raise OSError(hub_error("prompt checkpoint", source, hub_kwargs.get("revision"), error)) from error
+
+
 def read_task_tensors(checkpoint, **hub_kwargs) -> dict[str, torch.Tensor]:
     """The task tensors of a prompt checkpoint (folder or Hub id). Only safetensors is read: a pickled
     `pytorch_model.bin` offered instead is never unpickled."""
@@ -168,6 +226,20 @@ def resolve_device_map(device_map) -> torch.device | None:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def give_default_permissions(folder: str) -> None:
+    """Gives every file in `folder` the permissions a new file gets here (the umask's), as any other file a run
+    writes has: safetensors writes its files readable by their owner only (0600), which hides a published checkpoint
+    from the other users of a shared machine. The mode is read off a file made for the purpose, since reading the
+    umask means changing it, for every thread of the process."""
+    probe = os.path.join(folder, f".mode-{os.urandom(4).hex()}")
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(probe).st_mode)
+    os.remove(probe)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), mode)
+
+
 def write_atomically(save_directory: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Runs `write(folder)` on a fresh temporary folder beside `save_directory`, then moves what it wrote into place
     (the whole folder when `save_directory` is new, else file by file, keeping other files there): a failure while
@@ -179,6 +251,7 @@ def write_atomically(save_directory: str | os.PathLike, write: Callable[[str], N
     os.mkdir(staging)
     try:
         write(staging)
+        give_default_permissions(staging)
         if not os.path.exists(save_directory):  # a new folder appears whole, in one rename
             try:
                 os.replace(staging, save_directory)

@@ -30,7 +30,13 @@ class VPTMConfig(BeitConfig):
     Configuration of [`VPTMForImageClassification`]. Holds the frozen backbone's BEiT fields (its architecture must
     match the checkpoint named by `backbone_name_or_path`) and the following VPTM fields.
 
+    Every field has a working default: `VPTMConfig()` is a valid configuration (a BEiT-base-shaped backbone with a
+    mask token, as transformers builds configs with no arguments when it saves one).
+
     Args:
+        use_mask_token (`bool`, *optional*, defaults to `True`):
+            BEiT's field, whose default VPTM changes: the backbone has the `[MASK]` embedding of masked-image-modeling
+            pre-training, which every classifier but `"linear_cls"` reads.
         backbone_name_or_path (`str`, *optional*):
             Hub id or local folder of the `BeitForMaskedImageModeling` checkpoint the prompts are trained on. A
             prompt checkpoint loads its backbone from here. `None` builds a backbone from this config alone (tests).
@@ -110,6 +116,8 @@ class VPTMConfig(BeitConfig):
     # save_pretrained copies this file beside the weights and maps AutoConfig to it in auto_map
     _auto_class = "AutoConfig"
 
+    # BeitConfig's default is False (a classifier has none); a VPTM backbone is a MIM checkpoint, which has one
+    use_mask_token: bool = True
     backbone_name_or_path: str | None = None
     backbone_revision: str | None = None
     backbone_fingerprint: str | None = None
@@ -211,8 +219,7 @@ class VPTMConfig(BeitConfig):
         if not self.use_mask_token and self.classifier != "linear_cls":
             raise ValueError(
                 f"VPTMConfig.classifier={self.classifier!r} reads the backbone's mask token, so use_mask_token must "
-                "be "
-                "True (a BEiT masked-image-modeling checkpoint), got use_mask_token=False"
+                "be True (a BEiT masked-image-modeling checkpoint), got use_mask_token=False"
             )
 
     @property

@@ -36,6 +36,7 @@ from .checkpoint_io import (
     backbone_config_fields,
     check_fits_backbone,
     check_task_tensors,
+    load_checkpoint_config,
     load_mim_backbone,
     read_task_tensors,
     resolve_device_map,
@@ -326,7 +327,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         attn_implementation = kwargs.pop("attn_implementation", None)
         if config is None:
-            config = VPTMConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+            config = load_checkpoint_config(VPTMConfig, pretrained_model_name_or_path, **hub)
         if config.backbone_name_or_path is None:  # a folder holding the backbone too
             model = super().from_pretrained(
                 pretrained_model_name_or_path,

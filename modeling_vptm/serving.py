@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint_io import check_fits_backbone, load_mim_backbone, read_task_tensors
+from .checkpoint_io import check_fits_backbone, load_checkpoint_config, load_mim_backbone, read_task_tensors
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import VPTMForImageClassification
 from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
@@ -90,7 +90,7 @@ class MultiTaskVPTM(nn.Module):
         else:
             source = f"task {name!r} ({checkpoint})"
             config, tensors = (
-                VPTMConfig.from_pretrained(checkpoint, **hub_kwargs),
+                load_checkpoint_config(VPTMConfig, checkpoint, **hub_kwargs),
                 read_task_tensors(checkpoint, **hub_kwargs),
             )
         if (config.backbone_name_or_path, config.backbone_revision) != (self.backbone_name_or_path, self.revision):

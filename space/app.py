@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from modeling_vptm.backbones import SHIPPED_BACKBONE
-from modeling_vptm.checkpoint_io import resolve_backbone_path
+from modeling_vptm.checkpoint_io import check_local_folder, resolve_backbone_path
 from modeling_vptm.images import read_rgb, top_predictions
 from modeling_vptm.inspection import (
     heatmap_overlay,
@@ -122,6 +122,7 @@ class DemoService:
         self.accuracy: dict[str, float] = {}
         for name, source in tasks.items():
             try:
+                check_local_folder(source, "prompt checkpoint")  # a mistyped folder is refused now, not after retries
                 self.check_processor(source)
                 self.server.add_task(name, source)
             except (OSError, ValueError, KeyError) as error:

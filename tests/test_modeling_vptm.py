@@ -13,7 +13,12 @@ import pytest
 import torch
 from conftest import make_backbone, tiny_beit_config
 from safetensors import safe_open
-from transformers import AutoModelForImageClassification, BeitForImageClassification, BeitForMaskedImageModeling
+from transformers import (
+    AutoModelForImageClassification,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitForMaskedImageModeling,
+)
 
 from modeling_vptm import (
     PrototypicalVerbalizer,
@@ -36,6 +41,21 @@ def from_backbone(backbone_dir, **fields) -> VPTMForImageClassification:
 
 
 # ------------------------------------------------------------------------------------------------------ config
+def test_config_with_no_arguments_is_valid_and_saves(tmp_path):
+    """transformers builds `VPTMConfig()` to diff a config against (to_json_string, save_pretrained): every field has
+    a working default, including BEiT's use_mask_token, which VPTM's backbones have."""
+    config = VPTMConfig()
+    assert config.use_mask_token and config.classifier == "prototypical_verbalizer" and config.num_labels == 2
+    assert json.loads(config.to_json_string())["model_type"] == "vptm"
+    config.save_pretrained(tmp_path)
+    assert VPTMConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    # a config built from a BEiT classifier's fields keeps their use_mask_token; only the VPT head can do without
+    from_classifier = {**BeitConfig().to_dict(), "classifier": "linear_cls"}
+    assert VPTMConfig(**from_classifier).use_mask_token is False
+    with pytest.raises(ValueError, match=r"reads the backbone's mask token, so use_mask_token must be True"):
+        VPTMConfig(**BeitConfig().to_dict())
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [

@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 
@@ -145,6 +146,71 @@ def test_a_new_checkpoint_folder_appears_whole_with_ordinary_permissions(saved, 
     os.umask(umask)
     assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o777 & ~umask  # not the staging folder's 0o700
     assert "model.safetensors" in os.listdir(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_checkpoint_file_gets_the_permissions_of_any_new_file(saved, tmp_path, umask):
+    """safetensors writes 0600 files; a checkpoint's files are readable by whoever may read the run's other files."""
+    _, model = saved
+    previous = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "fresh")  # a new folder, renamed into place
+        model.save_pretrained(tmp_path / "fresh")  # into an existing folder, file by file
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / "fresh" / name).stat().st_mode & 0o777 for name in os.listdir(tmp_path / "fresh")}
+    assert modes["model.safetensors"] == 0o666 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# ------------------------------------------------------------------------------------------- names and paths
+MISSING_FOLDERS = ["./runs/vtpm", "runs/vtpm", "~/no-such-vptm-folder/task", "/no/such/vptm/task", "a/b/c"]
+
+
+@pytest.mark.parametrize("name", MISSING_FOLDERS)
+def test_a_missing_local_folder_is_refused_at_once_not_tried_on_the_hub(name, backbone_dir, tmp_path, monkeypatch):
+    """A path that looks local is never sent to the Hub (half a minute of retries without a network); `runs/vtpm`
+    looks local because runs/ exists. Offline mode is lifted to show that the check, not the mode, is what stops it."""
+    from modeling_vptm.serving import MultiTaskVPTM
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"{name!r} was looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr("transformers.utils.hub.hf_hub_download", no_hub, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    expected = rf"prompt checkpoint folder '{re.escape(name)}' not found \(looked in .*\); expected an existing folder"
+    with pytest.raises(FileNotFoundError, match=expected):
+        VPTMForImageClassification.from_pretrained(name)
+    server = MultiTaskVPTM(str(backbone_dir))
+    with pytest.raises(FileNotFoundError, match=expected):
+        server.add_task("mine", name)
+    with pytest.raises(FileNotFoundError, match=expected):
+        predict.main(["--model", name, str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=expected.replace("prompt checkpoint", "backbone")):
+        VPTMForImageClassification.from_backbone(name, num_labels=2)
+
+
+def test_a_file_given_as_a_checkpoint_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match=r"prompt checkpoint '.*model.safetensors' is a file; expected a"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_a_hub_id_that_is_not_cached_offline_gets_one_clear_line():
+    with pytest.raises(OSError) as raised:
+        VPTMForImageClassification.from_pretrained("no-such-org/no-such-task")
+    message = str(raised.value)
+    assert "\n" not in message and ".." not in message, message
+    assert message.startswith("cannot load the prompt checkpoint 'no-such-org/no-such-task': no such local folder")
+    assert "offline (HF_HUB_OFFLINE) this Hub id is not in the cache" in message
+    assert "`hf download no-such-org/no-such-task`" in message
+    with pytest.raises(OSError, match=r"^cannot load the backbone 'no-such-org/no-such-beit': no such local folder"):
+        VPTMForImageClassification.from_backbone("no-such-org/no-such-beit", num_labels=2)
 
 
 # ------------------------------------------------------------------------------------------------------ images
