@@ -326,7 +326,7 @@ def test_hub_files_only_define_things_at_import(name):
                 assert node.module.split(".")[0] in allowed, node.module
             if isinstance(node, ast.Import):
                 assert all(
-                    a.name.split(".")[0] in ("hashlib", "math", "os", "shutil", "tempfile", "torch")
+                    a.name.split(".")[0] in ("hashlib", "math", "os", "shutil", "stat", "tempfile", "torch")
                     for a in node.names
                 )
             continue
