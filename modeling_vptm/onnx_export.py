@@ -48,8 +48,8 @@ class TaskGraph(nn.Module):
         self.model = model
         self.output_names = ["logits"] + (["visual_token_logits"] if model.task.layout.mask_token else [])
 
-    def forward(self, pixel_values: torch.Tensor, *no_task_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(pixel_values)  # the task's tensors are weights of this graph
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values)
         return (out.logits, out.visual_token_logits) if len(self.output_names) == 2 else (out.logits,)
 
 
@@ -99,7 +99,9 @@ def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], outpu
     """`torch.onnx.export` of `module(pixel_values, *task_tensors)` with the batch dimension of every input and
     output dynamic."""
     batch = torch.export.Dim("batch", min=1)
-    dynamic_shapes = ({0: batch}, tuple({0: batch} for _ in inputs[1:]))  # structured as forward's arguments
+    dynamic_shapes = ({0: batch},)  # structured as forward's arguments: the varargs are one tuple
+    if len(inputs) > 1:
+        dynamic_shapes += (tuple({0: batch} for _ in inputs[1:]),)
     with warnings.catch_warnings():
         # the exporter's own deprecation chatter (pytree, torchvision ops it skips), nothing about this graph
         warnings.simplefilter("ignore", FutureWarning)
@@ -176,7 +178,7 @@ def export_task_graph(source: str, output_dir: str, **hub_kwargs) -> str:
     graph = TaskGraph(model)
     path = os.path.join(output_dir, "model.onnx")
     export_graph(graph, (example_pixels(model.backbone),), ["pixel_values"], graph.output_names, path)
-    model.config.to_json_file(os.path.join(output_dir, "config.json"))
+    model.config.to_json_file(os.path.join(output_dir, "config.json"), use_diff=False)
     image_processor_of(source, model.config, **hub_kwargs).save_pretrained(output_dir)
     write_manifest(output_dir, model.backbone, graph="task", model="model.onnx", source=str(source),
                    outputs=graph.output_names)  # fmt: skip
@@ -186,7 +188,7 @@ def export_task_graph(source: str, output_dir: str, **hub_kwargs) -> str:
 def write_task(folder: str, model: VPTMForImageClassification) -> None:
     """A task's config and tensors (prompts, [MASK] embedding, head) for the numpy side, by checkpoint names."""
     os.makedirs(folder, exist_ok=True)
-    model.config.to_json_file(os.path.join(folder, "config.json"))
+    model.config.to_json_file(os.path.join(folder, "config.json"), use_diff=False)  # every field the heads read
     tensors = {name: t.detach().float().cpu().numpy() for name, t in model.task_state_dict().items()}
     np.savez(os.path.join(folder, "task.npz"), **tensors)
 

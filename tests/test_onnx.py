@@ -1,0 +1,276 @@
+"""ONNX export: both graphs equal PyTorch in ONNX Runtime (batch sizes other than the trace's), a file is classified
+in a process where torch cannot be imported, the numpy preprocessing equals the image processor's, and bad input
+gets errors that name what was expected."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import export_onnx
+import numpy as np
+import predict
+import pytest
+import torch
+from conftest import make_backbone
+from PIL import Image
+from transformers import AutoImageProcessor, BeitImageProcessor
+
+from modeling_vptm import VPTMForImageClassification
+from modeling_vptm.onnx_export import (
+    EXAMPLE_BATCH,
+    backbone_graph_parity,
+    export_backbone_graph,
+    export_task_graph,
+    task_graph_parity,
+)
+from modeling_vptm.onnx_runtime import ImagePreprocessor, OnnxImageClassifier, OnnxMultiTask, read_image
+
+
+TOLERANCE = 1e-4
+BATCH_SIZES = (1, 7)  # neither is the trace's batch: the graph must not have specialised on it
+assert EXAMPLE_BATCH not in BATCH_SIZES
+PROCESSOR = dict(size={"height": 20, "width": 20}, image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3], resample=3)
+
+# one task graph per head family; the backbone graphs hold every head of their layout
+TASK_GRAPHS = {
+    "vptm-hidden": dict(prompt_length=3, num_labels=4),
+    "vptm-ensemble-replace": dict(prompt_length=2, head_input="ensemble", mask_token_mode="replace",
+                                  train_mask_token=True, prototypes_per_class=2, num_labels=5),
+    "vpt-shallow": dict(prompt_length=2, prompt_layers="shallow", classifier="linear_cls", num_labels=3),
+}  # fmt: skip
+DEEP_APPEND = {  # one layout: 3 prompts in every block, [MASK] appended
+    "hidden": dict(prompt_length=3, num_labels=4),
+    "logits": dict(prompt_length=3, head_input="logits", num_labels=3),
+    "normalized-logits": dict(prompt_length=3, head_input="normalized_logits", num_labels=3),
+    "probs": dict(prompt_length=3, head_input="probs", prototypes_per_class=3, num_labels=2),
+    "ensemble": dict(prompt_length=3, head_input="ensemble", num_labels=4),
+    "linear-mask": dict(prompt_length=3, classifier="linear_mask", head_input="logits", num_labels=3),
+    "trained-mask": dict(prompt_length=3, train_mask_token=True, num_labels=2),
+}
+VPT_DEEP = {  # one layout: read-out at CLS
+    "vpt-a": dict(prompt_length=2, classifier="linear_cls", num_labels=3),
+    "vpt-b": dict(prompt_length=2, classifier="linear_cls", num_labels=6),
+}
+
+
+def make_checkpoints(backbone_dir: str, root, tasks: dict) -> dict[str, str]:
+    paths = {}
+    for i, (name, fields) in enumerate(tasks.items()):
+        torch.manual_seed(i)
+        fields = dict(fields)
+        model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=fields.pop("num_labels"), **fields)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)  # as if trained: every tensor matters
+        model.save_pretrained(root / name)
+        BeitImageProcessor(**PROCESSOR).save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def checkpoints(backbone_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-tasks")
+    return make_checkpoints(backbone_dir, root, {**TASK_GRAPHS, **DEEP_APPEND, **VPT_DEEP})
+
+
+@pytest.fixture(scope="module")
+def task_exports(checkpoints, tmp_path_factory):
+    """Each task graph, the first through the command line (which reports its own parity check)."""
+    root = tmp_path_factory.mktemp("onnx-task-graphs")
+    folders, reports = {}, {}
+    for i, name in enumerate(TASK_GRAPHS):
+        folders[name] = str(root / name)
+        if i == 0:
+            reports[name] = export_onnx.main(["--model", checkpoints[name], "--output", folders[name],
+                                              "--tolerance", str(TOLERANCE)])  # fmt: skip
+        else:
+            export_task_graph(checkpoints[name], folders[name])
+    return folders, reports
+
+
+@pytest.fixture(scope="module")
+def backbone_exports(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-backbone-graphs")
+    folders = {}
+    for layout, tasks in (("deep-append", DEEP_APPEND), ("vpt-deep", VPT_DEEP)):
+        folders[layout] = str(root / layout)
+        export_backbone_graph({name: checkpoints[name] for name in tasks}, folders[layout])
+    return folders
+
+
+def write_images(folder, count: int = 3) -> list[str]:
+    """Greyscale, RGB and RGBA files of other sizes than the model's (the processor resizes them)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shapes = [((31, 17), "L"), ((20, 20, 3), "RGB"), ((9, 40, 4), "RGBA")]
+    paths = []
+    for i, (shape, mode) in enumerate((shapes * count)[:count]):
+        path = os.path.join(folder, f"{i}-{mode}.png")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+        paths.append(path)
+    return paths
+
+
+# -------------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", list(TASK_GRAPHS))
+def test_task_graph_equals_pytorch(checkpoints, task_exports, name):
+    folders, reports = task_exports
+    model = VPTMForImageClassification.from_pretrained(checkpoints[name]).eval()
+    errors = task_graph_parity(model, folders[name], BATCH_SIZES)
+    reads_mask = TASK_GRAPHS[name].get("classifier") != "linear_cls"
+    expected = {f"{output}@{b}" for b in BATCH_SIZES for output in ["logits"] + ["visual_token_logits"] * reads_mask}
+    assert set(errors) == expected
+    assert max(errors.values()) <= TOLERANCE, errors
+    runtime = OnnxImageClassifier(folders[name])
+    assert [o.name for o in runtime.session.get_outputs()] == ["logits"] + ["visual_token_logits"] * reads_mask
+    assert runtime.id2label == model.config.id2label
+    if name in reports:  # the command line's own check, on the same batch sizes
+        report = reports[name]
+        assert report["max_abs_error"] <= TOLERANCE and set(report["errors"]) == expected
+        assert report["graph"].endswith("model.onnx") and report["bytes"] > 0
+
+
+@pytest.mark.parametrize("layout, tasks", [("deep-append", DEEP_APPEND), ("vpt-deep", VPT_DEEP)])
+def test_one_backbone_graph_serves_every_task_of_its_layout(checkpoints, backbone_exports, layout, tasks):
+    models = {name: VPTMForImageClassification.from_pretrained(checkpoints[name]).eval() for name in tasks}
+    errors = backbone_graph_parity(models, backbone_exports[layout], BATCH_SIZES + (len(tasks) * 2,))
+    assert {key.split("@")[0] for key in errors} == set(tasks)  # every head checked in a mixed batch
+    assert max(errors.values()) <= TOLERANCE, errors
+    runtime = OnnxMultiTask(backbone_exports[layout])
+    inputs = [i.name for i in runtime.session.get_inputs()]
+    assert inputs == (["pixel_values", "prompts", "mask_embedding"] if layout == "deep-append" else
+                      ["pixel_values", "prompts"])  # fmt: skip
+    # the task tensors are inputs, not weights: the graph holds none of them
+    assert os.path.getsize(os.path.join(backbone_exports[layout], "tasks", next(iter(tasks)), "task.npz")) < 20_000
+
+
+# ------------------------------------------------------------------------------------------- without torch
+NO_TORCH = (
+    "import sys\n"
+    "sys.modules['torch'] = None  # `import torch` raises ImportError from here on\n"
+    "sys.modules['transformers'] = None\n"
+    "try:\n"
+    "    import torch\n"
+    "    raise SystemExit('torch was importable')\n"
+    "except ImportError:\n"
+    "    pass\n"
+    "import runpy\n"
+    "script = sys.argv[1]\n"
+    "sys.argv = [script, *sys.argv[2:]]\n"
+    "runpy.run_path(script, run_name='__main__')\n"
+)
+
+
+def run_without_torch(script: str, *args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, script, *args], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_files_are_classified_without_torch_as_predict_does(checkpoints, task_exports, backbone_exports, tmp_path):
+    files = write_images(tmp_path / "images")
+    folders, _ = task_exports
+    name = "vptm-ensemble-replace"
+    expected = predict.main([*files, "--model", checkpoints[name], "--top_k", "3"])
+    answers = run_without_torch(os.path.join(folders[name], "onnx_runtime.py"), "--model", folders[name],
+                                *files, "--top_k", "3")  # fmt: skip
+    assert_same_predictions(answers, expected)
+    # the backbone graph, one task at a time, from the same copied runtime
+    folder = backbone_exports["deep-append"]
+    expected = predict.main([*files, "--model", checkpoints["ensemble"], "--top_k", "2"])
+    answers = run_without_torch(os.path.join(folder, "onnx_runtime.py"), "--model", folder, "--task", "ensemble",
+                                *files, "--top_k", "2")  # fmt: skip
+    assert [a["task"] for a in answers] == ["ensemble"] * len(files)
+    assert_same_predictions(answers, expected)
+
+
+def assert_same_predictions(answers: list[dict], expected: list[dict]) -> None:
+    assert [a["file"] for a in answers] == [e["file"] for e in expected]
+    for answer, reference in zip(answers, expected, strict=True):
+        assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in reference["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in answer["predictions"]],
+                                   [p["score"] for p in reference["predictions"]], atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PROCESSOR,
+        dict(size={"height": 28, "width": 28}, image_mean=[0.286] * 3, image_std=[0.353] * 3, resample=3),
+        dict(size={"shortest_edge": 24}, do_center_crop=True, crop_size={"height": 20, "width": 22}, resample=2),
+        dict(size={"height": 16, "width": 12}, do_normalize=False, resample=0),
+    ],
+)
+def test_numpy_preprocessing_equals_the_image_processor(config, tmp_path):
+    processor = BeitImageProcessor(**config)
+    processor.save_pretrained(tmp_path)
+    ours = ImagePreprocessor.from_folder(str(tmp_path))
+    images = [read_image(path) for path in write_images(tmp_path / "images", 6)]
+    for image in images:  # one at a time: the shortest-edge resize gives each its own shape
+        expected = AutoImageProcessor.from_pretrained(tmp_path)(image, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(ours([image]), expected, atol=1e-6, rtol=0)
+
+
+def test_images_are_read_from_paths_bytes_base64_and_pil(tmp_path):
+    import base64
+
+    path = write_images(tmp_path, 1)[0]
+    data = open(path, "rb").read()
+    reference = np.asarray(Image.open(path).convert("RGB"))
+    for source in (path, data, base64.b64encode(data).decode(), "data:image/png;base64," + base64.b64encode(data)
+                   .decode(), Image.open(path)):  # fmt: skip
+        assert np.array_equal(np.asarray(read_image(source)), reference)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_with_what_was_expected(checkpoints, task_exports, backbone_exports, backbone_dir):
+    folders, _ = task_exports
+    runtime = OnnxImageClassifier(folders["vptm-hidden"])
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, 20, 20\) .* got \(2, 3, 28, 28\)"):
+        runtime.run(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"must have shape \(batch, 3, 20, 20\) .* got \(3, 20, 20\)"):
+        runtime.run(np.zeros((3, 20, 20), np.float32))
+    with pytest.raises(ValueError, match=r"pixel_values is an empty batch"):
+        runtime.run(np.zeros((0, 3, 20, 20), np.float32))
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point, got dtype uint8"):
+        runtime.run(np.zeros((1, 3, 20, 20), np.uint8))
+    with pytest.raises(ValueError, match=r"not an image that can be read \(UnidentifiedImageError"):
+        runtime([b"these bytes are not an image"])
+    with pytest.raises(ValueError, match=r"not an image file, image bytes or a base64-encoded image: 'no-such.png'"):
+        runtime(["no-such.png"])
+    with pytest.raises(ValueError, match=r"holds a 'task' graph .* OnnxMultiTask reads a 'backbone' graph"):
+        OnnxMultiTask(folders["vptm-hidden"])
+    shared = OnnxMultiTask(backbone_exports["vpt-deep"])
+    with pytest.raises(ValueError, match=r"unknown tasks \['nope'\]; tasks are \['vpt-a', 'vpt-b'\]"):
+        shared.run(np.zeros((1, 3, 20, 20), np.float32), ["nope"])
+    with pytest.raises(ValueError, match=r"one task per image: got 1 task names for 2 images"):
+        shared.run(np.zeros((2, 3, 20, 20), np.float32), ["vpt-a"])
+    with pytest.raises(FileNotFoundError, match=r"has no onnx_config.json: not a folder written by"):
+        OnnxImageClassifier(checkpoints["vpt-a"])
+
+
+def test_export_refuses_what_it_cannot_export(checkpoints, backbone_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"is not a VPTM prompt checkpoint: its config has model_type='beit', "
+                                         r"expected 'vptm'"):  # fmt: skip
+        export_task_graph(backbone_dir, str(tmp_path / "beit"))
+    with pytest.raises(ValueError, match=r"task 'vpt-a' has sequence layout .* but 'hidden' has .* one backbone graph "
+                                         r"serves one layout"):  # fmt: skip
+        export_backbone_graph({"hidden": checkpoints["hidden"], "vpt-a": checkpoints["vpt-a"]}, str(tmp_path / "b"))
+    make_backbone(tmp_path / "other-backbone", seed=3)
+    other = VPTMForImageClassification.from_backbone(str(tmp_path / "other-backbone"), num_labels=2, prompt_length=3)
+    other.save_pretrained(tmp_path / "other-task")
+    with pytest.raises(ValueError, match=r"was made on backbone .*other-backbone.* but this server holds"):
+        export_backbone_graph({"hidden": checkpoints["hidden"], "other": str(tmp_path / "other-task")},
+                              str(tmp_path / "c"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"a task graph holds one task, got 2 models; pass --backbone_only"):
+        export_onnx.main(["--model", checkpoints["hidden"], checkpoints["logits"], "--output", str(tmp_path / "d")])
+    with pytest.raises(ValueError, match=r"two models are named 'x'"):
+        export_onnx.main(["--backbone_only", "--model", f"x={checkpoints['hidden']}", f"x={checkpoints['logits']}",
+                          "--output", str(tmp_path / "e")])  # fmt: skip
+    assert not any(os.path.exists(tmp_path / f) for f in ("beit", "b", "c", "d", "e"))  # refused before writing
