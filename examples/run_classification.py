@@ -97,6 +97,8 @@ METHOD_FIELDS = {
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model: the backbone, the method and its VPTMConfig fields"
+
     model_name_or_path: str = field(
         default=SHIPPED_BACKBONE, metadata={"help": "BEiT MIM backbone: Hub id, local folder or vptm:<shipped name>."}
     )
@@ -201,6 +203,8 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
+    _argument_group_name = "data: dataset, splits, augmentation, metrics"
+
     dataset_name: str | None = field(
         default=SHIPPED_DATASET, metadata={"help": f"Hub dataset, or {SHIPPED_DATASET} (shipped, offline)."}
     )
@@ -269,6 +273,10 @@ class DataTrainingArguments:
 class VPTMTrainingArguments(TrainingArguments):
     """TrainingArguments with defaults for prompt tuning on small data."""
 
+    _argument_group_name = (
+        "training: Trainer's settings (the ones this script changes and the common ones; --help_all shows all)"
+    )
+
     learning_rate: float = field(
         default=DEFAULT_LEARNING_RATES["vptm"],
         metadata={"help": "Peak learning rate. When not given: 1e-2 for vptm, vpt and linear, 1e-3 for full."},
@@ -292,18 +300,44 @@ class VPTMTrainingArguments(TrainingArguments):
                   "(default accuracy) on the validation split, never on test; the best pair then trains the final "
                   "model. Needs a validation split (--validation_split) and `pip install optuna` (0: off)."},
     )  # fmt: skip
-    num_train_epochs: float = 30.0
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 256
-    weight_decay: float = 1e-4
-    warmup_steps: float = 0.1
-    lr_scheduler_type: str = "cosine"
-    eval_strategy: str = "no"
-    save_strategy: str = "epoch"
-    save_total_limit: int | None = 1
-    logging_steps: float = 10
-    remove_unused_columns: bool = False
-    dataloader_num_workers: int = 0
+    # Trainer's settings whose defaults this script changes, each with its help, so that --help shows them
+    num_train_epochs: float = field(
+        default=30.0, metadata={"help": "Training epochs (Trainer's default: 3; prompts on 1,000 images need more)."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per device."})
+    weight_decay: float = field(
+        default=1e-4, metadata={"help": "AdamW weight decay of the trained tensors (Trainer's default: 0)."}
+    )
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Linear warm-up: steps, or a fraction of all steps when below 1."}
+    )
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after warm-up (Trainer's default: linear)."}
+    )
+    eval_strategy: str = field(
+        default="no",
+        metadata={"help": "When to score the validation split during training (no, steps, epoch); with "
+                  "--load_best_model_at_end, the model it selects is the one kept. Needs a validation split."},
+    )  # fmt: skip
+    save_strategy: str = field(
+        default="epoch", metadata={"help": "When to write checkpoint-N/ folders (no, steps, epoch, best)."}
+    )
+    save_total_limit: int | None = field(
+        default=1,
+        metadata={"help": "checkpoint-N/ folders kept (the newest; with --load_best_model_at_end the best too). Each "
+                  "holds the optimiser and RNG state a rerun resumes from; the final model is the output_dir's own "
+                  "files."},
+    )  # fmt: skip
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every this many steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Always false here: the image and label columns feed the transforms."}
+    )
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={"help": "Data-loading processes (0: the main process loads each batch). On a CUDA device, when "
+                  "not given, a few workers are used."},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -688,14 +722,45 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring kept as written, and each flag's default beside its help."""
 
 
-def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(
+# Trainer's settings that --help lists besides the ones this script changes (VPTMTrainingArguments' own fields): the
+# ones a run commonly sets. --help_all lists all of them.
+COMMON_TRAINING_FLAGS = (
+    "output_dir", "seed", "max_steps", "gradient_accumulation_steps", "load_best_model_at_end",
+    "metric_for_best_model", "resume_from_checkpoint", "bf16", "fp16", "tf32", "use_cpu", "torch_compile",
+    "gradient_checkpointing", "dataloader_pin_memory", "dataloader_persistent_workers", "report_to",
+    "hub_model_id", "hub_private_repo", "hub_revision",
+)  # fmt: skip
+
+
+class FullHelp(argparse.Action):
+    """--help_all: the help with every one of Trainer's settings, then exit (as --help does)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        build_parser(full_help=True).print_help()
+        parser.exit()
+
+
+def build_parser(full_help: bool = False) -> HfArgumentParser:
+    """The script's parser. Its --help shows the project's flags, then Trainer's settings this script changes and the
+    commonly used ones; with `full_help` (--help_all) every one of Trainer's settings."""
+    parser = HfArgumentParser(
         (ModelArguments, DataTrainingArguments, VPTMTrainingArguments),
         prog="run_classification.py",
         usage="%(prog)s [--method METHOD] [--output_dir DIR] [options]  |  %(prog)s args.json",
         description=__doc__,
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--help_all", action=FullHelp, help="Show the help with all of Trainer's settings and exit.")
+    if not full_help:
+        shown = {*VPTMTrainingArguments.__annotations__, *COMMON_TRAINING_FLAGS}
+        trainer_flags = {f.name for f in dataclasses.fields(TrainingArguments)} - shown
+        for action in parser._actions:  # argparse's documented way to hide an option is a SUPPRESS help
+            if action.dest in trainer_flags:
+                action.help = argparse.SUPPRESS
+    return parser
 
 
 def given_flags(argv: list[str]) -> set[str]:

@@ -542,6 +542,24 @@ def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(cap
     for dataclass_type in (run_classification.ModelArguments, run_classification.DataTrainingArguments):
         for f in dataclasses.fields(dataclass_type):
             assert f.metadata.get("help"), f"--{f.name} has no help"
+    # every Trainer setting the script changes is listed with its help and the script's default; the rest of
+    # Trainer's settings only under --help_all
+    changed = run_classification.VPTMTrainingArguments.__annotations__
+    assert {"num_train_epochs", "warmup_steps", "save_total_limit", "dataloader_num_workers"} <= set(changed)
+    entries = {  # flag -> its help, as printed
+        entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text) if entry.startswith("  -")
+    }
+    for f in dataclasses.fields(run_classification.VPTMTrainingArguments):
+        if f.name in changed:
+            assert f.metadata.get("help"), f"--{f.name} has no help"
+            assert " ".join(f.metadata["help"].split()[:3]) in entries[f"--{f.name}"], f.name
+            assert entries[f"--{f.name}"].endswith(f"(default: {f.default})"), entries[f"--{f.name}"]
+    assert text.index("--method") < text.index("--dataset_name") < text.index("--num_train_epochs")
+    assert "--adam_beta1" not in text and "--help_all" in text
+    with pytest.raises(SystemExit):
+        run_classification.main(["--help_all"])
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and "--num_train_epochs" in full and len(full) > 1.5 * len(text)
     with pytest.raises(SystemExit):
         run_classification.main(["--method", "vtp", "--output_dir", "x"])
     assert "invalid choice: 'vtp'" in capsys.readouterr().err
