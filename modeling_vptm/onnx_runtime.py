@@ -29,7 +29,6 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 
@@ -38,12 +37,13 @@ MANIFEST = "onnx_config.json"
 
 
 # ------------------------------------------------------------------------------------------------ images in
-def read_image(source) -> Image.Image:
+def read_image(source, allow_paths: bool = True) -> Image.Image:
     """An image from a path, raw bytes, a base64 string (optionally a `data:` URL) or a PIL image, as 8-bit RGB; a
-    `ValueError` saying what was received for anything that is not a readable image."""
+    `ValueError` saying what was received for anything that is not a readable image. A server passes
+    `allow_paths=False`, so that a request cannot make it open its own files."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
-    if isinstance(source, str) and os.path.isfile(source):
+    if allow_paths and isinstance(source, str) and os.path.isfile(source):
         with open(source, "rb") as f:
             source = f.read()
     elif isinstance(source, str):
@@ -51,7 +51,8 @@ def read_image(source) -> Image.Image:
         try:
             source = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
-            raise ValueError(f"not an image file, image bytes or a base64-encoded image: {source[:40]!r}") from error
+            what = "an image file, image bytes" if allow_paths else "image bytes"
+            raise ValueError(f"not {what} or a base64-encoded image: {source[:40]!r}") from error
     if not isinstance(source, (bytes, bytearray)):
         raise ValueError(
             f"an image must be a path, bytes, a base64 string or a PIL image, got {type(source).__name__}"
@@ -145,7 +146,10 @@ def labels_of(config: dict) -> dict[int, str]:
     return {int(k): v for k, v in config["id2label"].items()}
 
 
-def session(path: str, threads: int | None = None) -> ort.InferenceSession:
+def session(path: str, threads: int | None = None):
+    """An ONNX Runtime CPU session (imported here, so that `read_image` and the preprocessing need only Pillow)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -1,0 +1,66 @@
+"""Writes (and optionally pushes) a Hugging Face Inference Endpoints repository serving prompt checkpoints.
+
+    # one task: the checkpoint at the root, plus handler.py, requirements.txt, endpoint.json and the vptm package
+    python examples/make_endpoint.py --model runs/vptm --output endpoint-vptm
+    # several tasks on one backbone, one MultiTaskVPTM: tasks/<name>/ per checkpoint
+    python examples/make_endpoint.py --task fashion=runs/vptm --task fashion-vpt=runs/vpt --output endpoint-multi
+    # straight to the Hub (one commit), then create the endpoint from that repository
+    python examples/make_endpoint.py --task fashion=runs/vptm --task fashion-vpt=runs/vpt --repo_id me/vptm-endpoint
+
+The repository is loaded with its own handler before it is written out or pushed, so one that would not serve
+(checkpoints of different backbones, different image processors, not VPTM) is refused here, not on the endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="One prompt checkpoint (folder or Hub id); served as 'default'.")
+    parser.add_argument("--task", action="append", default=[],
+                        help="NAME=SOURCE prompt checkpoint of a multi-task endpoint (repeatable).")  # fmt: skip
+    parser.add_argument("--output", default=None, help="Write the repository to this new (or empty) folder.")
+    parser.add_argument("--repo_id", default=None, help="Push the repository to this Hub model repository.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repository private.")
+    parser.add_argument("--revision", default=None, help="Revision of Hub checkpoints.")
+    return parser.parse_args(argv)
+
+
+def parse_tasks(values: list[str]) -> dict[str, str]:
+    tasks = {}
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"a task is given as NAME=FOLDER_OR_HUB_ID, got {value!r}")
+        if name in tasks:
+            raise ValueError(f"task {name!r} is given twice")
+        tasks[name] = source
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from modeling_vptm.endpoint import push_endpoint_repository, write_endpoint_repository
+
+    if bool(args.model) == bool(args.task):
+        raise ValueError("give one prompt checkpoint with --model, or several tasks with --task NAME=SOURCE")
+    if not (args.output or args.repo_id):
+        raise ValueError("say where the repository goes: --output FOLDER and/or --repo_id ID")
+    tasks = parse_tasks(args.task) if args.task else {"default": args.model}  # one task: named "default"
+    multi_task = bool(args.task)
+    result = {}
+    if args.output:
+        result["config"] = write_endpoint_repository(args.output, tasks, multi_task, revision=args.revision)
+        result["folder"] = args.output
+    if args.repo_id:
+        result["url"] = push_endpoint_repository(args.repo_id, tasks, multi_task, private=args.private,
+                                                 revision=args.revision)  # fmt: skip
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
