@@ -61,8 +61,8 @@ from modeling_vptm.configuration_vptm import (
 )
 from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics
 from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone
+from modeling_vptm.image_batches import ImageBatchTransform, UInt8Images, collate, decode_images
 from modeling_vptm.images import IMAGE_EXTENSIONS, is_image_file
-from modeling_vptm.masking import random_resized_crop, random_shift_flip
 from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
 
 
@@ -350,12 +350,14 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     """
     from datasets import DatasetDict, load_dataset
 
+    from modeling_vptm.data import load_local_dataset
+
     if data_args.train_dir:
         files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir:
             files["validation"] = os.path.join(data_args.validation_dir, "**")
         unreadable = check_image_folders(data_args)
-        dataset = load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
+        dataset = load_local_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
         if unreadable:
             dataset = drop_images(dataset, unreadable)
             logger.warning("skipped %d unreadable image(s)", len(unreadable))
@@ -485,31 +487,29 @@ def labels_of(dataset) -> list[str]:
     return [str(v) for v in sorted(set(dataset["train"]["label"]))]
 
 
-def build_transforms(processor, data_args: DataTrainingArguments, label_names: list[str], dataset):
+# a split this large is decoded by several processes (--dataloader_num_workers of them); below it, starting them costs
+# more than they save
+DECODE_PROCESSES_MIN_IMAGES = 2_000
+
+
+def prepare_images(
+    processor, data_args: DataTrainingArguments, dataset, split_names: list[str], workers: int = 0
+) -> tuple[dict[str, UInt8Images], ImageBatchTransform]:
+    """The splits as uint8 images, decoded and resized once by the processor (cached by `datasets`, keyed on the
+    split and the processor's settings), and the transform that turns their batches into the model's pixel values on
+    its device: the processor's normalisation, and in training the augmentations (modeling_vptm/image_batches.py)."""
     feature = dataset["train"].features["label"]
     to_index = (
         None if hasattr(feature, "names") else {v: i for i, v in enumerate(sorted(set(dataset["train"]["label"])))}
     )
-
-    def prepare(batch, train: bool):
-        images = [image.convert("RGB") for image in batch["image"]]
-        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
-        # per-image crops, shifts and flips drawn from the global torch RNG: Trainer seeds it and restores it on resume
-        if train and data_args.augment_crop_scale:
-            pixel_values = random_resized_crop(pixel_values, data_args.augment_crop_scale, None)
-        if train and (data_args.augment_shift or data_args.augment_flip):
-            pixel_values = random_shift_flip(pixel_values, data_args.augment_shift, data_args.augment_flip, None)
-        labels = batch["label"] if to_index is None else [to_index[v] for v in batch["label"]]
-        return {"pixel_values": list(pixel_values), "labels": labels}
-
-    return (lambda b: prepare(b, True)), (lambda b: prepare(b, False))
-
-
-def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
-    }
+    images = {}
+    for name in split_names:
+        num_proc = workers if workers > 1 and len(dataset[name]) >= DECODE_PROCESSES_MIN_IMAGES else None
+        images[name] = UInt8Images(decode_images(dataset[name], processor, to_index, num_proc=num_proc))
+    transform = ImageBatchTransform.from_processor(
+        processor, crop_scale=data_args.augment_crop_scale, shift=data_args.augment_shift, flip=data_args.augment_flip
+    )
+    return images, transform
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -543,8 +543,32 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 class PromptTrainer(Trainer):
-    """A prompt checkpoint holds only the task's tensors, so on resume the frozen backbone's are missing by design:
-    only a missing task tensor is worth a warning."""
+    """Trainer for prompt checkpoints, fed uint8 image batches.
+
+    With `image_transform`, batches arrive as uint8 (`modeling_vptm.image_batches`) and become the model's pixel
+    values on its device at the start of each training step (normalised and augmented) and prediction step
+    (normalised): the arithmetic runs batched where the model runs, after 4x fewer bytes were copied there. Its random
+    draws come from the global CPU generator, which Trainer seeds and its checkpoints restore.
+
+    A prompt checkpoint holds only the task's tensors, so on resume the frozen backbone's are missing by design:
+    only a missing task tensor is worth a warning.
+    """
+
+    def __init__(self, *args, image_transform: ImageBatchTransform | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_transform = image_transform
+
+    def _model_inputs(self, inputs: dict, train: bool) -> dict:
+        if self.image_transform is None:
+            return inputs
+        return self.image_transform.model_inputs(inputs, train=train, device=self.args.device)
+
+    def training_step(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        return super().training_step(model, self._model_inputs(inputs, train=True), num_items_in_batch)
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        return super().prediction_step(model, self._model_inputs(inputs, train=False), prediction_loss_only,
+                                       ignore_keys)  # fmt: skip
 
     def _issue_warnings_after_load(self, load_result) -> None:
         if isinstance(self.model, VPTMForImageClassification):
@@ -770,13 +794,33 @@ def given_flags(argv: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
+def gpu_defaults(given: set[str]) -> dict:
+    """Defaults for training on a CUDA device, for the flags not given ({} without one, or with --use_cpu): data
+    loaded by worker processes (the batches are uint8 slices of decoded images, so a few workers keep up), bf16
+    autocast where the device has it, and no per-step check of the loss for NaN (the check is a
+    host-device synchronisation every step; it only filters the logged running loss)."""
+    if not torch.cuda.is_available() or "use_cpu" in given:
+        return {}
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = min(4, max(1, len(os.sched_getaffinity(0)) // processes - 1))
+    defaults = {"dataloader_num_workers": workers, "logging_nan_inf_filter": False}
+    if torch.cuda.is_bf16_supported() and not {"bf16", "fp16"} & given:
+        defaults["bf16"] = True
+    return {name: value for name, value in defaults.items() if name not in given}
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, VPTMTrainingArguments]:
     parser = build_parser()
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     given = given_flags(argv)
+    defaults = gpu_defaults(given)  # parsed as if given, so that what TrainingArguments derives from them follows
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(os.path.abspath(argv[0])) as f:
+            model_args, data_args, training_args = parser.parse_dict({**defaults, **json.load(f)})
+    else:
+        flags = [item for name, value in defaults.items() for item in (f"--{name}", str(value).lower())]
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=[*argv, *flags])
+    if defaults:
+        logger.info("defaults for a CUDA device: %s", " ".join(f"--{k} {v}" for k, v in defaults.items()))
     if "learning_rate" not in given:
         training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.method]
     for name in model_args.ignored_by_method(given):
@@ -785,6 +829,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArgume
         require_portable_backbone(model_args.model_name_or_path, model_args.backbone_hub_id)
     if "dataloader_pin_memory" not in given and not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+    if torch.cuda.is_available() and not training_args.use_cpu:
+        if "dataloader_persistent_workers" not in given and training_args.dataloader_num_workers > 0:
+            training_args.dataloader_persistent_workers = True  # not started again every epoch
+        if "accelerator_config" not in given and training_args.dataloader_pin_memory:
+            # a copy from a pinned batch need not wait for the device to finish the step before
+            training_args.accelerator_config.non_blocking = True
     if "hub_strategy" in given:
         logger.warning("--hub_strategy is ignored: the final folder is pushed once, at the end")
     return model_args, data_args, training_args
@@ -836,19 +886,27 @@ def main(argv: list[str] | None = None) -> dict:
         resolve_backbone_path(model_args.model_name_or_path), revision=model_args.model_revision,
         cache_dir=model_args.cache_dir, token=model_args.token,
     )  # fmt: skip
-    train_transform, eval_transform = build_transforms(processor, data_args, label_names, dataset)
-    splits = {name: dataset[name].with_transform(eval_transform) for name in ("validation", "test") if name in dataset}
-    train_data = dataset["train"].with_transform(train_transform)
+    # the splits this run reads (an unread test split is not even decoded), decoded and resized once; one process
+    # fills the cache of `datasets`, then the others read it
+    needed = [name for name in SPLITS if name in dataset and (name != "train" or training_args.do_train)
+              and (name != "test" or training_args.do_predict)]  # fmt: skip
+    with training_args.main_process_first(desc="decoding images"):
+        images, image_transform = prepare_images(
+            processor, data_args, dataset, needed, workers=training_args.dataloader_num_workers
+        )
+    splits = {name: images[name] for name in ("validation", "test") if name in images}
+    train_data = images.get("train")
 
     def initialize(model):
         if model_args.prototype_init == "class_mean" and training_args.do_train:
-            plain = dataset["train"].with_transform(eval_transform)
-            model.initialize_prototypes(torch.utils.data.DataLoader(plain, batch_size=64, collate_fn=collate))
+            batches = torch.utils.data.DataLoader(train_data, batch_size=64, collate_fn=collate)
+            model.initialize_prototypes(image_transform.model_inputs(batch, train=False) for batch in batches)
         return model
 
     trainer_inputs = dict(
         train_dataset=train_data, eval_dataset=splits.get("validation"), data_collator=collate,
         compute_metrics=compute_metrics(data_args.metric_names), processing_class=processor,
+        image_transform=image_transform,
     )  # fmt: skip
     if training_args.do_train and training_args.should_save:  # before any search or training: rerun as this run
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -893,8 +951,8 @@ def main(argv: list[str] | None = None) -> dict:
             scored[split] = {name: metrics[f"{prefix}_{name}"] for name in data_args.metric_names}
     if not scored:
         raise ValueError(
-            f"nothing was scored: the dataset has the splits {sorted(splits)} and --do_eval {training_args.do_eval}, "
-            f"--do_predict {training_args.do_predict}"
+            f"nothing was scored: the dataset has the held-out splits {sorted(set(dataset) - {'train'})} and "
+            f"--do_eval {training_args.do_eval}, --do_predict {training_args.do_predict}"
         )
     eval_split = "test" if "test" in scored else "validation"  # the figure a run reports: test when it was scored
     scores = scored[eval_split]
@@ -906,7 +964,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_split": eval_split,
         "eval_images": len(splits[eval_split]),
         "scored": scored,
-        "train_images": len(train_data),
+        "train_images": len(dataset["train"]),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "train_loss": train_loss,

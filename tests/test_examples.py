@@ -577,6 +577,31 @@ def test_learning_rate_default_follows_the_method_unless_given(tmp_path):
     assert parse([str(tmp_path / "args.json")])[2].learning_rate == 1e-3
 
 
+def test_gpu_defaults_fill_only_the_flags_not_given(tmp_path, monkeypatch):
+    gpu_defaults = run_classification.gpu_defaults
+    if not torch.cuda.is_available():
+        assert gpu_defaults(set()) == {}
+    with monkeypatch.context() as patched:  # what a CUDA device with bf16 gets
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        patched.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+        defaults = gpu_defaults({"output_dir"})
+        assert defaults.pop("bf16") is True and defaults.pop("logging_nan_inf_filter") is False
+        assert 1 <= defaults.pop("dataloader_num_workers") <= 4 and not defaults
+        assert "bf16" not in gpu_defaults({"fp16"}) and "bf16" not in gpu_defaults({"bf16"})
+        assert "dataloader_num_workers" not in gpu_defaults({"dataloader_num_workers"})
+        assert gpu_defaults({"use_cpu"}) == {}
+    # the defaults are parsed as if given, so that what TrainingArguments derives from them follows (bf16 -> mixed
+    # precision), from the command line and from a JSON file alike; a given flag wins
+    monkeypatch.setattr(run_classification, "gpu_defaults", lambda given: {
+        k: v for k, v in {"bf16": True, "dataloader_num_workers": 2}.items() if k not in given})  # fmt: skip
+    args = run_classification.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "true"])[2]
+    assert args.bf16 and args.mixed_precision == "bf16" and args.dataloader_num_workers == 2
+    (tmp_path / "args.json").write_text(json.dumps({"output_dir": str(tmp_path), "use_cpu": True,
+                                                    "dataloader_num_workers": 0}))  # fmt: skip
+    args = run_classification.parse_arguments([str(tmp_path / "args.json")])[2]
+    assert args.bf16 and args.dataloader_num_workers == 0
+
+
 def test_flags_the_method_ignores_are_reported_and_bad_values_refused(tmp_path, caplog):
     parse = run_classification.parse_arguments
     with caplog.at_level("WARNING"):
