@@ -99,7 +99,8 @@ class EndpointHandler:
         try:
             return self.answer(data)
         except (ValueError, KeyError, TypeError) as error:
-            return {"error": str(error).strip("'\"")}
+            # a KeyError's str() is its message in quotes
+            return {"error": str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)}
 
     def answer(self, data: dict) -> list | dict:
         if not isinstance(data, dict) or "inputs" not in data:

@@ -54,9 +54,8 @@ def read_image(source, allow_paths: bool = True) -> Image.Image:
             what = "an image file, image bytes" if allow_paths else "image bytes"
             raise ValueError(f"not {what} or a base64-encoded image: {source[:40]!r}") from error
     if not isinstance(source, (bytes, bytearray)):
-        raise ValueError(
-            f"an image must be a path, bytes, a base64 string or a PIL image, got {type(source).__name__}"
-        )
+        kinds = "a path, bytes" if allow_paths else "bytes"
+        raise ValueError(f"an image is {kinds}, a base64 string or a PIL image, got {type(source).__name__}")
     try:
         with Image.open(io.BytesIO(source)) as image:
             return image.convert("RGB")

@@ -1,0 +1,273 @@
+"""Inference Endpoints: the handler called as the serving toolkit calls it answers as examples/predict.py does, in
+both repository shapes; bad input is answered with an error message; the repository is written and pushed whole,
+and its handler imports the package bundled in it."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import make_endpoint
+import numpy as np
+import predict
+import pytest
+import torch
+from conftest import make_backbone
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path
+from modeling_vptm.endpoint import write_endpoint_repository
+
+
+TASKS = {
+    "fashion": dict(num_labels=10),
+    "letters": dict(id2label={0: "a", 1: "b", 2: "c", 3: "d"}, classifier="linear_cls", prompt_layers="shallow"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("endpoint-tasks")
+    processor = AutoImageProcessor.from_pretrained(shipped_backbone_path())
+    paths = {}
+    for seed, (name, fields) in enumerate(TASKS.items()):
+        torch.manual_seed(seed)
+        model = VPTMForImageClassification.from_backbone(SHIPPED_BACKBONE, **fields)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)  # as if trained: confident, distinct answers
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("endpoint-images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (shape, mode) in enumerate([((28, 28), "L"), ((40, 33, 3), "RGB"), ((28, 28, 4), "RGBA")]):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(paths[-1])
+    return paths
+
+
+def load_handler(model_dir):
+    """As huggingface-inference-toolkit's check_and_register_custom_pipeline_from_directory does it."""
+    spec = importlib.util.spec_from_file_location("handler.EndpointHandler", os.path.join(model_dir, "handler.py"))
+    sys.path.insert(0, str(model_dir))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.EndpointHandler(str(model_dir))
+    finally:
+        sys.path.remove(str(model_dir))
+
+
+def request(content_type: str, body: bytes, query: dict | None = None) -> dict:
+    """The toolkit's deserialisation of a request body (webservice_starlette.predict): an image content type gives
+    `{"inputs": PIL image}` (Imager), JSON its parsed object (Jsoner); query parameters become "parameters", digits
+    turned into ints (convert_params_to_int_or_bool)."""
+    if content_type.startswith("image/"):
+        data = {"inputs": Image.open(io.BytesIO(body)).convert("RGB")}
+    else:
+        data = json.loads(body)
+    if query and "parameters" not in data:
+        data["parameters"] = {k: int(v) if v.isnumeric() else v for k, v in query.items()}
+    return data
+
+
+def assert_same_top(answer: list[dict], expected: list[dict]) -> None:
+    assert [p["label"] for p in answer] == [p["label"] for p in expected]
+    np.testing.assert_allclose([p["score"] for p in answer], [p["score"] for p in expected], atol=1e-6)
+
+
+def predicted(checkpoint: str, files: list[str], top_k: int) -> list[list[dict]]:
+    return [r["predictions"] for r in predict.main([*files, "--model", checkpoint, "--top_k", str(top_k)])]
+
+
+def test_single_task_endpoint_answers_as_predict(checkpoints, images, tmp_path):
+    folder = tmp_path / "repo"
+    config = write_endpoint_repository(str(folder), {"default": checkpoints["fashion"]})
+    assert config == {"backbone": SHIPPED_BACKBONE, "backbone_revision": None, "tasks": {"default": "."}}
+    # the root is the prompt checkpoint itself, so the repository also loads with pipeline
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_vptm.py", "handler.py",
+            "requirements.txt", "endpoint.json"} <= set(os.listdir(folder))  # fmt: skip
+    handler = load_handler(folder)
+    expected = predicted(checkpoints["fashion"], images, 3)
+    for path, reference in zip(images, expected, strict=True):
+        body = open(path, "rb").read()
+        assert_same_top(handler(request("image/png", body, {"top_k": "3"})), reference)
+        as_json = json.dumps({"inputs": base64.b64encode(body).decode(), "parameters": {"top_k": 3}}).encode()
+        assert_same_top(handler(request("application/json", as_json)), reference)
+    # a list of images: one pass, one answer per image; the default top_k is pipeline's 5
+    batch = json.dumps({"inputs": [base64.b64encode(open(p, "rb").read()).decode() for p in images]}).encode()
+    answers = handler(request("application/json", batch))
+    for answer, reference in zip(answers, predicted(checkpoints["fashion"], images, 5), strict=True):
+        assert_same_top(answer, reference)
+
+
+def test_multi_task_endpoint_answers_each_task_as_predict(checkpoints, images, tmp_path):
+    folder = tmp_path / "repo"
+    write_endpoint_repository(str(folder), checkpoints)
+    handler = load_handler(folder)
+    assert handler.tasks == ["fashion", "letters"] and len({id(t) for t in handler.server.tasks.values()}) == 2
+    expected = {name: predicted(path, images, 2) for name, path in checkpoints.items()}
+    batch = [base64.b64encode(open(p, "rb").read()).decode() for p in images]
+    answers = handler(request("application/json", json.dumps({"inputs": batch, "parameters": {"top_k": 2}}).encode()))
+    for i, answer in enumerate(answers):  # every task by default, keyed by task
+        assert sorted(answer) == ["fashion", "letters"]
+        for name in checkpoints:
+            assert_same_top(answer[name], expected[name][i])
+    one = handler(request("image/png", open(images[0], "rb").read(), {"top_k": "2", "tasks": "letters"}))
+    assert_same_top(one, expected["letters"][0])  # one task asked for: pipeline's answer itself
+    assert all(p["label"] in "abcd" for p in one)
+    # more labels asked for than a task has: all of them, as pipeline does
+    assert (
+        len(handler({"inputs": open(images[0], "rb").read(), "parameters": {"top_k": 50, "tasks": ["letters"]}})) == 4
+    )
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inputs": b"not an image"}, r"not an image that can be read \(UnidentifiedImageError"),
+        ({"inputs": "bm90IGFuIGltYWdl"}, r"not an image that can be read"),  # valid base64 of text
+        ({"inputs": "%%% no base64 %%%"}, r"not image bytes or a base64-encoded image"),
+        ({"inputs": "/etc/hostname"}, r"not image bytes or a base64-encoded image: '/etc/hostname'"),  # no paths
+        ({"inputs": 3}, r"an image is bytes, a base64 string or a PIL image, got int"),
+        ({"inputs": "IMAGE", "parameters": {"tasks": ["nope"]}}, r"unknown task\(s\) \['nope'\]; the tasks are"),
+        ({"inputs": "IMAGE", "parameters": {"tasks": []}}, r"tasks must be a non-empty list of task names"),
+        ({"inputs": "IMAGE", "parameters": {"top_k": 0}}, r"top_k must be a whole number >= 1, got 0"),
+        ({"inputs": "IMAGE", "parameters": {"top_k": -2}}, r"top_k must be a whole number >= 1, got -2"),
+        ({"inputs": "IMAGE", "parameters": {"top_k": "3"}}, r"top_k must be a whole number >= 1, got '3'"),
+        ({"inputs": "IMAGE", "parameters": {"top_k": True}}, r"top_k must be a whole number >= 1, got True"),
+        ({"inputs": "IMAGE", "parameters": {"temperature": 2}}, r"unknown parameters \['temperature'\]"),
+        ({"inputs": []}, r"inputs must hold 1 to 64 images, got 0"),
+        ({"image": "IMAGE"}, r'the request body must be \{"inputs": \.\.\., "parameters"'),
+    ],
+)
+def test_bad_input_is_answered_with_an_error_not_an_exception(checkpoints, images, tmp_path_factory, data, message):
+    folder = tmp_path_factory.getbasetemp() / "bad-input-repo"
+    if not folder.exists():
+        write_endpoint_repository(str(folder), checkpoints)
+    handler = load_handler(folder)
+    image = base64.b64encode(open(images[0], "rb").read()).decode()
+    if data.get("inputs") == "IMAGE":  # a good image, so that only the parameters are at fault
+        data = {**data, "inputs": image}
+    answer = handler(data)
+    assert list(answer) == ["error"], answer
+    assert re.search(message, answer["error"]), answer["error"]
+
+
+def test_a_bad_image_in_a_list_costs_the_others_nothing(checkpoints, images, tmp_path):
+    write_endpoint_repository(str(tmp_path / "repo"), {"default": checkpoints["fashion"]})
+    handler = load_handler(tmp_path / "repo")
+    good = [open(p, "rb").read() for p in images[:2]]
+    answers = handler({"inputs": [good[0], b"broken", good[1]], "parameters": {"top_k": 2}})
+    assert answers[1] == {"error": answers[1]["error"]} and answers[1]["error"].startswith("input 1: not an image")
+    expected = predicted(checkpoints["fashion"], images[:2], 2)
+    assert_same_top(answers[0], expected[0])
+    assert_same_top(answers[2], expected[1])
+
+
+def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"is not a VPTM prompt checkpoint: its config has model_type='beit'"):
+        write_endpoint_repository(str(tmp_path / "a"), {"default": backbone_dir})
+    make_backbone(tmp_path / "other-backbone", seed=3, image_size=28)
+    other = VPTMForImageClassification.from_backbone(str(tmp_path / "other-backbone"), num_labels=2)
+    other.save_pretrained(tmp_path / "other-task")
+    AutoImageProcessor.from_pretrained(shipped_backbone_path()).save_pretrained(tmp_path / "other-task")
+    with pytest.raises(
+        ValueError, match=r"task 'other' \(.*\) was made on backbone .*other-backbone.* but this server"
+    ):
+        write_endpoint_repository(str(tmp_path / "b"), {**checkpoints, "other": str(tmp_path / "other-task")})
+    shutil.copytree(checkpoints["letters"], tmp_path / "resized")
+    processor = AutoImageProcessor.from_pretrained(shipped_backbone_path())
+    processor.size = {"height": 56, "width": 56}
+    processor.save_pretrained(tmp_path / "resized")
+    resized = {"fashion": checkpoints["fashion"], "resized": str(tmp_path / "resized")}
+    with pytest.raises(ValueError, match=r"task 'resized' was saved with an image processor that differs .*'size'"):
+        write_endpoint_repository(str(tmp_path / "c"), resized)
+    with pytest.raises(ValueError, match=r"is not empty; an endpoint repository is written into a new or empty"):
+        write_endpoint_repository(str(tmp_path / "b"), checkpoints)
+    with pytest.raises(ValueError, match=r"give one prompt checkpoint with --model, or several tasks with --task"):
+        make_endpoint.main(["--model", checkpoints["fashion"], "--task", f"x={checkpoints['fashion']}",
+                            "--output", str(tmp_path / "d")])  # fmt: skip
+    with pytest.raises(ValueError, match=r"a task is given as NAME=FOLDER_OR_HUB_ID, got 'x'"):
+        make_endpoint.main(["--task", "x", "--output", str(tmp_path / "e")])
+
+
+# ------------------------------------------------------------------------------------------------ the Hub
+TOOLKIT = """
+import importlib.util, json, sys
+model_dir = sys.argv[1]
+# huggingface-inference-toolkit: utils.check_and_register_custom_pipeline_from_directory
+spec = importlib.util.spec_from_file_location("handler.EndpointHandler", model_dir + "/handler.py")
+sys.path.insert(0, model_dir)
+handler = importlib.util.module_from_spec(spec)
+sys.modules["handler.EndpointHandler"] = handler
+spec.loader.exec_module(handler)
+endpoint = handler.EndpointHandler(model_dir)
+import modeling_vptm
+print(json.dumps({"package": modeling_vptm.__file__,
+                  "answers": endpoint({"inputs": [open(p, "rb").read() for p in sys.argv[2:]],
+                                       "parameters": {"top_k": 3}})}))
+"""
+
+
+def test_make_endpoint_pushes_the_whole_repository_in_one_commit(checkpoints, images, monkeypatch, tmp_path):
+    from huggingface_hub import HfApi
+
+    calls, remote = [], tmp_path / "remote"
+
+    def upload_folder(api, repo_id, folder_path, delete_patterns=None, commit_message=None, **kw):
+        calls.append(("upload_folder", repo_id, sorted(delete_patterns)))
+        shutil.copytree(folder_path, remote / repo_id, dirs_exist_ok=True)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    tasks = [f"--task={name}={path}" for name, path in checkpoints.items()]
+    result = make_endpoint.main([*tasks, "--repo_id", "me/vptm-endpoint", "--private"])
+    assert result["url"] == "https://huggingface.co/me/vptm-endpoint"
+    assert calls == [("create_repo", "me/vptm-endpoint", {"private": True, "exist_ok": True}),
+                     ("upload_folder", "me/vptm-endpoint", ["modeling_vptm/**", "tasks/**"])]  # fmt: skip
+    pushed = remote / "me/vptm-endpoint"
+    files = {os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs}
+    assert {
+        "handler.py",
+        "requirements.txt",
+        "endpoint.json",
+        "tasks/fashion/model.safetensors",
+        "tasks/fashion/config.json",
+        "tasks/letters/preprocessor_config.json",
+        "modeling_vptm/endpoint.py",
+        "modeling_vptm/serving.py",
+        "modeling_vptm/shipped/tiny-beit-fashion-mnist/model.safetensors",
+    } <= files
+    assert not any("__pycache__" in f or f.endswith(".pyc") or "fashion-mnist-1k" in f for f in files)
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(line) for line in (pushed / "requirements.txt").read_text().split()]
+    assert {r.name for r in requirements} == {"transformers", "torch", "safetensors", "huggingface_hub", "numpy",
+                                              "Pillow"}  # fmt: skip
+    # the pushed repository served as the toolkit serves it, in a fresh process: the handler imports the package
+    # bundled in the repository, and answers as predict.py
+    result = subprocess.run([sys.executable, "-c", TOOLKIT, str(pushed), *images], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.splitlines()[-1])
+    assert served["package"] == str(pushed / "modeling_vptm" / "__init__.py")
+    for name, path in checkpoints.items():
+        for answer, reference in zip(served["answers"], predicted(path, images, 3), strict=True):
+            assert_same_top(answer[name], reference)
