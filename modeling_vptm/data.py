@@ -112,10 +112,22 @@ def shipped_dataset():
     images (300 per class) drawn with seed 0 from the official test split. Columns ``image`` (PIL) and ``label``
     (``ClassLabel`` with the Fashion-MNIST names). See ``shipped/fashion-mnist-1k/README.md``.
     """
-    from datasets import load_dataset
-
     files = {split: str(SHIPPED_DATA_DIR / f"{split}.parquet") for split in ("train", "test")}
-    return load_dataset("parquet", data_files=files)
+    return load_local_dataset("parquet", data_files=files)
+
+
+def load_local_dataset(builder: str, **kwargs):
+    """`datasets.load_dataset` with one of its packaged builders (parquet, imagefolder, ...) on local files, without
+    the network request `datasets` sends to count the builder's downloads: nothing is downloaded, so a run on local
+    data makes no network call at all (HF_UPDATE_DOWNLOAD_COUNTS=0 does the same for every load)."""
+    import datasets
+
+    counting = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:

@@ -302,7 +302,8 @@ def build_demo(service: DemoService, max_batch_size: int = 16) -> gr.Blocks:
             return [], [], f"**Cannot look inside:** {error}"
         return out["heatmaps"], out["tokens"], "\n\n".join(out["summary"])
 
-    with gr.Blocks(title="VPTM: visual prompts as masked visual token modeling") as demo:
+    # no analytics: the demo sends nothing anywhere but its answers (and runs where no network is)
+    with gr.Blocks(title="VPTM: visual prompts as masked visual token modeling", analytics_enabled=False) as demo:
         gr.Markdown(
             "# VPTM: image classification as masked visual token modeling\n"
             "Prompts and a [MASK] token join a frozen BEiT; the BEiT's own pre-training head predicts a visual token "
