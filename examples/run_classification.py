@@ -840,7 +840,9 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataTrainingArgume
     return model_args, data_args, training_args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Runs the script on `argv` (default: the command line); `callbacks`, extra `TrainerCallback`s of the final
+    training (experiments/benchmark_training.py times its steps with one). Returns the run's results."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     model_args, data_args, training_args = parse_arguments(argv)
@@ -930,7 +932,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("method %s: %s trainable of %s parameters", model_args.method, f"{trainable:,d}", f"{total:,d}")
     # after a search, the final model is built and trained as the trials were (same seed, same random draws)
     trainer = PromptTrainer(model=None if model_init else model, model_init=model_init, args=training_args,
-                            **trainer_inputs)  # fmt: skip
+                            callbacks=callbacks, **trainer_inputs)  # fmt: skip
     train_seconds, train_loss = 0.0, None
     if training_args.do_train:
         start = time.perf_counter()

@@ -355,6 +355,24 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     assert results["plot"] and (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
+def test_benchmark_training_quick_mode_reports_trainer_and_model_rates(tmp_path):
+    import benchmark_training
+
+    report = benchmark_training.main(["--quick", "--methods", "vptm", "full", "--output_dir", str(tmp_path)])
+    assert list(report["methods"]) == ["vptm", "full"] and report["arch"] == "tiny" and report["batch"] == 8
+    for row in report["methods"].values():
+        assert row["trainer_images_per_s"] > 0 and row["model_images_per_s"] > 0
+        assert row["trainer_train_samples_per_second"] > 0 and row["measured_steps"] == report["steps"] == 3
+        assert row["ratio"] == round(row["trainer_images_per_s"] / row["model_images_per_s"], 3)
+        assert row["host_wait_s"] >= 0 and row["host_step_s"] > 0 and 0 <= row["eval_accuracy"] <= 1
+    assert report["methods"]["full"]["trainable"] > 20 * report["methods"]["vptm"]["trainable"]
+    assert json.load(open(tmp_path / "benchmark_training.json")) == report
+    table = (tmp_path / "benchmark_training.md").read_text()
+    assert f"| vptm | {report['methods']['vptm']['trainer_images_per_s']:,} |" in table
+    # the folder of JPEGs and the backbone the real script trained on
+    assert len(os.listdir(tmp_path / "images")) == 10 and (tmp_path / "backbone" / "preprocessor_config.json").exists()
+
+
 def test_benchmark_times_compared_steps_in_interleaved_rounds():
     import time
 
