@@ -1005,8 +1005,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         with open(os.path.join(out, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(
-            f"{model_args.method}: eval accuracy {results['accuracy']:.4f} on {results['eval_images']} {eval_split} "
-            f"images | trainable parameters {trainable:,d} of {total:,d} | checkpoint {results['checkpoint_bytes']:,d}"
+            f"{model_args.method}: {eval_split} accuracy {results['accuracy']:.4f} on {results['eval_images']} images "
+            f"| trainable parameters {trainable:,d} of {total:,d} | checkpoint {results['checkpoint_bytes']:,d}"
             f" bytes | {train_seconds:.1f} s" + (f" (resumed from {os.path.basename(resume)})" if resume else "")
         )
         if push_to_hub:

@@ -87,7 +87,8 @@ def test_prompt_methods_save_only_task_tensors_and_a_card(tmp_path, method, expe
     assert "trust_remote_code=True" in body and "revision=" in body
     assert f"only the task's small tensors ({results['trainable_parameters']:,d} trainable" in body
     printed = capsys.readouterr().out
-    assert f"{method}: eval accuracy {results['accuracy']:.4f}" in printed and "trainable parameters" in printed
+    assert f"{method}: test accuracy {results['accuracy']:.4f} on {results['eval_images']} images |" in printed
+    assert "trainable parameters" in printed
 
 
 def test_vptm_trainable_count_and_class_mean_init(tmp_path):
