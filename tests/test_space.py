@@ -197,6 +197,25 @@ def test_a_task_saved_with_another_image_processor_is_refused(space, tmp_path):
     assert "image processor differs from the backbone's in ['image_mean']" in service.refused["other"]
 
 
+def test_a_mistyped_task_folder_is_refused_at_once_not_tried_on_the_hub(space, tmp_path, monkeypatch):
+    """`--task mine=runs/vtpm` (runs/ exists) is reported as a missing folder without a Hub lookup; offline mode is
+    lifted so that the check, not the mode, is what keeps the Space from retrying the Hub."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path was looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr("transformers.utils.hub.hf_hub_download", no_hub, raising=False)
+    service = app.DemoService(space["backbone"], {"vptm-a": space["tasks"]["vptm-a"], "typo": "runs/vtpm"})
+    assert service.task_names == ["vptm-a"]
+    assert service.refused["typo"].startswith("FileNotFoundError: prompt checkpoint folder 'runs/vtpm' not found")
+
+
 def test_tasks_come_from_flags_or_the_environment():
     assert app.parse_tasks(["a=runs/a", " b = me/b "]) == {"a": "runs/a", "b": "me/b"}
     with pytest.raises(ValueError, match=r"NAME=FOLDER_OR_HUB_ID, got 'runs/a'"):
