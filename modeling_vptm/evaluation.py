@@ -33,8 +33,8 @@ def load_metric(name: str):
     except Exception as error:  # evaluate raises several types (FileNotFoundError, ConnectionError, ...)
         raise ValueError(
             f"Cannot load the metric {name!r}: it is not one that vptm ships ({', '.join(shipped_metrics())}) and "
-            f"`evaluate.load({name!r})` failed ({type(error).__name__}: {error}). Other metrics come from the Hub, "
-            "so they need a network connection the first time."
+            f"`evaluate.load({name!r})` failed ({type(error).__name__}: {str(error).rstrip('.')}). Other metrics come "
+            "from the Hub, so they need a network connection the first time."
         ) from error
 
 
