@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The project's GPU figures in one call (issue 18): the gpu-marked tests (CUDA against CPU, bf16 training, mixed-task
+# serving, torch.compile against eager), experiments/benchmark.py --compile on the BEiT-base layout (batch 128) and on
+# the tiny one, and experiments/benchmark_training.py (run_classification.py's Trainer against the model's own step).
+# Meant to finish in under 8 minutes on one H200; each step has its own time limit, so one slow step cannot take the
+# others' reports with it.
+#
+# The machine needs torch, transformers, huggingface_hub and accelerate. datasets and evaluate (and dill and
+# multiprocess, which they need beyond those) come as wheels from $WHEELS, made once where PyPI is reachable:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d wheels datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
+# (datasets 5.2 needs pyarrow >= 24: add a pyarrow wheel if the machine's is older; the script checks and says.)
+#
+#   WHEELS=wheels OUT=/tmp/gpu-check bash scripts/gpu_check.sh
+#   QUICK=1 OUT=/tmp/gpu-check-quick bash scripts/gpu_check.sh     # small everything: checks the script, on a CPU too
+#
+# Writes to $OUT: summary.md (device, versions, each step's status and time, the test summary, every table),
+# benchmark-base.json, benchmark-tiny.json, benchmark_training.json, gpu_tests.log, and reports.tar.gz with
+# everything the steps wrote (logs, tables, plots).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}; WHEELS=${WHEELS:-wheels}; QUICK=${QUICK:-0}; PY=${PY:-python3}
+WORK=$(mktemp -d /tmp/gpu-check-work.XXXX)
+mkdir -p "$OUT" "$WORK/logs"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HOME=$WORK/hf
+
+# 1. datasets and evaluate, from wheels when the machine lacks them
+if ! $PY -c "import datasets, evaluate" 2>/dev/null; then
+  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "datasets/evaluate missing and no wheels in WHEELS=$WHEELS (see the header)"; exit 2; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl || exit 2
+  export PYTHONPATH=$PYTHONPATH:$WORK/site
+  $PY -c "import datasets, evaluate" 2>"$WORK/logs/import.log" || {
+    cat "$WORK/logs/import.log"; $PY -c "import pyarrow; print('pyarrow', pyarrow.__version__)"
+    echo "datasets or evaluate does not import from the wheels (datasets 5.2 needs pyarrow >= 24: add its wheel)"; exit 2; }
+fi
+{
+  echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"; echo
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /' || echo "GPU: none"
+  $PY -c "import sys, torch, transformers, datasets, accelerate, huggingface_hub as h
+print(f'python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, '
+      f'datasets {datasets.__version__}, accelerate {accelerate.__version__}, huggingface_hub {h.__version__}')"
+  echo; echo "| step | status | seconds |"; echo "|---|---|---|"
+} > "$WORK/summary.md"
+
+step() {  # name, time limit in seconds, command...: runs one step, logs it, records its status and time
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS status
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
+  status=$?
+  [ $status -eq 0 ] && status=ok || { [ $status -eq 124 ] && status="timed out (${limit} s)" || status="failed ($status)"; }
+  echo "| $name | $status | $((SECONDS - start)) |" >> "$WORK/summary.md"
+  echo "$name: $status in $((SECONDS - start)) s"; tail -3 "$WORK/logs/$name.log"
+}
+
+if [ "$QUICK" = 1 ]; then
+  step gpu_tests 300 $PY -m pytest -q -m gpu tests/test_cuda.py -x
+  step benchmark_base 300 $PY experiments/benchmark.py --quick --arch base --output_dir "$WORK/benchmark-base"
+  step benchmark_tiny 300 $PY experiments/benchmark.py --quick --arch tiny --output_dir "$WORK/benchmark-tiny"
+  step benchmark_training 300 $PY experiments/benchmark_training.py --quick --output_dir "$WORK/benchmark_training"
+else
+  # the headline figure first: the training path against the model (issue 18, section 2)
+  step benchmark_training 150 $PY experiments/benchmark_training.py --output_dir "$WORK/benchmark_training"
+  step benchmark_base 120 $PY experiments/benchmark.py --arch base --batch 128 --compile --output_dir "$WORK/benchmark-base"
+  step gpu_tests 150 $PY -m pytest -q -m gpu tests/test_cuda.py
+  step benchmark_tiny 60 $PY experiments/benchmark.py --arch tiny --batch 128 --compile --output_dir "$WORK/benchmark-tiny"
+fi
+
+{
+  echo; echo "## gpu-marked tests"; echo; grep -E "passed|failed|error|skipped" "$WORK/logs/gpu_tests.log" | tail -3
+  for name in benchmark-base benchmark-tiny; do
+    [ -f "$WORK/$name/benchmark.md" ] && { echo; echo "## $name (experiments/benchmark.py)"; echo; cat "$WORK/$name/benchmark.md"; }
+  done
+  [ -f "$WORK/benchmark_training/benchmark_training.md" ] && {
+    echo; echo "## benchmark_training (experiments/benchmark_training.py)"; echo
+    cat "$WORK/benchmark_training/benchmark_training.md"; }
+} >> "$WORK/summary.md"
+cp "$WORK/summary.md" "$OUT/summary.md"
+cp "$WORK/logs/gpu_tests.log" "$OUT/gpu_tests.log" 2>/dev/null
+for name in benchmark-base benchmark-tiny; do cp "$WORK/$name/benchmark.json" "$OUT/$name.json" 2>/dev/null; done
+cp "$WORK/benchmark_training/benchmark_training.json" "$OUT/" 2>/dev/null
+# everything else the steps wrote, without the image folder, caches, backbones and checkpoints they made
+tar -C "$WORK" -czf "$OUT/reports.tar.gz" --exclude=hf --exclude=site --exclude=images --exclude=cache \
+    --exclude=backbone --exclude=runs summary.md logs $(cd "$WORK" && ls -d benchmark* 2>/dev/null)
+cat "$OUT/summary.md"
+rm -rf "$WORK"
