@@ -108,9 +108,16 @@ class EndpointHandler:
         parameters = data.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ValueError(f"parameters must be an object, got {type(parameters).__name__}")
-        unknown = sorted(set(parameters) - {"top_k", "tasks"})
+        unknown = sorted(set(parameters) - {"top_k", "tasks", "function_to_apply"})
         if unknown:
-            raise ValueError(f"unknown parameters {unknown}; the parameters are ['tasks', 'top_k']")
+            raise ValueError(
+                f"unknown parameters {unknown}; the parameters are ['function_to_apply', 'tasks', 'top_k']"
+            )
+        # InferenceClient.image_classification may send pipeline's parameter; the scores are its softmax
+        if parameters.get("function_to_apply", "softmax") != "softmax":
+            raise ValueError(
+                f"function_to_apply must be 'softmax' (single-label tasks), got {parameters['function_to_apply']!r}"
+            )
         top_k = check_top_k(parameters.get("top_k", DEFAULT_TOP_K))
         tasks = self.check_tasks(parameters.get("tasks"))
         inputs = data["inputs"]

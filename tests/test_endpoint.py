@@ -4,7 +4,9 @@ and its handler imports the package bundled in it."""
 
 from __future__ import annotations
 
+import ast
 import base64
+import functools
 import importlib.util
 import io
 import json
@@ -19,7 +21,7 @@ import numpy as np
 import predict
 import pytest
 import torch
-from conftest import make_backbone
+from conftest import REPO_ROOT, make_backbone
 from PIL import Image
 from transformers import AutoImageProcessor
 
@@ -49,6 +51,13 @@ def checkpoints(tmp_path_factory):
         processor.save_pretrained(root / name)
         paths[name] = str(root / name)
     return paths
+
+
+@pytest.fixture(scope="module")
+def multi_task_handler(checkpoints, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multi-task-repo")
+    write_endpoint_repository(str(folder), checkpoints)
+    return load_handler(folder)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +102,11 @@ def assert_same_top(answer: list[dict], expected: list[dict]) -> None:
 
 
 def predicted(checkpoint: str, files: list[str], top_k: int) -> list[list[dict]]:
+    return predicted_once(checkpoint, tuple(files), top_k)
+
+
+@functools.cache  # the checkpoints and images are module fixtures: predict.py runs once per question
+def predicted_once(checkpoint: str, files: tuple[str, ...], top_k: int) -> list[list[dict]]:
     return [r["predictions"] for r in predict.main([*files, "--model", checkpoint, "--top_k", str(top_k)])]
 
 
@@ -110,6 +124,9 @@ def test_single_task_endpoint_answers_as_predict(checkpoints, images, tmp_path):
         assert_same_top(handler(request("image/png", body, {"top_k": "3"})), reference)
         as_json = json.dumps({"inputs": base64.b64encode(body).decode(), "parameters": {"top_k": 3}}).encode()
         assert_same_top(handler(request("application/json", as_json)), reference)
+        # what InferenceClient.image_classification sends when given top_k: base64 JSON, pipeline's parameter names
+        sent = {"inputs": base64.b64encode(body).decode(), "parameters": {"top_k": 3, "function_to_apply": "softmax"}}
+        assert_same_top(handler(sent), reference)
     # a list of images: one pass, one answer per image; the default top_k is pipeline's 5
     batch = json.dumps({"inputs": [base64.b64encode(open(p, "rb").read()).decode() for p in images]}).encode()
     answers = handler(request("application/json", batch))
@@ -117,10 +134,8 @@ def test_single_task_endpoint_answers_as_predict(checkpoints, images, tmp_path):
         assert_same_top(answer, reference)
 
 
-def test_multi_task_endpoint_answers_each_task_as_predict(checkpoints, images, tmp_path):
-    folder = tmp_path / "repo"
-    write_endpoint_repository(str(folder), checkpoints)
-    handler = load_handler(folder)
+def test_multi_task_endpoint_answers_each_task_as_predict(checkpoints, images, multi_task_handler):
+    handler = multi_task_handler
     assert handler.tasks == ["fashion", "letters"] and len({id(t) for t in handler.server.tasks.values()}) == 2
     expected = {name: predicted(path, images, 2) for name, path in checkpoints.items()}
     batch = [base64.b64encode(open(p, "rb").read()).decode() for p in images]
@@ -153,15 +168,13 @@ def test_multi_task_endpoint_answers_each_task_as_predict(checkpoints, images, t
         ({"inputs": "IMAGE", "parameters": {"top_k": "3"}}, r"top_k must be a whole number >= 1, got '3'"),
         ({"inputs": "IMAGE", "parameters": {"top_k": True}}, r"top_k must be a whole number >= 1, got True"),
         ({"inputs": "IMAGE", "parameters": {"temperature": 2}}, r"unknown parameters \['temperature'\]"),
+        ({"inputs": "IMAGE", "parameters": {"function_to_apply": "sigmoid"}}, r"must be 'softmax' .* got 'sigmoid'"),
         ({"inputs": []}, r"inputs must hold 1 to 64 images, got 0"),
         ({"image": "IMAGE"}, r'the request body must be \{"inputs": \.\.\., "parameters"'),
     ],
 )
-def test_bad_input_is_answered_with_an_error_not_an_exception(checkpoints, images, tmp_path_factory, data, message):
-    folder = tmp_path_factory.getbasetemp() / "bad-input-repo"
-    if not folder.exists():
-        write_endpoint_repository(str(folder), checkpoints)
-    handler = load_handler(folder)
+def test_bad_input_is_answered_with_an_error_not_an_exception(multi_task_handler, images, data, message):
+    handler = multi_task_handler
     image = base64.b64encode(open(images[0], "rb").read()).decode()
     if data.get("inputs") == "IMAGE":  # a good image, so that only the parameters are at fault
         data = {**data, "inputs": image}
@@ -206,6 +219,23 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
                             "--output", str(tmp_path / "d")])  # fmt: skip
     with pytest.raises(ValueError, match=r"a task is given as NAME=FOLDER_OR_HUB_ID, got 'x'"):
         make_endpoint.main(["--task", "x", "--output", str(tmp_path / "e")])
+
+
+def test_readme_handler_block_answers_as_predict(checkpoints, images, tmp_path, monkeypatch, capsys):
+    """The README's local handler call, as written, on the repository its make_endpoint command writes."""
+    from test_readme import python_blocks
+
+    monkeypatch.chdir(tmp_path)
+    tasks = {"fashion": checkpoints["fashion"], "fashion-vpt": checkpoints["letters"]}
+    make_endpoint.main([*(f"--task={name}={path}" for name, path in tasks.items()), "--output", "endpoint-multi"])
+    shutil.copytree(os.path.join(REPO_ROOT, "space", "examples"), "space/examples")
+    capsys.readouterr()
+    block = python_blocks("Deploy: ONNX Runtime and Inference Endpoints")[1]
+    exec(compile(block, "README.md endpoint", "exec"), {"__name__": "__readme__"})
+    answer = ast.literal_eval(capsys.readouterr().out.splitlines()[-1])
+    assert sorted(answer) == ["fashion", "fashion-vpt"]
+    for task, checkpoint in tasks.items():
+        assert_same_top(answer[task], predicted(checkpoint, [str(tmp_path / "space/examples/bag.png")], 3)[0])
 
 
 # ------------------------------------------------------------------------------------------------ the Hub

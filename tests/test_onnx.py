@@ -4,8 +4,10 @@ gets errors that name what was expected."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ import numpy as np
 import predict
 import pytest
 import torch
-from conftest import make_backbone
+from conftest import REPO_ROOT, make_backbone
 from PIL import Image
 from transformers import AutoImageProcessor, BeitImageProcessor
 
@@ -166,11 +168,14 @@ NO_TORCH = (
 )
 
 
-def run_without_torch(script: str, *args: str) -> list[dict]:
+def run_without_torch(script: str, *args: str, cwd=None) -> list:
+    """Runs `script` in a fresh process where `import torch` fails; returns its printed lines, parsed."""
     result = subprocess.run([sys.executable, "-c", NO_TORCH, script, *args], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+                            timeout=120, cwd=cwd)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return [
+        ast.literal_eval(line) if line.startswith("[") else json.loads(line) for line in result.stdout.splitlines()
+    ]
 
 
 def test_files_are_classified_without_torch_as_predict_does(checkpoints, task_exports, backbone_exports, tmp_path):
@@ -188,6 +193,32 @@ def test_files_are_classified_without_torch_as_predict_does(checkpoints, task_ex
                                 *files, "--top_k", "2")  # fmt: skip
     assert [a["task"] for a in answers] == ["ensemble"] * len(files)
     assert_same_predictions(answers, expected)
+
+
+def test_readme_onnx_block_runs_without_torch(checkpoints, task_exports, backbone_exports, tmp_path):
+    """The README's ONNX Runtime block, as written, in a process where torch cannot be imported: onnx/vptm is a task
+    graph, onnx/shared a backbone graph with tasks fashion and fashion-ensemble, the images the Space's examples."""
+    from test_readme import python_blocks
+
+    folders, _ = task_exports
+    shutil.copytree(folders["vptm-hidden"], tmp_path / "onnx" / "vptm")
+    shutil.copytree(backbone_exports["deep-append"], tmp_path / "onnx" / "shared")
+    tasks = tmp_path / "onnx" / "shared" / "tasks"
+    renamed = {"hidden": "fashion", "ensemble": "fashion-ensemble"}
+    for name in os.listdir(tasks):
+        if name in renamed:
+            os.rename(tasks / name, tasks / renamed[name])
+        else:
+            shutil.rmtree(tasks / name)
+    shutil.copytree(os.path.join(REPO_ROOT, "space", "examples"), tmp_path / "space" / "examples")
+    (tmp_path / "block.py").write_text(python_blocks("Deploy: ONNX Runtime and Inference Endpoints")[0])
+    single, shared = run_without_torch("block.py", cwd=tmp_path)
+    bag, trouser = (str(tmp_path / "space" / "examples" / f"{n}.png") for n in ("bag", "trouser"))
+    expected = predict.main([bag, "--model", checkpoints["vptm-hidden"], "--top_k", "3"])
+    assert_same_predictions([{"file": bag, "predictions": single[0]}], expected)
+    for answer, image, task in zip(shared, [bag, trouser], ["hidden", "ensemble"], strict=True):
+        expected = predict.main([image, "--model", checkpoints[task], "--top_k", "1"])
+        assert_same_predictions([{"file": image, "predictions": answer}], expected)
 
 
 def assert_same_predictions(answers: list[dict], expected: list[dict]) -> None:
