@@ -1,14 +1,19 @@
 """Writes (and optionally pushes) a Hugging Face Inference Endpoints repository serving prompt checkpoints.
 
-    # one task: the checkpoint at the root, plus handler.py, requirements.txt, endpoint.json and the vptm package
+    # one task: the checkpoint at the root, plus handler.py, requirements.txt, endpoint.json and the exported graph
     python examples/make_endpoint.py --model runs/vptm --output endpoint-vptm
-    # several tasks on one backbone, one MultiTaskVPTM: tasks/<name>/ per checkpoint
+    # several tasks on one backbone: tasks/<name>/ per checkpoint, one backbone graph per sequence layout
     python examples/make_endpoint.py --task fashion=runs/vptm --task fashion-vpt=runs/vpt --output endpoint-multi
+    # served by MultiTaskVPTM in PyTorch instead (needs a container with transformers >= 5.17: a custom image)
+    python examples/make_endpoint.py --task fashion=runs/vptm --backend pytorch --output endpoint-pytorch
     # straight to the Hub (one commit), then create the endpoint from that repository
     python examples/make_endpoint.py --task fashion=runs/vptm --task fashion-vpt=runs/vpt --repo_id me/vptm-endpoint
 
-The repository is loaded with its own handler before it is written out or pushed, so one that would not serve
-(checkpoints of different backbones, different image processors, not VPTM) is refused here, not on the endpoint.
+The default backend, `onnx`, runs on the stock Inference Endpoints container: its handler needs numpy, Pillow and
+onnxruntime only, while the container's toolkit pins transformers 4.51 and does not start under transformers 5 (see
+modeling_vptm/endpoint_requests.py). The repository is loaded with its own handler before it is written out or
+pushed, so one that would not serve (checkpoints of different backbones, different image processors, not VPTM) is
+refused here, not on the endpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repo_id", default=None, help="Push the repository to this Hub model repository.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repository private.")
     parser.add_argument("--revision", default=None, help="Revision of Hub checkpoints.")
+    parser.add_argument("--backend", default="onnx", choices=["onnx", "pytorch"],
+                        help="onnx: exported graphs in ONNX Runtime (runs on the stock container); pytorch: "
+                        "MultiTaskVPTM (needs transformers >= 5.17 in the container).")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -53,11 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     multi_task = bool(args.task)
     result = {}
     if args.output:
-        result["config"] = write_endpoint_repository(args.output, tasks, multi_task, revision=args.revision)
+        result["config"] = write_endpoint_repository(args.output, tasks, multi_task, args.revision, args.backend)
         result["folder"] = args.output
     if args.repo_id:
         result["url"] = push_endpoint_repository(args.repo_id, tasks, multi_task, private=args.private,
-                                                 revision=args.revision)  # fmt: skip
+                                                 revision=args.revision, backend=args.backend)  # fmt: skip
     print(json.dumps(result, indent=2))
     return result
 

@@ -19,9 +19,14 @@ Two repository shapes, both written by `write_endpoint_repository` (and `example
   `handler.py`, `requirements.txt`, `endpoint.json` and the `modeling_vptm/` package;
 * several tasks: `tasks/<name>/` prompt checkpoints made on one backbone, plus the same files.
 
-The package is not on PyPI, so the repository carries it: `modeling_vptm/` beside `handler.py` (the toolkit has
-put that folder on `sys.path` before the import), the shipped backbones inside it, and `requirements.txt` lists the
-package's own serving dependencies with the installed package's version bounds.
+Two backends. `onnx` (the default) exports one backbone graph per sequence layout into `onnx/<layout>/` and serves
+them with `endpoint_requests.OnnxEndpointHandler`, which needs only numpy, Pillow and onnxruntime: it runs on the
+stock container, whose toolkit pins transformers 4.51 and does not start under the transformers 5 this package
+needs (see `endpoint_requests`). `pytorch` serves the checkpoints with `MultiTaskVPTM`; it needs a container with
+transformers >= 5.17, so a custom image. The package is not on PyPI, so the repository carries what its handler
+imports: `endpoint_requests.py` and `onnx_runtime.py` at the root (onnx), or the `modeling_vptm/` package with the
+shipped backbones (pytorch), beside `handler.py` (the toolkit puts that folder on `sys.path` before the import);
+`requirements.txt` lists the backend's dependencies with the installed package's version bounds.
 """
 
 from __future__ import annotations
@@ -29,30 +34,32 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 
 import torch
 
+from .endpoint_requests import ENDPOINT_CONFIG, OnnxEndpointHandler, RequestHandler, read_endpoint_config
 from .images import top_predictions
-from .onnx_runtime import read_image
 from .serving import MultiTaskVPTM
 
 
-ENDPOINT_CONFIG = "endpoint.json"
-DEFAULT_TOP_K = 5  # pipeline("image-classification")'s default
-MAX_IMAGES = 64  # per request: a longer list would hold the single worker for every other caller
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ("onnx", "pytorch")
 # the handler needs the code and the shipped backbones, not the shipped training data or bytecode
 PACKAGE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "fashion-mnist-1k")
-# what `import modeling_vptm` and serving import (not the training, data or evaluation dependencies)
-SERVING_REQUIREMENTS = ("transformers", "torch", "safetensors", "huggingface_hub", "huggingface-hub", "numpy",
-                        "pillow")  # fmt: skip
+# what each backend's handler imports (not the training, data or evaluation dependencies)
+SERVING_REQUIREMENTS = {
+    "pytorch": ("transformers", "torch", "safetensors", "huggingface_hub", "huggingface-hub", "numpy", "pillow"),
+    "onnx": ("onnxruntime", "numpy", "pillow"),
+}
 PROCESSOR_NAME_KEYS = {"processor_class", "image_processor_type", "_processor_class"}
 
-HANDLER_SOURCE = '''"""Inference Endpoints handler for VPTM prompt checkpoints (written by examples/make_endpoint.py).
+HANDLER_SOURCE = {
+    "pytorch": '''"""Inference Endpoints handler for VPTM prompt checkpoints (written by examples/make_endpoint.py).
 
-The logic is `modeling_vptm.endpoint.EndpointHandler`; the package is bundled beside this file.
+The logic is `modeling_vptm.endpoint.EndpointHandler` (PyTorch); the package is bundled beside this file.
 """
 
 import os
@@ -65,11 +72,28 @@ from modeling_vptm.endpoint import EndpointHandler  # noqa: E402
 
 
 __all__ = ["EndpointHandler"]
-'''
+''',
+    "onnx": '''"""Inference Endpoints handler for VPTM prompt checkpoints (written by examples/make_endpoint.py).
+
+The logic is `endpoint_requests.OnnxEndpointHandler` (ONNX Runtime, no torch or transformers), beside this file.
+"""
+
+import os
+import sys
 
 
-class EndpointHandler:
-    """The custom handler: every task of the repository at `path` on one `MultiTaskVPTM`."""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # endpoint_requests.py and onnx_runtime.py
+
+from endpoint_requests import OnnxEndpointHandler as EndpointHandler  # noqa: E402
+
+
+__all__ = ["EndpointHandler"]
+''',
+}
+
+
+class EndpointHandler(RequestHandler):
+    """The PyTorch handler: every task of the repository at `path` on one `MultiTaskVPTM`."""
 
     def __init__(self, path: str = "", device: str | None = None) -> None:
         path = path or "."
@@ -89,93 +113,21 @@ class EndpointHandler:
             self.server.add_task(name, folder)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.server.to(self.device)
+        self.tasks = list(self.server.tasks)
 
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.server.tasks)
-
-    def __call__(self, data: dict) -> list | dict:
-        """The answer to one request (see the module docstring), or `{"error": message}`."""
-        try:
-            return self.answer(data)
-        except (ValueError, KeyError, TypeError) as error:
-            # a KeyError's str() is its message in quotes
-            return {"error": str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)}
-
-    def answer(self, data: dict) -> list | dict:
-        if not isinstance(data, dict) or "inputs" not in data:
-            raise ValueError(f'the request body must be {{"inputs": ..., "parameters": {{...}}}}, got {data!r:.80}')
-        parameters = data.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise ValueError(f"parameters must be an object, got {type(parameters).__name__}")
-        unknown = sorted(set(parameters) - {"top_k", "tasks", "function_to_apply"})
-        if unknown:
-            raise ValueError(
-                f"unknown parameters {unknown}; the parameters are ['function_to_apply', 'tasks', 'top_k']"
-            )
-        # InferenceClient.image_classification may send pipeline's parameter; the scores are its softmax
-        if parameters.get("function_to_apply", "softmax") != "softmax":
-            raise ValueError(
-                f"function_to_apply must be 'softmax' (single-label tasks), got {parameters['function_to_apply']!r}"
-            )
-        top_k = check_top_k(parameters.get("top_k", DEFAULT_TOP_K))
-        tasks = self.check_tasks(parameters.get("tasks"))
-        inputs = data["inputs"]
-        single = not isinstance(inputs, list)
-        inputs = [inputs] if single else inputs
-        if not 1 <= len(inputs) <= MAX_IMAGES:
-            raise ValueError(f"inputs must hold 1 to {MAX_IMAGES} images, got {len(inputs)}")
-        answers: list = [None] * len(inputs)
-        images, rows = [], []  # one row per (image, task) pair: all in one pass over the backbone
-        for index, item in enumerate(inputs):
-            try:
-                images.append(read_image(item, allow_paths=False))
-            except ValueError as error:
-                answers[index] = {"error": f"input {index}: {error}" if not single else str(error)}
-                continue
-            rows += [(index, len(images) - 1, task) for task in tasks]
-        if rows:
-            pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(self.device)
-            batch = pixel_values[torch.tensor([image for _, image, _ in rows], device=self.device)]
-            predictions = self.server.predict(batch, [task for _, _, task in rows])
-            for (index, _, task), prediction in zip(rows, predictions, strict=True):
-                id2label = self.server.tasks[task].config.id2label
-                top = top_predictions(prediction.logits[None], id2label, top_k)[0]
-                if len(tasks) == 1:
-                    answers[index] = top
-                else:
-                    answers[index] = {**(answers[index] or {}), task: top}
-        return answers[0] if single else answers
-
-    def check_tasks(self, tasks) -> list[str]:
-        """The tasks asked for (a list, or a comma-separated string as query parameters give it); all by default."""
-        if tasks is None:
-            return self.tasks
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            raise ValueError(
-                f"tasks must be a non-empty list of task names, got {tasks!r}; the tasks are {self.tasks}"
-            )
-        unknown = [t for t in tasks if t not in self.server.tasks]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the tasks are {self.tasks}")
-        return list(dict.fromkeys(tasks))
+    def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
+        pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+        predictions = self.server.predict(pixel_values, tasks)  # one pass per layout, each image its task's tokens
+        return [
+            top_predictions(p.logits[None], self.server.tasks[task].config.id2label, top_k)[0]
+            for p, task in zip(predictions, tasks, strict=True)
+        ]
 
 
-def check_top_k(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"top_k must be a whole number >= 1, got {value!r}")
-    return value  # above the number of labels, every label is returned (as pipeline does)
-
-
-def read_endpoint_config(path: str) -> dict:
-    """`endpoint.json`, or for a bare prompt checkpoint with the handler copied in, one task at the root."""
-    config_path = os.path.join(path, ENDPOINT_CONFIG)
-    if not os.path.isfile(config_path):
-        return {"tasks": {"default": "."}}
-    with open(config_path) as f:
-        return json.load(f)
+def load_endpoint(path: str) -> RequestHandler:
+    """The handler an endpoint repository's `handler.py` builds, whichever its backend."""
+    backend = read_endpoint_config(path).get("backend", "pytorch")
+    return OnnxEndpointHandler(path) if backend == "onnx" else EndpointHandler(path)
 
 
 def same_image_processor(folders: dict[str, str]):
@@ -198,21 +150,22 @@ def same_image_processor(folders: dict[str, str]):
 
 
 # ------------------------------------------------------------------------------------------- the repository
-def serving_requirements() -> list[str]:
-    """The installed vptm package's serving dependencies, with its version bounds (read from its metadata, so they
-    follow pyproject.toml)."""
+def serving_requirements(backend: str) -> list[str]:
+    """The dependencies a backend's handler imports, with the installed vptm package's version bounds (read from its
+    metadata, so they follow pyproject.toml; onnxruntime's from the `onnx` extra)."""
     try:
         requires = importlib.metadata.requires("vptm") or []
     except importlib.metadata.PackageNotFoundError as error:
         raise OSError("the vptm package is not installed (pip install -e . in its repository)") from error
-    kept = []
+    kept = {}
     for requirement in requires:
-        if ";" in requirement:  # an extra's requirement
+        requirement, _, marker = (part.strip() for part in requirement.partition(";"))
+        if marker and marker.replace('"', "'") != "extra == 'onnx'":  # another extra's requirement
             continue
-        name = requirement.split("<")[0].split(">")[0].split("=")[0].split("!")[0].split("~")[0].strip()
-        if name.lower() in SERVING_REQUIREMENTS:
-            kept.append(requirement)
-    return kept
+        name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0]
+        if name.lower() in SERVING_REQUIREMENTS[backend]:
+            kept.setdefault(name.lower(), requirement)
+    return list(kept.values())
 
 
 def copy_checkpoint(source: str, target: str, revision: str | None = None) -> None:
@@ -232,11 +185,18 @@ def copy_checkpoint(source: str, target: str, revision: str | None = None) -> No
 
 
 def write_endpoint_repository(
-    folder: str, tasks: dict[str, str], multi_task: bool | None = None, revision: str | None = None
+    folder: str,
+    tasks: dict[str, str],
+    multi_task: bool | None = None,
+    revision: str | None = None,
+    backend: str = "onnx",
 ) -> dict:
     """Lays out an endpoint repository in `folder` for `tasks` (`{name: prompt checkpoint folder or Hub id}`): one
-    task at the root, or several (or `multi_task=True`) in `tasks/<name>/`; then loads it with the handler, so that
-    a repository that would not serve is refused here. Returns the written `endpoint.json`."""
+    task at the root, or several (or `multi_task=True`) in `tasks/<name>/`, served by `backend` ("onnx": one
+    exported backbone graph per sequence layout; "pytorch": `MultiTaskVPTM`); then loads it with its handler, so
+    that a repository that would not serve is refused here. Returns the written `endpoint.json`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not tasks:
         raise ValueError("an endpoint needs at least one prompt checkpoint")
     multi_task = len(tasks) > 1 if multi_task is None else multi_task
@@ -249,20 +209,62 @@ def write_endpoint_repository(
     for name, source in tasks.items():
         layout[name] = f"tasks/{name}" if multi_task else "."
         copy_checkpoint(source, os.path.join(folder, layout[name]), revision)
-    from .configuration_vptm import VPTMConfig
-
-    first = VPTMConfig.from_pretrained(os.path.join(folder, next(iter(layout.values()))))
-    config = {"backbone": first.backbone_name_or_path, "backbone_revision": first.backbone_revision, "tasks": layout}
+    folders = {name: os.path.join(folder, path) for name, path in layout.items()}
+    configs = check_one_backbone(folders, tasks)
+    same_image_processor(folders)
+    first = next(iter(configs.values()))
+    config = {"backend": backend, "backbone": first.backbone_name_or_path, "backbone_revision":
+              first.backbone_revision, "tasks": layout}  # fmt: skip
+    if backend == "onnx":
+        config.update(export_graphs(folder, folders, configs))
+        for module in ("endpoint_requests.py", "onnx_runtime.py"):  # what handler.py imports, as top-level modules
+            shutil.copy(os.path.join(PACKAGE, module), os.path.join(folder, module))
+    else:
+        shutil.copytree(PACKAGE, os.path.join(folder, "modeling_vptm"), ignore=PACKAGE_IGNORE)
     with open(os.path.join(folder, ENDPOINT_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(folder, "handler.py"), "w") as f:
-        f.write(HANDLER_SOURCE)
+        f.write(HANDLER_SOURCE[backend])
     with open(os.path.join(folder, "requirements.txt"), "w") as f:
-        f.write("\n".join(serving_requirements()) + "\n")
-    shutil.rmtree(os.path.join(folder, "modeling_vptm"), ignore_errors=True)
-    shutil.copytree(PACKAGE, os.path.join(folder, "modeling_vptm"), ignore=PACKAGE_IGNORE)
-    EndpointHandler(folder, device="cpu")  # refuses tasks of another backbone, processors that differ, ...
+        f.write("\n".join(serving_requirements(backend)) + "\n")
+    if backend == "onnx":
+        OnnxEndpointHandler(folder)
+    else:
+        EndpointHandler(folder, device="cpu")
     return config
+
+
+def check_one_backbone(folders: dict[str, str], sources: dict[str, str]) -> dict:
+    """The tasks' configs, refusing tasks made on another backbone (name, revision or weights) than the first."""
+    from .configuration_vptm import VPTMConfig
+
+    configs = {name: VPTMConfig.from_pretrained(path) for name, path in folders.items()}
+    first_name, first = next(iter(configs.items()))
+    key = (first.backbone_name_or_path, first.backbone_revision, first.backbone_fingerprint)
+    for name, config in configs.items():
+        if (config.backbone_name_or_path, config.backbone_revision, config.backbone_fingerprint) != key:
+            raise ValueError(
+                f"task {name!r} ({sources[name]}) was made on backbone {config.backbone_name_or_path!r} (revision "
+                f"{config.backbone_revision}), but this endpoint serves {first_name!r}'s, {key[0]!r} (revision "
+                f"{key[1]}): one endpoint, one backbone"
+            )
+    return configs
+
+
+def export_graphs(folder: str, folders: dict[str, str], configs: dict) -> dict:
+    """One backbone graph per sequence layout of the tasks, in `onnx/layout-<i>/`; the endpoint.json entries."""
+    from .onnx_export import export_backbone_graph
+    from .prompted_backbone import SequenceLayout
+
+    groups: dict[SequenceLayout, list[str]] = {}
+    for name, config in configs.items():
+        groups.setdefault(SequenceLayout.from_config(config), []).append(name)
+    graphs, onnx_tasks = {}, {}
+    for i, names in enumerate(groups.values()):
+        graphs[f"layout-{i}"] = f"onnx/layout-{i}"
+        export_backbone_graph({name: folders[name] for name in names}, os.path.join(folder, "onnx", f"layout-{i}"))
+        onnx_tasks.update(dict.fromkeys(names, f"layout-{i}"))
+    return {"graphs": graphs, "onnx_tasks": {name: onnx_tasks[name] for name in configs}}
 
 
 def push_endpoint_repository(
@@ -276,9 +278,13 @@ def push_endpoint_repository(
         write_endpoint_repository(folder, tasks, multi_task, **kwargs)
         api.create_repo(repo_id, private=private, exist_ok=True)
         # files of an earlier push that this one does not bring are removed, so no stale task or code is served
-        api.upload_folder(repo_id=repo_id, folder_path=folder, delete_patterns=["tasks/**", "modeling_vptm/**"],
-                          commit_message="VPTM Inference Endpoint: handler, tasks and the vptm package")  # fmt: skip
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            delete_patterns=["tasks/**", "onnx/**", "modeling_vptm/**"],
+            commit_message="VPTM Inference Endpoint: handler, tasks and what the handler imports",
+        )
     return f"https://huggingface.co/{repo_id}"
 
 
-__all__ = ["EndpointHandler", "push_endpoint_repository", "write_endpoint_repository"]
+__all__ = ["EndpointHandler", "load_endpoint", "push_endpoint_repository", "write_endpoint_repository"]

@@ -1,6 +1,7 @@
 """Inference Endpoints: the handler called as the serving toolkit calls it answers as examples/predict.py does, in
-both repository shapes; bad input is answered with an error message; the repository is written and pushed whole,
-and its handler imports the package bundled in it."""
+both repository shapes and both backends (ONNX Runtime, PyTorch); bad input is answered with an error message; the
+repository is written and pushed whole, and the ONNX repository serves in a process without torch or transformers
+(the stock container's transformers cannot be the 5.x this package needs)."""
 
 from __future__ import annotations
 
@@ -22,27 +23,30 @@ import predict
 import pytest
 import torch
 from conftest import REPO_ROOT, make_backbone
+from packaging.requirements import Requirement
 from PIL import Image
-from transformers import AutoImageProcessor
+from transformers import BeitImageProcessor
 
-from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path
+from modeling_vptm import VPTMForImageClassification
 from modeling_vptm.endpoint import write_endpoint_repository
 
 
-TASKS = {
-    "fashion": dict(num_labels=10),
-    "letters": dict(id2label={0: "a", 1: "b", 2: "c", 3: "d"}, classifier="linear_cls", prompt_layers="shallow"),
+TASKS = {  # on the tiny test backbone (20 x 20 pixels): fashion and fashion-ensemble share a sequence layout
+    "fashion": dict(num_labels=10, prompt_length=3),
+    "fashion-ensemble": dict(num_labels=10, prompt_length=3, head_input="ensemble"),
+    "fashion-vpt": dict(id2label={0: "a", 1: "b", 2: "c", 3: "d"}, classifier="linear_cls", prompt_layers="shallow"),
 }
+PROCESSOR = dict(size={"height": 20, "width": 20}, image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3])
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(backbone_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("endpoint-tasks")
-    processor = AutoImageProcessor.from_pretrained(shipped_backbone_path())
+    processor = BeitImageProcessor(**PROCESSOR)
     paths = {}
     for seed, (name, fields) in enumerate(TASKS.items()):
         torch.manual_seed(seed)
-        model = VPTMForImageClassification.from_backbone(SHIPPED_BACKBONE, **fields)
+        model = VPTMForImageClassification.from_backbone(backbone_dir, **fields)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
@@ -54,10 +58,18 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def multi_task_handler(checkpoints, tmp_path_factory):
+def multi_task_repository(checkpoints, tmp_path_factory):
+    """The default (ONNX) multi-task repository of fashion and fashion-vpt (the README's tasks): two sequence
+    layouts, two backbone graphs."""
     folder = tmp_path_factory.mktemp("multi-task-repo")
-    write_endpoint_repository(str(folder), checkpoints)
-    return load_handler(folder)
+    config = write_endpoint_repository(str(folder), {n: checkpoints[n] for n in ("fashion", "fashion-vpt")})
+    assert config["backend"] == "onnx" and config["onnx_tasks"] == {"fashion": "layout-0", "fashion-vpt": "layout-1"}
+    return folder
+
+
+@pytest.fixture(scope="module")
+def multi_task_handler(multi_task_repository):
+    return load_handler(multi_task_repository)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +110,7 @@ def request(content_type: str, body: bytes, query: dict | None = None) -> dict:
 
 def assert_same_top(answer: list[dict], expected: list[dict]) -> None:
     assert [p["label"] for p in answer] == [p["label"] for p in expected]
-    np.testing.assert_allclose([p["score"] for p in answer], [p["score"] for p in expected], atol=1e-6)
+    np.testing.assert_allclose([p["score"] for p in answer], [p["score"] for p in expected], atol=1e-5)
 
 
 def predicted(checkpoint: str, files: list[str], top_k: int) -> list[list[dict]]:
@@ -110,14 +122,20 @@ def predicted_once(checkpoint: str, files: tuple[str, ...], top_k: int) -> list[
     return [r["predictions"] for r in predict.main([*files, "--model", checkpoint, "--top_k", str(top_k)])]
 
 
-def test_single_task_endpoint_answers_as_predict(checkpoints, images, tmp_path):
+def test_single_task_pytorch_endpoint_answers_as_predict(checkpoints, backbone_dir, images, tmp_path):
     folder = tmp_path / "repo"
-    config = write_endpoint_repository(str(folder), {"default": checkpoints["fashion"]})
-    assert config == {"backbone": SHIPPED_BACKBONE, "backbone_revision": None, "tasks": {"default": "."}}
-    # the root is the prompt checkpoint itself, so the repository also loads with pipeline
+    config = write_endpoint_repository(str(folder), {"default": checkpoints["fashion"]}, backend="pytorch")
+    assert config == {"backend": "pytorch", "backbone": backbone_dir, "backbone_revision": None,
+                      "tasks": {"default": "."}}  # fmt: skip
+    # the root is the prompt checkpoint itself, so the repository also loads with pipeline; the package is bundled
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_vptm.py", "handler.py",
             "requirements.txt", "endpoint.json"} <= set(os.listdir(folder))  # fmt: skip
+    assert os.path.isfile(folder / "modeling_vptm" / "serving.py") and not os.path.exists(folder / "onnx")
+    assert "from modeling_vptm.endpoint import EndpointHandler" in (folder / "handler.py").read_text()
+    requirements = {Requirement(line).name for line in (folder / "requirements.txt").read_text().split()}
+    assert requirements == {"transformers", "torch", "safetensors", "huggingface_hub", "numpy", "Pillow"}
     handler = load_handler(folder)
+    assert type(handler).__module__ == "modeling_vptm.endpoint"
     expected = predicted(checkpoints["fashion"], images, 3)
     for path, reference in zip(images, expected, strict=True):
         body = open(path, "rb").read()
@@ -136,20 +154,21 @@ def test_single_task_endpoint_answers_as_predict(checkpoints, images, tmp_path):
 
 def test_multi_task_endpoint_answers_each_task_as_predict(checkpoints, images, multi_task_handler):
     handler = multi_task_handler
-    assert handler.tasks == ["fashion", "letters"] and len({id(t) for t in handler.server.tasks.values()}) == 2
-    expected = {name: predicted(path, images, 2) for name, path in checkpoints.items()}
+    assert handler.tasks == ["fashion", "fashion-vpt"] and sorted(handler.graphs) == ["layout-0", "layout-1"]
+    expected = {name: predicted(checkpoints[name], images, 2) for name in ("fashion", "fashion-vpt")}
     batch = [base64.b64encode(open(p, "rb").read()).decode() for p in images]
     answers = handler(request("application/json", json.dumps({"inputs": batch, "parameters": {"top_k": 2}}).encode()))
     for i, answer in enumerate(answers):  # every task by default, keyed by task
-        assert sorted(answer) == ["fashion", "letters"]
-        for name in checkpoints:
+        assert sorted(answer) == ["fashion", "fashion-vpt"]
+        for name in expected:
             assert_same_top(answer[name], expected[name][i])
-    one = handler(request("image/png", open(images[0], "rb").read(), {"top_k": "2", "tasks": "letters"}))
-    assert_same_top(one, expected["letters"][0])  # one task asked for: pipeline's answer itself
+    one = handler(request("image/png", open(images[0], "rb").read(), {"top_k": "2", "tasks": "fashion-vpt"}))
+    assert_same_top(one, expected["fashion-vpt"][0])  # one task asked for: pipeline's answer itself
     assert all(p["label"] in "abcd" for p in one)
     # more labels asked for than a task has: all of them, as pipeline does
     assert (
-        len(handler({"inputs": open(images[0], "rb").read(), "parameters": {"top_k": 50, "tasks": ["letters"]}})) == 4
+        len(handler({"inputs": open(images[0], "rb").read(), "parameters": {"top_k": 50, "tasks": ["fashion-vpt"]}}))
+        == 4
     )
 
 
@@ -183,11 +202,10 @@ def test_bad_input_is_answered_with_an_error_not_an_exception(multi_task_handler
     assert re.search(message, answer["error"]), answer["error"]
 
 
-def test_a_bad_image_in_a_list_costs_the_others_nothing(checkpoints, images, tmp_path):
-    write_endpoint_repository(str(tmp_path / "repo"), {"default": checkpoints["fashion"]})
-    handler = load_handler(tmp_path / "repo")
+def test_a_bad_image_in_a_list_costs_the_others_nothing(checkpoints, images, multi_task_handler):
     good = [open(p, "rb").read() for p in images[:2]]
-    answers = handler({"inputs": [good[0], b"broken", good[1]], "parameters": {"top_k": 2}})
+    answers = multi_task_handler({"inputs": [good[0], b"broken", good[1]], "parameters": {"top_k": 2, "tasks":
+                                                                                          ["fashion"]}})  # fmt: skip
     assert answers[1] == {"error": answers[1]["error"]} and answers[1]["error"].startswith("input 1: not an image")
     expected = predicted(checkpoints["fashion"], images[:2], 2)
     assert_same_top(answers[0], expected[0])
@@ -197,17 +215,14 @@ def test_a_bad_image_in_a_list_costs_the_others_nothing(checkpoints, images, tmp
 def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir, tmp_path):
     with pytest.raises(ValueError, match=r"is not a VPTM prompt checkpoint: its config has model_type='beit'"):
         write_endpoint_repository(str(tmp_path / "a"), {"default": backbone_dir})
-    make_backbone(tmp_path / "other-backbone", seed=3, image_size=28)
+    make_backbone(tmp_path / "other-backbone", seed=3)
     other = VPTMForImageClassification.from_backbone(str(tmp_path / "other-backbone"), num_labels=2)
     other.save_pretrained(tmp_path / "other-task")
-    AutoImageProcessor.from_pretrained(shipped_backbone_path()).save_pretrained(tmp_path / "other-task")
-    with pytest.raises(
-        ValueError, match=r"task 'other' \(.*\) was made on backbone .*other-backbone.* but this server"
-    ):
+    BeitImageProcessor(**PROCESSOR).save_pretrained(tmp_path / "other-task")
+    with pytest.raises(ValueError, match=r"task 'other' \(.*\) was made on backbone .*other-backbone.* but this"):
         write_endpoint_repository(str(tmp_path / "b"), {**checkpoints, "other": str(tmp_path / "other-task")})
-    shutil.copytree(checkpoints["letters"], tmp_path / "resized")
-    processor = AutoImageProcessor.from_pretrained(shipped_backbone_path())
-    processor.size = {"height": 56, "width": 56}
+    shutil.copytree(checkpoints["fashion-vpt"], tmp_path / "resized")
+    processor = BeitImageProcessor(**{**PROCESSOR, "size": {"height": 40, "width": 40}})
     processor.save_pretrained(tmp_path / "resized")
     resized = {"fashion": checkpoints["fashion"], "resized": str(tmp_path / "resized")}
     with pytest.raises(ValueError, match=r"task 'resized' was saved with an image processor that differs .*'size'"):
@@ -219,29 +234,32 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
                             "--output", str(tmp_path / "d")])  # fmt: skip
     with pytest.raises(ValueError, match=r"a task is given as NAME=FOLDER_OR_HUB_ID, got 'x'"):
         make_endpoint.main(["--task", "x", "--output", str(tmp_path / "e")])
+    with pytest.raises(ValueError, match=r"backend must be one of \['onnx', 'pytorch'\], got 'tf'"):
+        write_endpoint_repository(str(tmp_path / "f"), checkpoints, backend="tf")
 
 
-def test_readme_handler_block_answers_as_predict(checkpoints, images, tmp_path, monkeypatch, capsys):
-    """The README's local handler call, as written, on the repository its make_endpoint command writes."""
+def test_readme_handler_block_answers_as_predict(checkpoints, multi_task_repository, tmp_path, monkeypatch, capsys):
+    """The README's local handler call, as written, on the repository its make_endpoint command writes (the same
+    tasks; the command itself is run by tests/test_readme.py)."""
     from test_readme import python_blocks
 
     monkeypatch.chdir(tmp_path)
-    tasks = {"fashion": checkpoints["fashion"], "fashion-vpt": checkpoints["letters"]}
-    make_endpoint.main([*(f"--task={name}={path}" for name, path in tasks.items()), "--output", "endpoint-multi"])
+    shutil.copytree(multi_task_repository, "endpoint-multi")
     shutil.copytree(os.path.join(REPO_ROOT, "space", "examples"), "space/examples")
     capsys.readouterr()
     block = python_blocks("Deploy: ONNX Runtime and Inference Endpoints")[1]
     exec(compile(block, "README.md endpoint", "exec"), {"__name__": "__readme__"})
     answer = ast.literal_eval(capsys.readouterr().out.splitlines()[-1])
     assert sorted(answer) == ["fashion", "fashion-vpt"]
-    for task, checkpoint in tasks.items():
-        assert_same_top(answer[task], predicted(checkpoint, [str(tmp_path / "space/examples/bag.png")], 3)[0])
+    for task in answer:
+        assert_same_top(answer[task], predicted(checkpoints[task], [str(tmp_path / "space/examples/bag.png")], 3)[0])
 
 
 # ------------------------------------------------------------------------------------------------ the Hub
 TOOLKIT = """
 import importlib.util, json, sys
-model_dir = sys.argv[1]
+sys.modules["torch"] = sys.modules["transformers"] = None  # neither can be imported: the stock container's
+model_dir = sys.argv[1]                                      # transformers is not ours, and the handler needs neither
 # huggingface-inference-toolkit: utils.check_and_register_custom_pipeline_from_directory
 spec = importlib.util.spec_from_file_location("handler.EndpointHandler", model_dir + "/handler.py")
 sys.path.insert(0, model_dir)
@@ -249,10 +267,7 @@ handler = importlib.util.module_from_spec(spec)
 sys.modules["handler.EndpointHandler"] = handler
 spec.loader.exec_module(handler)
 endpoint = handler.EndpointHandler(model_dir)
-import modeling_vptm
-print(json.dumps({"package": modeling_vptm.__file__,
-                  "answers": endpoint({"inputs": [open(p, "rb").read() for p in sys.argv[2:]],
-                                       "parameters": {"top_k": 3}})}))
+print(json.dumps(endpoint({"inputs": [open(p, "rb").read() for p in sys.argv[2:]], "parameters": {"top_k": 3}})))
 """
 
 
@@ -267,37 +282,36 @@ def test_make_endpoint_pushes_the_whole_repository_in_one_commit(checkpoints, im
 
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    tasks = [f"--task={name}={path}" for name, path in checkpoints.items()]
-    result = make_endpoint.main([*tasks, "--repo_id", "me/vptm-endpoint", "--private"])
+    tasks = {name: checkpoints[name] for name in ("fashion", "fashion-ensemble")}  # one layout: one graph
+    result = make_endpoint.main([*(f"--task={n}={p}" for n, p in tasks.items()), "--repo_id", "me/vptm-endpoint",
+                                 "--private"])  # fmt: skip
     assert result["url"] == "https://huggingface.co/me/vptm-endpoint"
     assert calls == [("create_repo", "me/vptm-endpoint", {"private": True, "exist_ok": True}),
-                     ("upload_folder", "me/vptm-endpoint", ["modeling_vptm/**", "tasks/**"])]  # fmt: skip
+                     ("upload_folder", "me/vptm-endpoint", ["modeling_vptm/**", "onnx/**", "tasks/**"])]  # fmt: skip
     pushed = remote / "me/vptm-endpoint"
     files = {os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs}
     assert {
         "handler.py",
         "requirements.txt",
         "endpoint.json",
+        "endpoint_requests.py",
+        "onnx_runtime.py",
         "tasks/fashion/model.safetensors",
-        "tasks/fashion/config.json",
-        "tasks/letters/preprocessor_config.json",
-        "modeling_vptm/endpoint.py",
-        "modeling_vptm/serving.py",
-        "modeling_vptm/shipped/tiny-beit-fashion-mnist/model.safetensors",
+        "tasks/fashion-ensemble/config.json",
+        "onnx/layout-0/backbone.onnx",
+        "onnx/layout-0/tasks/fashion/task.npz",
+        "onnx/layout-0/tasks/fashion-ensemble/task.npz",
+        "onnx/layout-0/preprocessor_config.json",
     } <= files
-    assert not any("__pycache__" in f or f.endswith(".pyc") or "fashion-mnist-1k" in f for f in files)
-    from packaging.requirements import Requirement
-
-    requirements = [Requirement(line) for line in (pushed / "requirements.txt").read_text().split()]
-    assert {r.name for r in requirements} == {"transformers", "torch", "safetensors", "huggingface_hub", "numpy",
-                                              "Pillow"}  # fmt: skip
-    # the pushed repository served as the toolkit serves it, in a fresh process: the handler imports the package
-    # bundled in the repository, and answers as predict.py
+    assert not any(f.startswith("modeling_vptm/") or "__pycache__" in f for f in files)
+    requirements = {Requirement(line).name for line in (pushed / "requirements.txt").read_text().split()}
+    assert requirements == {"onnxruntime", "numpy", "Pillow"}  # nothing that touches the container's transformers
+    # the pushed repository served as the toolkit serves it, in a fresh process where torch and transformers
+    # cannot be imported, answers as predict.py
     result = subprocess.run([sys.executable, "-c", TOOLKIT, str(pushed), *images], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.splitlines()[-1])
-    assert served["package"] == str(pushed / "modeling_vptm" / "__init__.py")
-    for name, path in checkpoints.items():
-        for answer, reference in zip(served["answers"], predicted(path, images, 3), strict=True):
+    answers = json.loads(result.stdout.splitlines()[-1])
+    for name, path in tasks.items():
+        for answer, reference in zip(answers, predicted(path, images, 3), strict=True):
             assert_same_top(answer[name], reference)
