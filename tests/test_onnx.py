@@ -305,3 +305,28 @@ def test_export_refuses_what_it_cannot_export(checkpoints, backbone_dir, tmp_pat
         export_onnx.main(["--backbone_only", "--model", f"x={checkpoints['hidden']}", f"x={checkpoints['logits']}",
                           "--output", str(tmp_path / "e")])  # fmt: skip
     assert not any(os.path.exists(tmp_path / f) for f in ("beit", "b", "c", "d", "e"))  # refused before writing
+
+
+# ----------------------------------------------------------------------------------------- committed results
+def test_committed_parity_and_speed_tables_are_what_the_scripts_write():
+    """benchmarks/onnx-parity and benchmarks/onnx-cpu-2core hold what experiments/onnx_parity.py and
+    experiments/benchmark_onnx.py wrote: the tables follow from the JSON, and the JSON covers what the README claims
+    (every read-out and VPT, both graphs, both architectures, within the tolerance)."""
+    import benchmark_onnx
+    import onnx_parity
+
+    folder = os.path.join(REPO_ROOT, "benchmarks", "onnx-parity")
+    parity = json.load(open(os.path.join(folder, "parity.json")))
+    assert open(os.path.join(folder, "parity.md")).read() == onnx_parity.markdown(parity)
+    for arch in ("shipped", "base"):
+        rows = [row for row in parity["rows"] if row["arch"] == arch]
+        assert {row["tasks"][0] for row in rows if row["graph"] == "task"} == set(onnx_parity.TASKS)
+        assert {t for row in rows if row["graph"] == "backbone" for t in row["tasks"]} == set(onnx_parity.TASKS)
+        assert all(f"@{b}" in " ".join(row["errors"]) for row in rows for b in onnx_parity.BATCH_SIZES)
+    assert max(max(row["errors"].values()) for row in parity["rows"]) == parity["max_abs_error"] <= TOLERANCE
+    folder = os.path.join(REPO_ROOT, "benchmarks", "onnx-cpu-2core")
+    speed = json.load(open(os.path.join(folder, "benchmark_onnx.json")))
+    assert open(os.path.join(folder, "benchmark_onnx.md")).read() == benchmark_onnx.markdown(speed)
+    assert set(speed["archs"]) == {"tiny", "base"} and all(
+        a["max_abs_error"] <= TOLERANCE for a in speed["archs"].values()
+    )
