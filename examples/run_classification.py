@@ -801,8 +801,9 @@ def gpu_defaults(given: set[str]) -> dict:
     host-device synchronisation every step; it only filters the logged running loss)."""
     if not torch.cuda.is_available() or "use_cpu" in given:
         return {}
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = min(4, max(1, len(os.sched_getaffinity(0)) // processes - 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun / accelerate: processes on this machine
+    workers = min(4, max(1, cpus // processes - 1))  # one core left to each training process
     defaults = {"dataloader_num_workers": workers, "logging_nan_inf_filter": False}
     if torch.cuda.is_bf16_supported() and not {"bf16", "fp16"} & given:
         defaults["bf16"] = True

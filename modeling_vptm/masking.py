@@ -93,16 +93,17 @@ def random_shift_flip(
     generator; ``None``: the global one) whatever the device, so a seed gives the same images on every device.
     Plain torch, as the project does not depend on torchvision.
     """
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     device = images.device
     if max_shift > 0:
         padded = F.pad(images, (max_shift,) * 4)  # (batch, channels, height + 2s, width + 2s)
         offsets = torch.randint(0, 2 * max_shift + 1, (batch, 2), generator=generator).to(device, non_blocking=True)
         rows = offsets[:, 0, None] + torch.arange(height, device=device)  # (batch, height)
         cols = offsets[:, 1, None] + torch.arange(width, device=device)  # (batch, width)
-        # advanced indices first: (batch, height, width, channels)
-        images = padded[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-        images = images.permute(0, 3, 1, 2)
+        # one gather, every dimension indexed so that it comes out (batch, channels, height, width), contiguous
+        index = (torch.arange(batch, device=device)[:, None, None, None], torch.arange(channels, device=device)[
+            None, :, None, None], rows[:, None, :, None], cols[:, None, None, :])  # fmt: skip
+        images = padded[index]
     if flip:
         flip_mask = (torch.rand(batch, generator=generator) < 0.5).to(device, non_blocking=True)
         images = torch.where(flip_mask[:, None, None, None], images.flip(-1), images)
