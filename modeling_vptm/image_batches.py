@@ -22,7 +22,6 @@ random draws.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,8 +29,6 @@ import torch
 
 from .masking import random_resized_crop, random_shift_flip
 
-
-logger = logging.getLogger(__name__)
 
 # part of every cache key: bump it when what `decode_images` writes changes
 DECODED_FORMAT_VERSION = 1
@@ -185,10 +182,6 @@ class ImageBatchTransform:
         std = np.broadcast_to(np.asarray(processor.image_std, dtype=float), (3,)) if normalize else np.ones(3)
         rescale = processor.rescale_factor if rescale else 1.0
         return cls(mean.tolist(), std.tolist(), rescale, crop_scale=crop_scale, shift=shift, flip=flip)
-
-    @property
-    def augments(self) -> bool:
-        return bool(self.crop_scale or self.shift or self.flip)
 
     def _scale_offset(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, `(x * rescale - mean) / std` as `x * scale + offset`, `(C, 1, 1)` each."""
