@@ -62,6 +62,8 @@ class RequestHandler:
         except (ValueError, KeyError, TypeError) as error:
             # a KeyError's str() is its message in quotes
             return {"error": str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)}
+        except Exception as error:  # anything else a request provokes still gets an answer, not a dead worker
+            return {"error": f"{type(error).__name__}: {error}"}
 
     def answer(self, data: dict) -> list | dict:
         if not isinstance(data, dict) or "inputs" not in data:

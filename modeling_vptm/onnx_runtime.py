@@ -42,12 +42,13 @@ def read_image(source, allow_paths: bool = True) -> Image.Image:
     `ValueError` saying what was received for anything that is not a readable image. A server passes
     `allow_paths=False`, so that a request cannot make it open its own files."""
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     if allow_paths and isinstance(source, str) and os.path.isfile(source):
         with open(source, "rb") as f:
             source = f.read()
     elif isinstance(source, str):
-        text = source.split(",", 1)[1] if source.startswith("data:") else source
+        # partition, not split: "data:image/png;base64" without its comma is refused below, not an IndexError
+        text = source.partition(",")[2] if source.startswith("data:") else source
         try:
             source = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
@@ -57,9 +58,18 @@ def read_image(source, allow_paths: bool = True) -> Image.Image:
         kinds = "a path, bytes" if allow_paths else "bytes"
         raise ValueError(f"an image is {kinds}, a base64 string or a PIL image, got {type(source).__name__}")
     try:
-        with Image.open(io.BytesIO(source)) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        image = Image.open(io.BytesIO(source))
+    except Exception as error:  # PIL raises many kinds for bytes that are no image; each is the sender's fault
+        raise ValueError(f"not an image that can be read ({type(error).__name__}: {error})") from error
+    with image:
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image decoded as 8-bit RGB; a `ValueError` naming the problem for data that does not decode."""
+    try:
+        return image.convert("RGB")
+    except Exception as error:  # truncated or corrupt data fails only here, as EOFError, struct.error, OSError...
         raise ValueError(f"not an image that can be read ({type(error).__name__}: {error})") from error
 
 

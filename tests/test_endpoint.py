@@ -212,6 +212,33 @@ def test_a_bad_image_in_a_list_costs_the_others_nothing(checkpoints, images, mul
     assert_same_top(answers[2], expected[1])
 
 
+def test_malformed_images_in_a_list_cost_the_good_ones_nothing(checkpoints, images, multi_task_handler):
+    good = [open(p, "rb").read() for p in images[:2]]
+    truncated = good[0][:16]  # the PNG signature and half a header chunk
+    answers = multi_task_handler({"inputs": [good[0], "data:xyz", truncated, "data:image/png;base64", good[1]],
+                                  "parameters": {"top_k": 2, "tasks": ["fashion"]}})  # fmt: skip
+    assert re.fullmatch(r"input 1: not an image that can be read \(UnidentifiedImageError: .*", answers[1]["error"])
+    assert re.fullmatch(r"input 2: not an image that can be read \(OSError: .*", answers[2]["error"])
+    assert answers[3]["error"].startswith("input 3: not an image that can be read")
+    expected = predicted(checkpoints["fashion"], images[:2], 2)
+    assert_same_top(answers[0], expected[0])
+    assert_same_top(answers[4], expected[1])
+
+
+def test_unexpected_failures_are_answered_with_an_error_naming_them():
+    from modeling_vptm.endpoint_requests import RequestHandler
+
+    class Failing(RequestHandler):
+        tasks = ["only"]
+
+        def classify(self, images, tasks, top_k):
+            raise RuntimeError("the runtime fell over")
+
+    image = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(image, "PNG")
+    assert Failing()({"inputs": image.getvalue()}) == {"error": "RuntimeError: the runtime fell over"}
+
+
 def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir, tmp_path):
     with pytest.raises(ValueError, match=r"is not a VPTM prompt checkpoint: its config has model_type='beit'"):
         write_endpoint_repository(str(tmp_path / "a"), {"default": backbone_dir})

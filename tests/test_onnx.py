@@ -259,6 +259,26 @@ def test_images_are_read_from_paths_bytes_base64_and_pil(tmp_path):
         assert np.array_equal(np.asarray(read_image(source)), reference)
 
 
+def test_malformed_images_are_refused_with_a_value_error_naming_the_problem(tmp_path, monkeypatch):
+    import struct
+
+    data = open(write_images(tmp_path, 1)[0], "rb").read()
+    with pytest.raises(ValueError, match=r"not an image that can be read \(UnidentifiedImageError"):
+        read_image("data:image/png;base64")  # no comma: nothing after it
+    with pytest.raises(ValueError, match=r"not an image that can be read \(OSError: "):
+        read_image(data[:16])  # truncated in its header
+    with pytest.raises(ValueError, match=r"not an image that can be read \(OSError: image file is truncated"):
+        read_image(data[: len(data) // 2])
+
+    def broken(*args, **kwargs):  # what PIL raises for some corrupt data, besides OSError
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image.Image, "convert", broken)
+    for source in (data, Image.new("RGB", (4, 4))):  # decoded from bytes, or a PIL image as the toolkit gives it
+        with pytest.raises(ValueError, match=r"not an image that can be read \(error: unpack requires a buffer"):
+            read_image(source)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_with_what_was_expected(checkpoints, task_exports, backbone_exports, backbone_dir):
     folders, _ = task_exports
