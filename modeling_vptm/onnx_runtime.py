@@ -34,6 +34,10 @@ from PIL import Image
 
 FORMAT = "vptm-onnx"
 MANIFEST = "onnx_config.json"
+# Decoding holds width x height x 3 bytes (and resizing more), so a small file declaring a huge image could exhaust a
+# server's memory; refused from the header, before decoding. The bound is the Space's (space/app.py MAX_SIDE, 4096
+# pixels a side); this file cannot import it, as it runs without the package.
+MAX_PIXELS = 4096 * 4096
 
 
 # ------------------------------------------------------------------------------------------------ images in
@@ -66,7 +70,14 @@ def read_image(source, allow_paths: bool = True) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """The image decoded as 8-bit RGB; a `ValueError` naming the problem for data that does not decode."""
+    """The image decoded as 8-bit RGB; a `ValueError` naming the problem for data that does not decode, or for an
+    image of more than `MAX_PIXELS` pixels (checked on the header, before decoding)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"image of {width} x {height} = {width * height} pixels; at most {MAX_PIXELS} pixels are read "
+            f"({int(MAX_PIXELS**0.5)} x {int(MAX_PIXELS**0.5)})"
+        )
     try:
         return image.convert("RGB")
     except Exception as error:  # truncated or corrupt data fails only here, as EOFError, struct.error, OSError...

@@ -5,6 +5,7 @@ gets errors that name what was expected."""
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import shutil
@@ -277,6 +278,20 @@ def test_malformed_images_are_refused_with_a_value_error_naming_the_problem(tmp_
     for source in (data, Image.new("RGB", (4, 4))):  # decoded from bytes, or a PIL image as the toolkit gives it
         with pytest.raises(ValueError, match=r"not an image that can be read \(error: unpack requires a buffer"):
             read_image(source)
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding():
+    from modeling_vptm.onnx_runtime import MAX_PIXELS
+
+    side = int(MAX_PIXELS**0.5) + 1
+    large = io.BytesIO()
+    Image.new("1", (side, side)).save(large, "PNG")  # one colour: a few kB on disk, 50 MB as RGB
+    assert len(large.getvalue()) < 100_000
+    message = rf"image of {side} x {side} = {side * side} pixels; at most {MAX_PIXELS} pixels are read"
+    with pytest.raises(ValueError, match=message):
+        read_image(large.getvalue(), allow_paths=False)
+    with pytest.raises(ValueError, match=message):
+        read_image(Image.open(large))  # a PIL image opened lazily, as the toolkit gives it
 
 
 # ---------------------------------------------------------------------------------------------- bad input
