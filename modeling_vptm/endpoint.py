@@ -213,6 +213,8 @@ def write_endpoint_repository(
     configs = check_one_backbone(folders, tasks)
     same_image_processor(folders)
     first = next(iter(configs.values()))
+    if backend == "pytorch":
+        check_backbone_on_endpoint(first.backbone_name_or_path)
     config = {"backend": backend, "backbone": first.backbone_name_or_path, "backbone_revision":
               first.backbone_revision, "tasks": layout}  # fmt: skip
     if backend == "onnx":
@@ -232,6 +234,24 @@ def write_endpoint_repository(
     else:
         EndpointHandler(folder, device="cpu")
     return config
+
+
+def check_backbone_on_endpoint(name_or_path: str) -> None:
+    """Refuses a backbone the endpoint could not load: the pytorch handler loads it by the name the tasks record, so
+    that name must be a shipped backbone (`vptm:<name>`, bundled with the package) or a Hub id, not a folder of this
+    machine."""
+    from .checkpoint_io import SHIPPED_PREFIX
+
+    if name_or_path.startswith(SHIPPED_PREFIX):
+        return
+    # a Hub id is "name" or "org/name"; anything else, or a name that exists here, is this machine's folder
+    if os.path.exists(name_or_path) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):
+        raise ValueError(
+            f"backend 'pytorch' loads the backbone the tasks were made on, {name_or_path!r}, which is a local "
+            f"folder the endpoint does not have; expected a shipped backbone '{SHIPPED_PREFIX}<name>' or a Hub id "
+            "'org/name' (push the backbone with examples/push_backbone.py and make the tasks on that id), or use "
+            "backend 'onnx', whose graphs hold the backbone"
+        )
 
 
 def check_one_backbone(folders: dict[str, str], sources: dict[str, str]) -> dict:

@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import BeitImageProcessor
 
 from modeling_vptm import VPTMForImageClassification
+from modeling_vptm.checkpoint_io import resolve_backbone_path
 from modeling_vptm.endpoint import write_endpoint_repository
 
 
@@ -122,10 +123,30 @@ def predicted_once(checkpoint: str, files: tuple[str, ...], top_k: int) -> list[
     return [r["predictions"] for r in predict.main([*files, "--model", checkpoint, "--top_k", str(top_k)])]
 
 
-def test_single_task_pytorch_endpoint_answers_as_predict(checkpoints, backbone_dir, images, tmp_path):
+SHIPPED = "vptm:tiny-beit-fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def shipped_checkpoint(tmp_path_factory) -> str:
+    """A prompt checkpoint on the shipped backbone, which a pytorch endpoint can load (it is bundled with the
+    package; a local folder is not)."""
+    folder = tmp_path_factory.mktemp("shipped-task")
+    torch.manual_seed(0)
+    model = VPTMForImageClassification.from_backbone(SHIPPED, **TASKS["fashion"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    BeitImageProcessor.from_pretrained(resolve_backbone_path(SHIPPED)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_single_task_pytorch_endpoint_answers_as_predict(shipped_checkpoint, images, tmp_path):
+    checkpoints = {"fashion": shipped_checkpoint}
     folder = tmp_path / "repo"
     config = write_endpoint_repository(str(folder), {"default": checkpoints["fashion"]}, backend="pytorch")
-    assert config == {"backend": "pytorch", "backbone": backbone_dir, "backbone_revision": None,
+    assert config == {"backend": "pytorch", "backbone": SHIPPED, "backbone_revision": None,
                       "tasks": {"default": "."}}  # fmt: skip
     # the root is the prompt checkpoint itself, so the repository also loads with pipeline; the package is bundled
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_vptm.py", "handler.py",
@@ -263,6 +284,10 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
         make_endpoint.main(["--task", "x", "--output", str(tmp_path / "e")])
     with pytest.raises(ValueError, match=r"backend must be one of \['onnx', 'pytorch'\], got 'tf'"):
         write_endpoint_repository(str(tmp_path / "f"), checkpoints, backend="tf")
+    with pytest.raises(ValueError, match=r"backend 'pytorch' loads the backbone the tasks were made on, '/.*', which "
+                       r"is a local folder the endpoint does not have; expected a shipped backbone 'vptm:<name>' or "
+                       r"a Hub id 'org/name'"):  # fmt: skip
+        write_endpoint_repository(str(tmp_path / "g"), {"default": checkpoints["fashion"]}, backend="pytorch")
 
 
 def test_readme_handler_block_answers_as_predict(checkpoints, multi_task_repository, tmp_path, monkeypatch, capsys):
