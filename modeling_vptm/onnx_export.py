@@ -122,16 +122,19 @@ def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], outpu
 
 
 def image_processor_of(source: str, config: VPTMConfig, **hub_kwargs):
-    """The image processor saved with the checkpoint, else its backbone's."""
+    """The image processor saved with the checkpoint, else (only when it has no `preprocessor_config.json`) its
+    backbone's."""
     from transformers import AutoImageProcessor
+    from transformers.utils import cached_file
 
     from .checkpoint_io import resolve_backbone_path
 
-    try:
+    # looked up first rather than caught: a missing file makes transformers raise ValueError, and an OSError from a
+    # file that is there (unreadable, a download failing) must not swap in the backbone's preprocessing unnoticed
+    if cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
         return AutoImageProcessor.from_pretrained(source, **hub_kwargs)
-    except OSError:
-        backbone = resolve_backbone_path(config.backbone_name_or_path)
-        return AutoImageProcessor.from_pretrained(backbone, revision=config.backbone_revision)
+    backbone = resolve_backbone_path(config.backbone_name_or_path)
+    return AutoImageProcessor.from_pretrained(backbone, revision=config.backbone_revision)
 
 
 def same_image_processor(sources: dict[str, str], models: dict[str, VPTMForImageClassification], **hub_kwargs):

@@ -260,6 +260,19 @@ def test_images_are_read_from_paths_bytes_base64_and_pil(tmp_path):
         assert np.array_equal(np.asarray(read_image(source)), reference)
 
 
+def test_a_checkpoint_without_its_processor_gets_the_backbones_and_only_then(tmp_path):
+    from modeling_vptm.onnx_export import image_processor_of
+
+    make_backbone(tmp_path / "backbone")
+    BeitImageProcessor(**{**PROCESSOR, "size": {"height": 24, "width": 24}}).save_pretrained(tmp_path / "backbone")
+    model = VPTMForImageClassification.from_backbone(str(tmp_path / "backbone"), num_labels=2)
+    model.save_pretrained(tmp_path / "task")  # no preprocessor_config.json
+    assert image_processor_of(str(tmp_path / "task"), model.config).size == {"height": 24, "width": 24}
+    (tmp_path / "task" / "preprocessor_config.json").write_text("{ not json")  # there, but unreadable: no fallback
+    with pytest.raises(OSError, match=r"preprocessor_config.json' is not a valid JSON file"):
+        image_processor_of(str(tmp_path / "task"), model.config)
+
+
 def test_malformed_images_are_refused_with_a_value_error_naming_the_problem(tmp_path, monkeypatch):
     import struct
 
