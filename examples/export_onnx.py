@@ -47,21 +47,6 @@ class ExportArguments:
     )
 
 
-def named_sources(values: list[str]) -> dict[str, str]:
-    """`NAME=SOURCE` or `SOURCE` (named after its last path component) -> `{name: source}`."""
-    sources = {}
-    for value in values:
-        name, sep, source = value.partition("=")
-        if not sep:
-            name, source = os.path.basename(os.path.normpath(value)), value
-        if not name or not source:
-            raise ValueError(f"a model is given as SOURCE or NAME=SOURCE, got {value!r}")
-        if name in sources:
-            raise ValueError(f"two models are named {name!r}; name them with NAME=SOURCE")
-        sources[name] = source
-    return sources
-
-
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
     from modeling_vptm.onnx_export import (
@@ -69,10 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
         export_backbone_graph,
         export_task_graph,
         load_checkpoint,
+        parse_named_sources,
         task_graph_parity,
     )
 
-    sources = named_sources(args.model)
+    sources = parse_named_sources(args.model)
     hub = {"revision": args.revision} if args.revision else {}
     if args.backbone_only:
         path = export_backbone_graph(sources, args.output, **hub)

@@ -37,27 +37,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_tasks(values: list[str]) -> dict[str, str]:
-    tasks = {}
-    for value in values:
-        name, sep, source = value.partition("=")
-        if not sep or not name or not source:
-            raise ValueError(f"a task is given as NAME=FOLDER_OR_HUB_ID, got {value!r}")
-        if name in tasks:
-            raise ValueError(f"task {name!r} is given twice")
-        tasks[name] = source
-    return tasks
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from modeling_vptm.endpoint import push_endpoint_repository, write_endpoint_repository
+    from modeling_vptm.onnx_export import parse_named_sources
 
     if bool(args.model) == bool(args.task):
         raise ValueError("give one prompt checkpoint with --model, or several tasks with --task NAME=SOURCE")
     if not (args.output or args.repo_id):
         raise ValueError("say where the repository goes: --output FOLDER and/or --repo_id ID")
-    tasks = parse_tasks(args.task) if args.task else {"default": args.model}  # one task: named "default"
+    # one task is named "default"
+    tasks = parse_named_sources(args.task, names_required=True) if args.task else {"default": args.model}
     multi_task = bool(args.task)
     result = {}
     if args.output:

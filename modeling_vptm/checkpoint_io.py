@@ -166,6 +166,16 @@ def read_task_tensors(checkpoint, **hub_kwargs) -> dict[str, torch.Tensor]:
         ) from error
 
 
+def check_same_backbone(config, name_or_path: str, revision: str | None, source: str, holder: str) -> None:
+    """Refuses prompts made on another backbone name or revision than `name_or_path` at `revision`, which `holder`
+    ("this server holds") names in the message."""
+    if (config.backbone_name_or_path, config.backbone_revision) != (name_or_path, revision):
+        raise ValueError(
+            f"{source} was made on backbone {config.backbone_name_or_path!r} (revision {config.backbone_revision}), "
+            f"but {holder} {name_or_path!r} (revision {revision})"
+        )
+
+
 def check_fits_backbone(config, fingerprint: str, backbone_config, source: str) -> None:
     """Refuses prompts trained on other backbone weights than the ones loaded (`fingerprint`), or whose architecture
     fields disagree with the backbone's."""

@@ -42,6 +42,7 @@ import torch
 
 from .endpoint_requests import ENDPOINT_CONFIG, OnnxEndpointHandler, RequestHandler, read_endpoint_config
 from .images import top_predictions
+from .onnx_export import same_image_processor
 from .serving import MultiTaskVPTM
 
 
@@ -54,7 +55,6 @@ SERVING_REQUIREMENTS = {
     "pytorch": ("transformers", "torch", "safetensors", "huggingface_hub", "huggingface-hub", "numpy", "pillow"),
     "onnx": ("onnxruntime", "numpy", "pillow"),
 }
-PROCESSOR_NAME_KEYS = {"processor_class", "image_processor_type", "_processor_class"}
 
 HANDLER_SOURCE = {
     "pytorch": '''"""Inference Endpoints handler for VPTM prompt checkpoints (written by examples/make_endpoint.py).
@@ -108,9 +108,10 @@ class EndpointHandler(RequestHandler):
             first = VPTMConfig.from_pretrained(next(iter(self.folders.values())))
             backbone, revision = first.backbone_name_or_path, first.backbone_revision
         self.server = MultiTaskVPTM(backbone, revision=revision)
-        self.processor = same_image_processor(self.folders)
         for name, folder in self.folders.items():
             self.server.add_task(name, folder)
+        configs = {name: task.config for name, task in self.server.tasks.items()}
+        self.processor = same_image_processor(self.folders, configs)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.server.to(self.device)
         self.tasks = list(self.server.tasks)
@@ -128,25 +129,6 @@ def load_endpoint(path: str) -> RequestHandler:
     """The handler an endpoint repository's `handler.py` builds, whichever its backend."""
     backend = read_endpoint_config(path).get("backend", "pytorch")
     return OnnxEndpointHandler(path) if backend == "onnx" else EndpointHandler(path)
-
-
-def same_image_processor(folders: dict[str, str]):
-    """The image processor the tasks were saved with; tasks saved with different ones are refused, because one pass
-    feeds every task the same pixels."""
-    from transformers import AutoImageProcessor
-
-    processors = {name: AutoImageProcessor.from_pretrained(folder) for name, folder in folders.items()}
-    (first_name, first), *others = processors.items()
-    mine = {k: v for k, v in first.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
-    for name, processor in others:
-        theirs = {k: v for k, v in processor.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
-        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        if differ:
-            raise ValueError(
-                f"task {name!r} was saved with an image processor that differs from {first_name!r}'s in {differ}; "
-                "one backbone pass feeds every task the same pixels"
-            )
-    return first
 
 
 # ------------------------------------------------------------------------------------------- the repository
@@ -211,7 +193,7 @@ def write_endpoint_repository(
         copy_checkpoint(source, os.path.join(folder, layout[name]), revision)
     folders = {name: os.path.join(folder, path) for name, path in layout.items()}
     configs = check_one_backbone(folders, tasks)
-    same_image_processor(folders)
+    same_image_processor(folders, configs)
     first = next(iter(configs.values()))
     if backend == "pytorch":
         check_backbone_on_endpoint(first.backbone_name_or_path)
@@ -256,18 +238,18 @@ def check_backbone_on_endpoint(name_or_path: str) -> None:
 
 def check_one_backbone(folders: dict[str, str], sources: dict[str, str]) -> dict:
     """The tasks' configs, refusing tasks made on another backbone (name, revision or weights) than the first."""
+    from .checkpoint_io import check_fits_backbone, check_same_backbone
     from .configuration_vptm import VPTMConfig
 
     configs = {name: VPTMConfig.from_pretrained(path) for name, path in folders.items()}
     first_name, first = next(iter(configs.items()))
-    key = (first.backbone_name_or_path, first.backbone_revision, first.backbone_fingerprint)
     for name, config in configs.items():
-        if (config.backbone_name_or_path, config.backbone_revision, config.backbone_fingerprint) != key:
-            raise ValueError(
-                f"task {name!r} ({sources[name]}) was made on backbone {config.backbone_name_or_path!r} (revision "
-                f"{config.backbone_revision}), but this endpoint serves {first_name!r}'s, {key[0]!r} (revision "
-                f"{key[1]}): one endpoint, one backbone"
-            )
+        source = f"task {name!r} ({sources[name]})"
+        holder = f"this endpoint serves {first_name!r}'s,"
+        check_same_backbone(config, first.backbone_name_or_path, first.backbone_revision, source, holder)
+        # the first task's fingerprint stands for the weights; a task saved without one cannot be told apart by it
+        fingerprint = first.backbone_fingerprint or config.backbone_fingerprint
+        check_fits_backbone(config, fingerprint, first, source)
     return configs
 
 

@@ -76,6 +76,25 @@ class BackboneGraph(nn.Module):
         return (out.readout_hidden_state,)
 
 
+def parse_named_sources(values: list[str], names_required: bool = False) -> dict[str, str]:
+    """Command-line checkpoints, `NAME=SOURCE` (SOURCE a folder or Hub id) or, unless `names_required`, a plain
+    `SOURCE` named after its last path component -> `{name: source}`."""
+    expected = "NAME=SOURCE" if names_required else "SOURCE or NAME=SOURCE"
+    sources = {}
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep and not names_required:
+            name, source = os.path.basename(os.path.normpath(value)), value
+        elif not sep:
+            name = source = ""
+        if not name or not source:
+            raise ValueError(f"a checkpoint is given as {expected} (SOURCE a folder or Hub id), got {value!r}")
+        if name in sources:
+            raise ValueError(f"two checkpoints are named {name!r}; name each with NAME=SOURCE")
+        sources[name] = source
+    return sources
+
+
 def check_vptm_checkpoint(source: str, **hub_kwargs) -> VPTMConfig:
     """The checkpoint's config, refusing anything that is not a VPTM prompt checkpoint (with what it is)."""
     from transformers import AutoConfig
@@ -137,20 +156,23 @@ def image_processor_of(source: str, config: VPTMConfig, **hub_kwargs):
     return AutoImageProcessor.from_pretrained(backbone, revision=config.backbone_revision)
 
 
-def same_image_processor(sources: dict[str, str], models: dict[str, VPTMForImageClassification], **hub_kwargs):
-    """The image processor every task was saved with; tasks saved with different ones are refused, because one
-    backbone pass feeds every task the same pixels."""
-    ignore = {"processor_class", "image_processor_type", "_processor_class"}
-    processors = {name: image_processor_of(sources[name], models[name].config, **hub_kwargs) for name in sources}
-    first_name, first = next(iter(processors.items()))
-    mine = {k: v for k, v in first.to_dict().items() if k not in ignore}
-    for name, processor in processors.items():
-        theirs = {k: v for k, v in processor.to_dict().items() if k not in ignore}
+# names of the processor's class, which may differ between saves of the same preprocessing
+PROCESSOR_NAME_KEYS = {"processor_class", "image_processor_type", "_processor_class"}
+
+
+def same_image_processor(sources: dict[str, str], configs: dict[str, VPTMConfig], **hub_kwargs):
+    """The image processor every task (`{name: folder or Hub id}`, with its config) was saved with; tasks saved with
+    different ones are refused, because one backbone pass feeds every task the same pixels."""
+    processors = {name: image_processor_of(sources[name], configs[name], **hub_kwargs) for name in sources}
+    (first_name, first), *others = processors.items()
+    mine = {k: v for k, v in first.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
+    for name, processor in others:
+        theirs = {k: v for k, v in processor.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
         differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         if differ:
             raise ValueError(
                 f"task {name!r} was saved with an image processor that differs from {first_name!r}'s in {differ}; "
-                "one backbone graph feeds every task the same pixels"
+                "one backbone pass feeds every task the same pixels"
             )
     return first
 
@@ -233,7 +255,7 @@ def export_backbone_graph(sources: dict[str, str], output_dir: str, **hub_kwargs
              pretrained_mask_token=first.backbone.pretrained_mask_token.detach().float().numpy())  # fmt: skip
     for name, model in models.items():
         write_task(os.path.join(output_dir, "tasks", name), model)
-    processor = same_image_processor(sources, models, **hub_kwargs)
+    processor = same_image_processor(sources, {name: model.config for name, model in models.items()}, **hub_kwargs)
     processor.save_pretrained(output_dir)
     config = first.config
     write_manifest(output_dir, first.backbone, graph="backbone", model="backbone.onnx", layout=asdict(layout),
@@ -294,6 +316,7 @@ __all__ = [
     "TaskGraph",
     "backbone_graph_parity",
     "check_vptm_checkpoint",
+    "parse_named_sources",
     "export_backbone_graph",
     "export_task_graph",
     "task_graph_parity",

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint_io import check_fits_backbone, load_checkpoint_config, load_mim_backbone, read_task_tensors
+from .checkpoint_io import (
+    check_fits_backbone,
+    check_same_backbone,
+    load_checkpoint_config,
+    load_mim_backbone,
+    read_task_tensors,
+)
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import VPTMForImageClassification
 from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
@@ -93,12 +99,7 @@ class MultiTaskVPTM(nn.Module):
                 load_checkpoint_config(VPTMConfig, checkpoint, **hub_kwargs),
                 read_task_tensors(checkpoint, **hub_kwargs),
             )
-        if (config.backbone_name_or_path, config.backbone_revision) != (self.backbone_name_or_path, self.revision):
-            raise ValueError(
-                f"{source} was made on backbone {config.backbone_name_or_path!r} (revision "
-                f"{config.backbone_revision}), but this server holds {self.backbone_name_or_path!r} (revision "
-                f"{self.revision})"
-            )
+        check_same_backbone(config, self.backbone_name_or_path, self.revision, source, "this server holds")
         check_fits_backbone(config, self.fingerprint, self.backbone.config, source)
         task = VPTMTask(config)
         task.load_checkpoint_tensors(tensors, source)

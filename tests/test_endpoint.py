@@ -280,8 +280,17 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
     with pytest.raises(ValueError, match=r"give one prompt checkpoint with --model, or several tasks with --task"):
         make_endpoint.main(["--model", checkpoints["fashion"], "--task", f"x={checkpoints['fashion']}",
                             "--output", str(tmp_path / "d")])  # fmt: skip
-    with pytest.raises(ValueError, match=r"a task is given as NAME=FOLDER_OR_HUB_ID, got 'x'"):
+    with pytest.raises(ValueError, match=r"a checkpoint is given as NAME=SOURCE \(SOURCE a folder .*\), got 'x'"):
         make_endpoint.main(["--task", "x", "--output", str(tmp_path / "e")])
+    with pytest.raises(ValueError, match=r"two checkpoints are named 'x'; name each with NAME=SOURCE"):
+        make_endpoint.main(["--task", f"x={checkpoints['fashion']}", "--task", "x=y", "--output", str(tmp_path / "e")])
+    shutil.copytree(checkpoints["fashion-vpt"], tmp_path / "reweighted")
+    config = json.loads((tmp_path / "reweighted" / "config.json").read_text())
+    (tmp_path / "reweighted" / "config.json").write_text(json.dumps({**config, "backbone_fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match=r"task 'reweighted' \(.*\) was trained on backbone .* with weights "
+                       r"fingerprint 0000000000000000\.\.\., but the weights loaded now have fingerprint "
+                       r"[0-9a-f]{16}\.\.\."):  # fmt: skip
+        write_endpoint_repository(str(tmp_path / "h"), {**checkpoints, "reweighted": str(tmp_path / "reweighted")})
     with pytest.raises(ValueError, match=r"backend must be one of \['onnx', 'pytorch'\], got 'tf'"):
         write_endpoint_repository(str(tmp_path / "f"), checkpoints, backend="tf")
     with pytest.raises(ValueError, match=r"backend 'pytorch' loads the backbone the tasks were made on, '/.*', which "

@@ -349,10 +349,13 @@ def test_export_refuses_what_it_cannot_export(checkpoints, backbone_dir, tmp_pat
                               str(tmp_path / "c"))  # fmt: skip
     with pytest.raises(ValueError, match=r"a task graph holds one task, got 2 models; pass --backbone_only"):
         export_onnx.main(["--model", checkpoints["hidden"], checkpoints["logits"], "--output", str(tmp_path / "d")])
-    with pytest.raises(ValueError, match=r"two models are named 'x'"):
+    with pytest.raises(ValueError, match=r"two checkpoints are named 'x'; name each with NAME=SOURCE"):
         export_onnx.main(["--backbone_only", "--model", f"x={checkpoints['hidden']}", f"x={checkpoints['logits']}",
                           "--output", str(tmp_path / "e")])  # fmt: skip
-    assert not any(os.path.exists(tmp_path / f) for f in ("beit", "b", "c", "d", "e"))  # refused before writing
+    with pytest.raises(ValueError, match=r"a checkpoint is given as SOURCE or NAME=SOURCE \(SOURCE a folder or Hub "
+                       r"id\), got '=runs/x'"):  # fmt: skip
+        export_onnx.main(["--model", "=runs/x", "--output", str(tmp_path / "f")])
+    assert not any(os.path.exists(tmp_path / f) for f in ("beit", "b", "c", "d", "e", "f"))  # refused before writing
 
 
 # ----------------------------------------------------------------------------------------- committed results
