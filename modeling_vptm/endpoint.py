@@ -40,6 +40,7 @@ import tempfile
 
 import torch
 
+from .checkpoint_io import write_atomically
 from .endpoint_requests import ENDPOINT_CONFIG, OnnxEndpointHandler, RequestHandler, read_endpoint_config
 from .images import top_predictions
 from .onnx_export import same_image_processor
@@ -186,7 +187,20 @@ def write_endpoint_repository(
         raise ValueError(f"a single-task endpoint holds one checkpoint, got {len(tasks)}")
     if os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"{folder} is not empty; an endpoint repository is written into a new or empty folder")
-    os.makedirs(folder, exist_ok=True)
+    written = {}
+
+    def write(staging: str) -> None:
+        written.update(write_repository_files(staging, tasks, multi_task, revision, backend))
+
+    # written and loaded in a temporary folder beside `folder`, then moved into place: a refusal leaves nothing
+    write_atomically(folder, write)
+    return written
+
+
+def write_repository_files(
+    folder: str, tasks: dict[str, str], multi_task: bool, revision: str | None, backend: str
+) -> dict:
+    """`write_endpoint_repository`'s files, in the empty `folder`; the endpoint.json written."""
     layout = {}
     for name, source in tasks.items():
         layout[name] = f"tasks/{name}" if multi_task else "."

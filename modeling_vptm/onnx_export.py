@@ -199,12 +199,13 @@ def export_task_graph(source: str, output_dir: str, **hub_kwargs) -> str:
     """Exports one prompt checkpoint as `model.onnx` (`pixel_values -> logits`, `visual_token_logits`) with its
     config, image processor, manifest and runtime; returns the graph's path."""
     model = load_checkpoint(source, **hub_kwargs)
+    processor = image_processor_of(source, model.config, **hub_kwargs)  # before writing: a failure leaves nothing
     os.makedirs(output_dir, exist_ok=True)
     graph = TaskGraph(model)
     path = os.path.join(output_dir, "model.onnx")
     export_graph(graph, (example_pixels(model.backbone),), ["pixel_values"], graph.output_names, path)
     model.config.to_json_file(os.path.join(output_dir, "config.json"), use_diff=False)
-    image_processor_of(source, model.config, **hub_kwargs).save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     write_manifest(output_dir, model.backbone, graph="task", model="model.onnx", source=str(source),
                    outputs=graph.output_names)  # fmt: skip
     return path
@@ -239,6 +240,8 @@ def export_backbone_graph(sources: dict[str, str], output_dir: str, **hub_kwargs
             )
         if name != first_name:
             server.add_task(name, model)
+    # every check before the first file is written, so that a refused export leaves nothing behind
+    processor = same_image_processor(sources, {name: model.config for name, model in models.items()}, **hub_kwargs)
     graph = BackboneGraph(first.backbone, layout)
     pixels = example_pixels(first.backbone)
     inputs = [pixels]
@@ -255,7 +258,6 @@ def export_backbone_graph(sources: dict[str, str], output_dir: str, **hub_kwargs
              pretrained_mask_token=first.backbone.pretrained_mask_token.detach().float().numpy())  # fmt: skip
     for name, model in models.items():
         write_task(os.path.join(output_dir, "tasks", name), model)
-    processor = same_image_processor(sources, {name: model.config for name, model in models.items()}, **hub_kwargs)
     processor.save_pretrained(output_dir)
     config = first.config
     write_manifest(output_dir, first.backbone, graph="backbone", model="backbone.onnx", layout=asdict(layout),

@@ -275,8 +275,10 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
     resized = {"fashion": checkpoints["fashion"], "resized": str(tmp_path / "resized")}
     with pytest.raises(ValueError, match=r"task 'resized' was saved with an image processor that differs .*'size'"):
         write_endpoint_repository(str(tmp_path / "c"), resized)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "README.md").write_text("a repository already")
     with pytest.raises(ValueError, match=r"is not empty; an endpoint repository is written into a new or empty"):
-        write_endpoint_repository(str(tmp_path / "b"), checkpoints)
+        write_endpoint_repository(str(tmp_path / "full"), checkpoints)
     with pytest.raises(ValueError, match=r"give one prompt checkpoint with --model, or several tasks with --task"):
         make_endpoint.main(["--model", checkpoints["fashion"], "--task", f"x={checkpoints['fashion']}",
                             "--output", str(tmp_path / "d")])  # fmt: skip
@@ -297,6 +299,9 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
                        r"is a local folder the endpoint does not have; expected a shipped backbone 'vptm:<name>' or "
                        r"a Hub id 'org/name'"):  # fmt: skip
         write_endpoint_repository(str(tmp_path / "g"), {"default": checkpoints["fashion"]}, backend="pytorch")
+    # refused while writing (after the checkpoints were copied): nothing is left, not even the temporary folder
+    assert not any(os.path.exists(tmp_path / f) for f in "abcdefgh")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".vptm-save-")]
 
 
 def test_readme_handler_block_answers_as_predict(checkpoints, multi_task_repository, tmp_path, monkeypatch, capsys):

@@ -347,6 +347,12 @@ def test_export_refuses_what_it_cannot_export(checkpoints, backbone_dir, tmp_pat
     with pytest.raises(ValueError, match=r"was made on backbone .*other-backbone.* but this server holds"):
         export_backbone_graph({"hidden": checkpoints["hidden"], "other": str(tmp_path / "other-task")},
                               str(tmp_path / "c"))  # fmt: skip
+    shutil.copytree(checkpoints["logits"], tmp_path / "resized")
+    BeitImageProcessor(**{**PROCESSOR, "size": {"height": 24, "width": 24}}).save_pretrained(tmp_path / "resized")
+    with pytest.raises(ValueError, match=r"task 'resized' was saved with an image processor that differs from "
+                                         r"'hidden''s in \['size'\]"):  # fmt: skip
+        export_backbone_graph({"hidden": checkpoints["hidden"], "resized": str(tmp_path / "resized")},
+                              str(tmp_path / "g"))  # fmt: skip
     with pytest.raises(ValueError, match=r"a task graph holds one task, got 2 models; pass --backbone_only"):
         export_onnx.main(["--model", checkpoints["hidden"], checkpoints["logits"], "--output", str(tmp_path / "d")])
     with pytest.raises(ValueError, match=r"two checkpoints are named 'x'; name each with NAME=SOURCE"):
@@ -355,7 +361,7 @@ def test_export_refuses_what_it_cannot_export(checkpoints, backbone_dir, tmp_pat
     with pytest.raises(ValueError, match=r"a checkpoint is given as SOURCE or NAME=SOURCE \(SOURCE a folder or Hub "
                        r"id\), got '=runs/x'"):  # fmt: skip
         export_onnx.main(["--model", "=runs/x", "--output", str(tmp_path / "f")])
-    assert not any(os.path.exists(tmp_path / f) for f in ("beit", "b", "c", "d", "e", "f"))  # refused before writing
+    assert not any(os.path.exists(tmp_path / f) for f in ("beit", *"bcdefg"))  # refused before writing
 
 
 # ----------------------------------------------------------------------------------------- committed results
