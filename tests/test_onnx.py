@@ -387,3 +387,13 @@ def test_committed_parity_and_speed_tables_are_what_the_scripts_write():
     assert set(speed["archs"]) == {"tiny", "base"} and all(
         a["max_abs_error"] <= TOLERANCE for a in speed["archs"].values()
     )
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    for arch, name in (("tiny", "shipped tiny"), ("base", "BEiT-base-shaped")):  # the README's rows, as the table's
+        row = speed["archs"][arch]
+        ratio = benchmark_onnx.speedups(row)
+        images_per_s = {step: timing["images_per_s"] for step, timing in row["timings"].items()}
+        assert (
+            f"| {name} | {row['batch']} | {images_per_s['pytorch_eager']} | {images_per_s['onnxruntime_task_graph']} "
+            f"| **{ratio['onnxruntime_task_graph']:.2f}×** | {images_per_s['onnxruntime_backbone_graph']} | "
+            f"{ratio['onnxruntime_backbone_graph']:.2f}× |"
+        ) in readme
