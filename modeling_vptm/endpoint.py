@@ -43,7 +43,7 @@ import torch
 from .checkpoint_io import write_atomically
 from .endpoint_requests import ENDPOINT_CONFIG, OnnxEndpointHandler, RequestHandler, read_endpoint_config
 from .images import top_predictions
-from .onnx_export import same_image_processor
+from .onnx_export import check_task_name, same_image_processor
 from .serving import MultiTaskVPTM
 
 
@@ -182,6 +182,8 @@ def write_endpoint_repository(
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not tasks:
         raise ValueError("an endpoint needs at least one prompt checkpoint")
+    for name in tasks:
+        check_task_name(name)
     multi_task = len(tasks) > 1 if multi_task is None else multi_task
     if not multi_task and len(tasks) > 1:
         raise ValueError(f"a single-task endpoint holds one checkpoint, got {len(tasks)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import asdict
@@ -74,6 +75,15 @@ class BackboneGraph(nn.Module):
         if self.layout.mask_token:
             return out.readout_hidden_state, out.visual_token_logits
         return (out.readout_hidden_state,)
+
+
+def check_task_name(name: str) -> None:
+    """Refuses a task name that is not a plain folder name: each task is written to `tasks/<name>/`, so a name
+    holding a path separator, or "." or "..", would write outside its folder."""
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise ValueError(
+            f"task names are letters, digits, '_', '.' and '-' (a folder name, not '.' or '..'), got {name!r}"
+        )
 
 
 def parse_named_sources(values: list[str], names_required: bool = False) -> dict[str, str]:
@@ -228,6 +238,8 @@ def export_backbone_graph(sources: dict[str, str], output_dir: str, **hub_kwargs
     """
     if not sources:
         raise ValueError("export_backbone_graph needs at least one prompt checkpoint")
+    for name in sources:
+        check_task_name(name)
     models = {name: load_checkpoint(source, **hub_kwargs) for name, source in sources.items()}
     first_name, first = next(iter(models.items()))
     server = MultiTaskVPTM.from_model(first, first_name)  # checks every other task against this backbone
@@ -317,6 +329,7 @@ __all__ = [
     "BackboneGraph",
     "TaskGraph",
     "backbone_graph_parity",
+    "check_task_name",
     "check_vptm_checkpoint",
     "parse_named_sources",
     "export_backbone_graph",

@@ -310,8 +310,9 @@ class OnnxMultiTask(ExportedGraph):
         with np.load(os.path.join(folder, "backbone.npz")) as tensors:
             self.pretrained_mask_token = tensors["pretrained_mask_token"]
         self.inputs = [i.name for i in self.session.get_inputs()]
+        # the manifest's list, not the folder's listing: a stray folder in tasks/ is not a task
         tasks = os.path.join(folder, "tasks")
-        self.tasks = {name: TaskHead(os.path.join(tasks, name)) for name in sorted(os.listdir(tasks))}
+        self.tasks = {name: TaskHead(os.path.join(tasks, name)) for name in self.manifest["tasks"]}
 
     def check_tasks(self, tasks: list[str]) -> None:
         unknown = sorted(set(tasks) - set(self.tasks))

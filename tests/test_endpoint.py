@@ -299,8 +299,11 @@ def test_repositories_that_would_not_serve_are_refused(checkpoints, backbone_dir
                        r"is a local folder the endpoint does not have; expected a shipped backbone 'vptm:<name>' or "
                        r"a Hub id 'org/name'"):  # fmt: skip
         write_endpoint_repository(str(tmp_path / "g"), {"default": checkpoints["fashion"]}, backend="pytorch")
+    for name in ("../escape", "a/b", ".."):
+        with pytest.raises(ValueError, match=rf"task names are letters, .* got {re.escape(repr(name))}"):
+            write_endpoint_repository(str(tmp_path / "i"), {name: checkpoints["fashion"], **checkpoints})
     # refused while writing (after the checkpoints were copied): nothing is left, not even the temporary folder
-    assert not any(os.path.exists(tmp_path / f) for f in "abcdefgh")
+    assert not any(os.path.exists(tmp_path / f) for f in [*"abcdefghi", "escape"])
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".vptm-save-")]
 
 

@@ -8,6 +8,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,18 @@ def test_one_backbone_graph_serves_every_task_of_its_layout(checkpoints, backbon
                       ["pixel_values", "prompts"])  # fmt: skip
     # the task tensors are inputs, not weights: the graph holds none of them
     assert os.path.getsize(os.path.join(backbone_exports[layout], "tasks", next(iter(tasks)), "task.npz")) < 20_000
+
+
+def test_tasks_are_the_manifests_and_their_names_plain_folder_names(checkpoints, backbone_exports, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(backbone_exports["vpt-deep"], folder)
+    (folder / "tasks" / "stray").mkdir()  # not a task: no task.npz, and not in the manifest
+    assert list(OnnxMultiTask(str(folder)).tasks) == ["vpt-a", "vpt-b"]
+    for name in ("../escape", "a/b", "..", ".", "", "a b"):
+        with pytest.raises(ValueError, match=r"task names are letters, digits, '_', '.' and '-' \(a folder name, not "
+                                             rf"'\.' or '\.\.'\), got {re.escape(repr(name))}"):  # fmt: skip
+            export_backbone_graph({name: checkpoints["vpt-a"]}, str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused") and not os.path.exists(tmp_path / "escape")
 
 
 # ------------------------------------------------------------------------------------------- without torch
