@@ -26,7 +26,8 @@ needs (see `endpoint_requests`). `pytorch` serves the checkpoints with `MultiTas
 transformers >= 5.17, so a custom image. The package is not on PyPI, so the repository carries what its handler
 imports: `endpoint_requests.py` and `onnx_runtime.py` at the root (onnx), or the `modeling_vptm/` package with the
 shipped backbones (pytorch), beside `handler.py` (the toolkit puts that folder on `sys.path` before the import);
-`requirements.txt` lists the backend's dependencies with the installed package's version bounds.
+`requirements.txt` lists the backend's dependencies: by name for onnx (the stock container's compiled packages are
+kept), with the installed package's version bounds for pytorch.
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def load_endpoint(path: str) -> RequestHandler:
 
 # ------------------------------------------------------------------------------------------- the repository
 def serving_requirements(backend: str) -> list[str]:
-    """The dependencies a backend's handler imports, with the installed vptm package's version bounds (read from its
-    metadata, so they follow pyproject.toml; onnxruntime's from the `onnx` extra)."""
+    """The dependencies a backend's handler imports: for pytorch with the installed vptm package's version bounds
+    (read from its metadata, so they follow pyproject.toml); for onnx by name only, because that repository runs on
+    the stock container, whose compiled numpy and Pillow (and anything built on them) a floor would upgrade under it,
+    while the handler needs nothing newer than what the container holds."""
     try:
         requires = importlib.metadata.requires("vptm") or []
     except importlib.metadata.PackageNotFoundError as error:
@@ -147,7 +150,7 @@ def serving_requirements(backend: str) -> list[str]:
             continue
         name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0]
         if name.lower() in SERVING_REQUIREMENTS[backend]:
-            kept.setdefault(name.lower(), requirement)
+            kept.setdefault(name.lower(), name if backend == "onnx" else requirement)
     return list(kept.values())
 
 
