@@ -224,6 +224,8 @@ def test_readme_onnx_block_runs_without_torch(checkpoints, task_exports, backbon
             os.rename(tasks / name, tasks / renamed[name])
         else:
             shutil.rmtree(tasks / name)
+    manifest = tmp_path / "onnx" / "shared" / "onnx_config.json"  # the tasks are the manifest's list
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "tasks": sorted(renamed.values())}))
     shutil.copytree(os.path.join(REPO_ROOT, "space", "examples"), tmp_path / "space" / "examples")
     (tmp_path / "block.py").write_text(python_blocks("Deploy: ONNX Runtime and Inference Endpoints")[0])
     single, shared = run_without_torch("block.py", cwd=tmp_path)
