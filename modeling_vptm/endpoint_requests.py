@@ -14,6 +14,7 @@ such repositories and imported there as a top-level module.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 
@@ -22,6 +23,8 @@ try:
 except ImportError:  # the standalone copy in an ONNX endpoint repository, beside onnx_runtime.py
     from onnx_runtime import OnnxMultiTask, read_image, top_predictions
 
+
+logger = logging.getLogger(__name__)
 
 ENDPOINT_CONFIG = "endpoint.json"
 DEFAULT_TOP_K = 5  # pipeline("image-classification")'s default
@@ -63,6 +66,7 @@ class RequestHandler:
             # a KeyError's str() is its message in quotes
             return {"error": str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)}
         except Exception as error:  # anything else a request provokes still gets an answer, not a dead worker
+            logger.exception("request failed")  # unexpected: the traceback goes to the endpoint's logs
             return {"error": f"{type(error).__name__}: {error}"}
 
     def answer(self, data: dict) -> list | dict:

@@ -51,8 +51,11 @@ def read_image(source, allow_paths: bool = True) -> Image.Image:
         with open(source, "rb") as f:
             source = f.read()
     elif isinstance(source, str):
-        # partition, not split: "data:image/png;base64" without its comma is refused below, not an IndexError
-        text = source.partition(",")[2] if source.startswith("data:") else source
+        text = source
+        if source.startswith("data:"):
+            _, comma, text = source.partition(",")
+            if not comma:
+                raise ValueError(f"a data: URL is data:<media type>;base64,<data>, got no comma in {source[:40]!r}")
         try:
             source = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
