@@ -61,3 +61,15 @@ def write_jsonl(path: str | None, rows: list[dict]) -> None:
         with open(path, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+
+
+# an image processor's bookkeeping fields, which do not change the pixels it makes
+PROCESSOR_NAME_KEYS = {"processor_class", "image_processor_type", "_processor_class"}
+
+
+def image_processor_differences(processor, other) -> list[str]:
+    """The settings in which two image processors differ, bookkeeping aside: empty when they make the same pixels
+    (what one backbone pass shared by several tasks needs)."""
+    mine = {k: v for k, v in processor.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
+    theirs = {k: v for k, v in other.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .configuration_vptm import VPTMConfig
+from .images import image_processor_differences
 from .modeling_vptm import VPTMForImageClassification
 from .prompted_backbone import PromptedBackbone, SequenceLayout
 from .serving import MultiTaskVPTM
@@ -166,19 +167,13 @@ def image_processor_of(source: str, config: VPTMConfig, **hub_kwargs):
     return AutoImageProcessor.from_pretrained(backbone, revision=config.backbone_revision)
 
 
-# names of the processor's class, which may differ between saves of the same preprocessing
-PROCESSOR_NAME_KEYS = {"processor_class", "image_processor_type", "_processor_class"}
-
-
 def same_image_processor(sources: dict[str, str], configs: dict[str, VPTMConfig], **hub_kwargs):
     """The image processor every task (`{name: folder or Hub id}`, with its config) was saved with; tasks saved with
     different ones are refused, because one backbone pass feeds every task the same pixels."""
     processors = {name: image_processor_of(sources[name], configs[name], **hub_kwargs) for name in sources}
     (first_name, first), *others = processors.items()
-    mine = {k: v for k, v in first.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
     for name, processor in others:
-        theirs = {k: v for k, v in processor.to_dict().items() if k not in PROCESSOR_NAME_KEYS}
-        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        differ = image_processor_differences(first, processor)
         if differ:
             raise ValueError(
                 f"task {name!r} was saved with an image processor that differs from {first_name!r}'s in {differ}; "

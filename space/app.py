@@ -25,7 +25,7 @@ from transformers import AutoImageProcessor
 
 from modeling_vptm.backbones import SHIPPED_BACKBONE
 from modeling_vptm.checkpoint_io import check_local_folder, resolve_backbone_path
-from modeling_vptm.images import read_rgb, top_predictions
+from modeling_vptm.images import image_processor_differences, read_rgb, top_predictions
 from modeling_vptm.inspection import (
     heatmap_overlay,
     patch_attention_map,
@@ -149,10 +149,7 @@ class DemoService:
             own = AutoImageProcessor.from_pretrained(source)
         except OSError:  # no processor saved with the task: it was made on the backbone's
             return
-        ignore = {"processor_class", "image_processor_type", "_processor_class"}
-        mine = {k: v for k, v in self.processor.to_dict().items() if k not in ignore}
-        theirs = {k: v for k, v in own.to_dict().items() if k not in ignore}
-        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        differ = image_processor_differences(self.processor, own)
         if differ:
             raise ValueError(
                 f"its image processor differs from the backbone's in {differ}; the Space feeds every task the "
