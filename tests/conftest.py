@@ -54,6 +54,25 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def save_task_checkpoints(backbone_dir, root, tasks: dict, noise: float) -> dict[str, str]:
+    """Prompt checkpoints on `backbone_dir`, one per `{name: VPTMConfig fields with num_labels}`, saved under `root`,
+    their trained tensors moved by `noise` from the initialisation (as if trained: every tensor matters)."""
+    from modeling_vptm import VPTMForImageClassification
+
+    paths = {}
+    for i, (name, fields) in enumerate(tasks.items()):
+        torch.manual_seed(i)
+        fields = dict(fields)
+        model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=fields.pop("num_labels"), **fields)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * noise)
+        model.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
 def make_backbone(path, seed: int = 0, **overrides) -> BeitForMaskedImageModeling:
     torch.manual_seed(seed)
     model = randomize(BeitForMaskedImageModeling(tiny_beit_config(**overrides)).eval(), seed)

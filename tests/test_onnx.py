@@ -17,8 +17,7 @@ import export_onnx
 import numpy as np
 import predict
 import pytest
-import torch
-from conftest import REPO_ROOT, make_backbone
+from conftest import REPO_ROOT, make_backbone, save_task_checkpoints
 from PIL import Image
 from transformers import AutoImageProcessor, BeitImageProcessor
 
@@ -61,18 +60,9 @@ VPT_DEEP = {  # one layout: read-out at CLS
 
 
 def make_checkpoints(backbone_dir: str, root, tasks: dict) -> dict[str, str]:
-    paths = {}
-    for i, (name, fields) in enumerate(tasks.items()):
-        torch.manual_seed(i)
-        fields = dict(fields)
-        model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=fields.pop("num_labels"), **fields)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.3)  # as if trained: every tensor matters
-        model.save_pretrained(root / name)
-        BeitImageProcessor(**PROCESSOR).save_pretrained(root / name)
-        paths[name] = str(root / name)
+    paths = save_task_checkpoints(backbone_dir, root, tasks, noise=0.3)
+    for path in paths.values():
+        BeitImageProcessor(**PROCESSOR).save_pretrained(path)
     return paths
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_backbone
+from conftest import make_backbone, save_task_checkpoints
 
 import modeling_vptm.serving as serving
 from modeling_vptm import VPTMForImageClassification
@@ -23,19 +23,7 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(backbone_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tasks")
-    paths = {}
-    for i, (name, fields) in enumerate(TASKS.items()):
-        torch.manual_seed(i)
-        fields = dict(fields)
-        model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=fields.pop("num_labels"), **fields)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.1)  # as if trained
-        model.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    return paths
+    return save_task_checkpoints(backbone_dir, tmp_path_factory.mktemp("tasks"), TASKS, noise=0.1)
 
 
 def test_mixed_batch_equals_each_task_alone(backbone_dir, checkpoints):
