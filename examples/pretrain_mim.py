@@ -41,7 +41,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_vptm.checkpoint_io import resolve_backbone_path
+from modeling_vptm.checkpoint_io import give_default_permissions, resolve_backbone_path
 from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, TokenizingMIMModel
 from modeling_vptm.tokenizer import (
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.save_pretrained(training_args.output_dir)
         build_image_processor(config.image_size).save_pretrained(training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
+        give_default_permissions(training_args.output_dir)  # readable as any other file (safetensors writes 0600)
         summary = {
             "train_loss": result.training_loss,
             "train_seconds": round(train_seconds, 1),

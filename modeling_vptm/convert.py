@@ -22,6 +22,8 @@ import re
 import torch
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitImageProcessor
 
+from .checkpoint_io import give_default_permissions
+
 
 # ImageNet statistics, which BEiT v2 pre-training normalises with
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
@@ -171,4 +173,5 @@ def convert_beit_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str 
         size={"height": config.image_size, "width": config.image_size}, do_center_crop=False,
         image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD, do_convert_rgb=True,
     ).save_pretrained(output_dir)  # fmt: skip
+    give_default_permissions(output_dir)  # a backbone to publish: readable as any other file (safetensors: 0600)
     return model

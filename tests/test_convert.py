@@ -153,6 +153,10 @@ def test_convert_script(tmp_path, capsys):
     convert_beitv2_to_hf.main(["--checkpoint", str(tmp_path / "v2.pth"), "--output_dir", str(tmp_path / "hf")])
     assert "hidden 128, 2 blocks, 2 heads, patch 4, image 16, vocabulary 50" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    # a backbone to publish: its weights readable as any file the run writes (safetensors itself writes 0600)
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_convert_script_pushes_the_converted_backbone(tmp_path, monkeypatch, capsys):

@@ -218,6 +218,10 @@ def test_pretrain_script_produces_a_loadable_backbone_and_resumes(tmp_path):
     assert summary["train_images"] == 64 and np.isfinite(summary["train_loss"])
     files = set(os.listdir(tmp_path / "run"))
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "visual_tokenizer.safetensors"} <= files
+    umask = os.umask(0)
+    os.umask(umask)  # the backbone and its tokenizer are readable as any file the run writes (safetensors: 0600)
+    for name in ("model.safetensors", "visual_tokenizer.safetensors"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     model, info = BeitForMaskedImageModeling.from_pretrained(tmp_path / "run", output_loading_info=True)
     assert not info["missing_keys"] and model.config.vocab_size == 16 and model.config.use_mask_token
     assert model.config.use_shared_relative_position_bias and not model.config.use_absolute_position_embeddings
