@@ -116,8 +116,9 @@ class ModelArguments:
     )
     prompt_layers: str = field(
         default=VPTMConfig.prompt_layers,
-        metadata={"help": "Blocks that get prompts: deep (all), shallow (the input only), or indices like 0,1,2."},
-    )
+        metadata={"help": "Blocks that get prompts: deep (all), shallow (the input only), first_half, second_half, "
+                  "every_other (the same meaning at any depth), or block indices like 0,1,2."},
+    )  # fmt: skip
     prompt_init: Literal[PROMPT_INITS] = field(
         default=VPTMConfig.prompt_init, metadata={"help": "uniform: VPT's init; normal: N(0, initializer_range)."}
     )
@@ -178,19 +179,20 @@ class ModelArguments:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        self.prompt_layer_list()  # refuses anything but deep, shallow or block indices, before any work
+        self.prompt_layer_list()  # refuses anything but a preset location or block indices, before any work
         if self.prototype_init == "class_mean" and self.method != "vptm":
             raise ValueError(f"--prototype_init class_mean needs --method vptm, got {self.method!r}")
 
     def prompt_layer_list(self) -> str | list[int]:
-        """`--prompt_layers` as VPTMConfig takes it: "deep", "shallow", or the list of block indices."""
+        """`--prompt_layers` as VPTMConfig takes it: a preset location ("deep", "first_half", ...) or block indices."""
         if self.prompt_layers in PROMPT_LAYER_PRESETS:
             return self.prompt_layers
         try:
             return [int(i) for i in self.prompt_layers.split(",") if i.strip()]
         except ValueError as error:
             raise ValueError(
-                f"--prompt_layers must be deep, shallow or block indices like 0,1,2; got {self.prompt_layers!r}"
+                f"--prompt_layers must be one of {', '.join(PROMPT_LAYER_PRESETS)} or block indices like 0,1,2; got "
+                f"{self.prompt_layers!r}"
             ) from error
 
     def ignored_by_method(self, given: set[str]) -> list[str]:

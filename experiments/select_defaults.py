@@ -53,8 +53,21 @@ AUGMENTATION_CANDIDATES = {
     for base in (REFERENCE, DEFAULT_VPTM)
     for suffix, change in (("no_flip", {"augment_flip": "false"}), ("no_shift", {"augment_shift": 0}))
 }
-AUGMENTATION_BASE = {name: name.rsplit("_no_", 1)[0] for name in AUGMENTATION_CANDIDATES}
-ALL_CANDIDATES = {**CANDIDATES, **AUGMENTATION_CANDIDATES}
+# Prompt locations, named independently of depth, for VPT-deep and the default VPTM alike (each method's best location
+# is its fair setting), on the current augmentation defaults (no flips); each is compared split by split with the
+# same method prompted in every block.
+LOCATIONS = ("deep", "shallow", "first_half", "second_half", "every_other")
+LOCATION_CANDIDATES = {
+    f"{base}_{location}": dict(CANDIDATES[base], prompt_layers=location, augment_flip="false")
+    for base in (REFERENCE, DEFAULT_VPTM)
+    for location in LOCATIONS
+}
+# the candidate each variant is compared with, split by split
+VARIANT_BASE = {
+    **{name: name.rsplit("_no_", 1)[0] for name in AUGMENTATION_CANDIDATES},
+    **{f"{base}_{location}": f"{base}_deep" for base in (REFERENCE, DEFAULT_VPTM) for location in LOCATIONS[1:]},
+}
+ALL_CANDIDATES = {**CANDIDATES, **AUGMENTATION_CANDIDATES, **LOCATION_CANDIDATES}
 
 
 def arguments(settings: dict, split_seed: int, args) -> list[str]:
@@ -98,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         default=list(CANDIDATES),
         choices=list(ALL_CANDIDATES),
-        help="Verbalizer candidates by default; the *_no_flip / *_no_shift ones measure the augmentation defaults.",
+        help="Verbalizer candidates by default; the *_no_flip / *_no_shift ones measure the augmentation defaults, "
+        "the *_deep / *_shallow / *_first_half / *_second_half / *_every_other ones the prompt location.",
     )
     parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.2, help="Validation fraction of the training images.")
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         if REFERENCE in runs and name != REFERENCE:
             differences = [r["accuracy"] - runs[REFERENCE][s]["accuracy"] for s, r in by_seed.items()]
             row["paired_difference_vs_reference"] = statistics.mean(differences)
-        base = AUGMENTATION_BASE.get(name)
+        base = VARIANT_BASE.get(name)
         if base in runs:
             differences = [r["accuracy"] - runs[base][s]["accuracy"] for s, r in by_seed.items()]
             spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
@@ -135,9 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = row
     vptm = {k: v for k, v in summary.items() if k in CANDIDATES and CANDIDATES[k]["method"] == "vptm"}
     chosen = max(vptm, key=lambda k: vptm[k]["mean"]) if vptm else None
+    locations = {}  # per method, the location with the best mean validation accuracy among those run
+    for base in (REFERENCE, DEFAULT_VPTM):
+        ran = {k: v for k, v in summary.items() if k in LOCATION_CANDIDATES and k.startswith(f"{base}_")}
+        if ran:
+            best = max(ran, key=lambda k: ran[k]["mean"])
+            locations[base] = LOCATION_CANDIDATES[best]["prompt_layers"]
     results = {
         "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
-        "candidates": summary, "chosen": chosen, "seconds": round(time.perf_counter() - start, 1),
+        "candidates": summary, "chosen": chosen, "chosen_locations": locations,
+        "seconds": round(time.perf_counter() - start, 1),
         "backbone": args.backbone or run_classification.SHIPPED_BACKBONE,
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "selection.json"), "w") as f:
@@ -166,17 +187,25 @@ def markdown(results: dict) -> str:
             f"| {name}{mark} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} | {difference} | "
             f"{row['trainable_parameters']:,} |"
         )
-    augmentation = {k: v for k, v in results["candidates"].items() if "paired_difference_vs_defaults" in v}
-    if augmentation:
+    variants = {k: v for k, v in results["candidates"].items() if "paired_difference_vs_defaults" in v}
+    augmentation = {k: v for k, v in variants.items() if k in AUGMENTATION_CANDIDATES}
+    location = {k: v for k, v in variants.items() if k in LOCATION_CANDIDATES}
+    for rows, text in (
+        (augmentation, "Augmentations (shift of up to 2 pixels and horizontal flips, both on in the selection): each "
+                       "turned off, compared split by split with the same method with both on."),
+        (location, "Prompt locations (no flips): each compared split by split with the same method prompted in every "
+                   f"block; best location per method: {results.get('chosen_locations')}."),
+    ):  # fmt: skip
+        if not rows:
+            continue
         lines += [
             "",
-            "Augmentations (shift of up to 2 pixels and horizontal flips, both on in the selection): each turned "
-            "off, compared split by split with the same method with both on.",
+            text,
             "",
-            "| candidate | validation accuracy (mean ± std) | paired difference vs both on (mean ± std) |",
+            "| candidate | validation accuracy (mean ± std) | paired difference (mean ± std) |",
             "|---|---|---|",
         ]
-        for name, row in augmentation.items():
+        for name, row in rows.items():
             difference = row["paired_difference_vs_defaults"]
             lines.append(
                 f"| {name} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} | "

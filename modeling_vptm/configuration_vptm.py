@@ -11,7 +11,8 @@ from __future__ import annotations
 from transformers import BeitConfig
 
 
-PROMPT_LAYER_PRESETS = ("deep", "shallow")
+# prompt locations named independently of depth, so that one value means the same on a 6-block and a 12-block backbone
+PROMPT_LAYER_PRESETS = ("deep", "shallow", "first_half", "second_half", "every_other")
 PROMPT_INITS = ("uniform", "normal")
 MASK_TOKEN_MODES = ("append", "replace")
 EXTRA_TOKEN_BIASES = ("cls", "zero")
@@ -48,7 +49,9 @@ class VPTMConfig(BeitConfig):
         prompt_length (`int`, *optional*, defaults to 10):
             Number of learnable prompt tokens P per prompted block; 0 disables prompts.
         prompt_layers (`str` or `list[int]`, *optional*, defaults to `"deep"`):
-            Which blocks get prompts: `"deep"` (every block its own P prompts), `"shallow"` (block 0 only), or a
+            Which blocks get prompts: `"deep"` (every block its own P prompts), `"shallow"` (block 0 only),
+            `"first_half"` (blocks 0 to n/2 - 1 of n, rounded down: 0-2 of 6, 0-5 of 12), `"second_half"` (the other
+            blocks), `"every_other"` (blocks 0, 2, 4, ...) — locations that mean the same whatever the depth — or a
             list of block indices (the prompt-location ablation). Before a prompted block i > 0 the prompt slice of
             the sequence is overwritten with block i's prompts; unprompted blocks carry the previous outputs on.
         prompt_init (`str`, *optional*, defaults to `"uniform"`):
@@ -181,8 +184,8 @@ class VPTMConfig(BeitConfig):
             choice("prompt_layers", PROMPT_LAYER_PRESETS)
         elif not isinstance(self.prompt_layers, (list, tuple)):
             raise ValueError(
-                f"VPTMConfig.prompt_layers must be 'deep', 'shallow' or a list of block indices, got "
-                f"{self.prompt_layers!r}"
+                f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a list of block indices, "
+                f"got {self.prompt_layers!r}"
             )
         else:
             layers = list(self.prompt_layers)
@@ -190,9 +193,9 @@ class VPTMConfig(BeitConfig):
             bad += [i for i in layers if isinstance(i, int) and not 0 <= i < self.num_hidden_layers]
             if not layers or bad or len(set(layers)) != len(layers):
                 raise ValueError(
-                    "VPTMConfig.prompt_layers must be 'deep', 'shallow' or a non-empty list of distinct block indices "
-                    f"in [0, {self.num_hidden_layers}) (num_hidden_layers={self.num_hidden_layers}), got "
-                    f"{self.prompt_layers!r}"
+                    f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a non-empty list of "
+                    f"distinct block indices in [0, {self.num_hidden_layers}) (num_hidden_layers="
+                    f"{self.num_hidden_layers}), got {self.prompt_layers!r}"
                 )
             self.prompt_layers = sorted(layers)
         num_patches = self.num_patches
@@ -237,10 +240,16 @@ class VPTMConfig(BeitConfig):
         """Block indices that receive prompts (empty when `prompt_length` is 0)."""
         if self.prompt_length == 0:
             return []
-        if self.prompt_layers == "deep":
-            return list(range(self.num_hidden_layers))
-        if self.prompt_layers == "shallow":
-            return [0]
+        blocks, half = self.num_hidden_layers, self.num_hidden_layers // 2
+        presets = {
+            "deep": range(blocks),
+            "shallow": range(1),
+            "first_half": range(max(half, 1)),  # a one-block backbone: its block is the first half
+            "second_half": range(half, blocks),
+            "every_other": range(0, blocks, 2),
+        }
+        if isinstance(self.prompt_layers, str):
+            return list(presets[self.prompt_layers])
         return list(self.prompt_layers)
 
     @property

@@ -548,6 +548,23 @@ def test_select_defaults_scores_candidates_on_validation_only(tmp_path):
     assert f"| {results['chosen']} (chosen) |" in (tmp_path / "selection.md").read_text()
 
 
+def test_select_defaults_compares_prompt_locations_split_by_split(tmp_path):
+    import select_defaults
+
+    deep, half = "vptm_hidden_instance_t0.1_deep", "vptm_hidden_instance_t0.1_first_half"
+    results = select_defaults.main(["--quick", "--output_dir", str(tmp_path), "--candidates", deep, half])
+    rows = results["candidates"]
+    config = json.load(open(tmp_path / f"{half}-split0" / "config.json"))
+    assert config["prompt_layers"] == "first_half" and config["num_hidden_layers"] == 6  # blocks 0-2 of 6
+    args = json.load(open(tmp_path / f"{half}-split0" / run_classification.RUN_ARGS_FILE))
+    assert args["augment_flip"] is False  # the current augmentation defaults, not the pinned flips
+    difference = rows[half]["paired_difference_vs_defaults"]
+    assert difference["base"] == deep and difference["mean"] == pytest.approx(rows[half]["mean"] - rows[deep]["mean"])
+    best = max((deep, half), key=lambda name: rows[name]["mean"])
+    assert results["chosen_locations"] == {"vptm_hidden_instance_t0.1": best.rsplit("_t0.1_", 1)[1]}
+    assert f"| {half} |" in (tmp_path / "selection.md").read_text()
+
+
 def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(capsys):
     with pytest.raises(SystemExit):
         run_classification.main(["--help"])
@@ -633,7 +650,10 @@ def test_flags_the_method_ignores_are_reported_and_bad_values_refused(tmp_path, 
     with caplog.at_level("WARNING"):
         parse(["--method", "linear", "--prompt_layers=shallow", "--seed", "3", "--output_dir", str(tmp_path)])
     assert "--prompt_layers is ignored" in caplog.text and "--seed" not in caplog.text
-    with pytest.raises(ValueError, match="--prompt_layers must be deep, shallow or block indices"):
+    with pytest.raises(
+        ValueError,
+        match="--prompt_layers must be one of deep, shallow, first_half, second_half, every_other or block indices",
+    ):
         parse(["--prompt_layers", "first", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--prototype_init class_mean needs --method vptm, got 'vpt'"):
         parse(["--method", "vpt", "--prototype_init", "class_mean", "--output_dir", str(tmp_path)])

@@ -57,10 +57,38 @@ def test_config_with_no_arguments_is_valid_and_saves(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "preset, six_blocks, twelve_blocks",
+    [
+        ("deep", [0, 1, 2, 3, 4, 5], list(range(12))),
+        ("shallow", [0], [0]),
+        ("first_half", [0, 1, 2], [0, 1, 2, 3, 4, 5]),
+        ("second_half", [3, 4, 5], [6, 7, 8, 9, 10, 11]),
+        ("every_other", [0, 2, 4], [0, 2, 4, 6, 8, 10]),
+    ],
+)
+def test_prompt_locations_mean_the_same_at_any_depth(preset, six_blocks, twelve_blocks, backbone_dir, pixel_values):
+    assert vptm_config(num_hidden_layers=6, prompt_layers=preset).prompted_layers == six_blocks
+    assert vptm_config(num_hidden_layers=12, prompt_layers=preset).prompted_layers == twelve_blocks
+    # a preset is exactly the list of blocks it names: same tensors, same logits (the tiny backbone has 3 blocks)
+    torch.manual_seed(0)
+    by_name = from_backbone(backbone_dir, prompt_layers=preset).eval()
+    blocks = by_name.config.prompted_layers
+    assert by_name.task.prompt_embeddings.prompts.shape[0] == len(blocks)
+    torch.manual_seed(0)
+    by_list = from_backbone(backbone_dir, prompt_layers=blocks).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_name(pixel_values).logits, by_list(pixel_values).logits)
+
+
+@pytest.mark.parametrize(
     "fields, message",
     [
         ({"prompt_length": -1}, r"prompt_length must be an integer >= 0, got -1"),
-        ({"prompt_layers": "middle"}, r"prompt_layers must be one of \['deep', 'shallow'\], got 'middle'"),
+        (
+            {"prompt_layers": "middle"},
+            r"prompt_layers must be one of \['deep', 'shallow', 'first_half', 'second_half', "
+            r"'every_other'\], got 'middle'",
+        ),
         ({"prompt_layers": [0, 3]}, r"prompt_layers must be .* in \[0, 3\) .* got \[0, 3\]"),
         ({"prompt_layers": []}, r"prompt_layers must be .*non-empty"),
         ({"prompt_layers": [1, 1]}, r"distinct"),
