@@ -70,7 +70,7 @@ def test_config_missing_a_field_falls_back_to_the_default_and_then_refuses_the_s
     "field, value, message",
     [
         ("prompt_length", "ten", r"prompt_length must be an integer >= 0, got 'ten'"),
-        ("prompt_layers", 3, r"prompt_layers must be 'deep', 'shallow' or a list of block indices, got 3"),
+        ("prompt_layers", 3, r"prompt_layers must be one of \[.*'first_half'.*\] or a list of block indices, got 3"),
         ("classifier", None, r"classifier must be one of"),
         ("prototype_dim", 6.5, r"prototype_dim must be an integer >= 1, got 6.5"),
     ],
