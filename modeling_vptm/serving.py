@@ -14,6 +14,7 @@ length, prompted blocks, [MASK] placement and bias mode); tasks of the same layo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from .checkpoint_io import (
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import VPTMForImageClassification
 from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
-from .vptm_task import VPTMTask
+from .vptm_task import TaskHeadOutput, VPTMTask
 
 
 @dataclass
@@ -116,7 +117,11 @@ class MultiTaskVPTM(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         """Class logits for each image under its own task: a list of `(num_labels_of_its_task,)` tensors."""
-        return [prediction.logits for prediction in self.predict(pixel_values, tasks)]
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        for rows, _, _, head in self._task_runs(pixel_values, tasks):
+            for row, logits in zip(rows, head.logits.unbind(0), strict=True):
+                out[row] = logits
+        return out
 
     @torch.no_grad()
     def predict(
@@ -124,6 +129,29 @@ class MultiTaskVPTM(nn.Module):
     ) -> list[TaskPrediction]:
         """Each image under its own task, with the visual-token prediction at [MASK] and, on request, where the
         read-out token looked in the last block: one `TaskPrediction` per image, in input order."""
+        out: list[TaskPrediction | None] = [None] * len(tasks)
+        for rows, name, readout, head in self._task_runs(pixel_values, tasks, output_readout_attention):
+            tokens, attention = unbind_rows(readout.visual_token_logits), unbind_rows(readout.readout_attention)
+            for k, (row, logits) in enumerate(zip(rows, head.logits.unbind(0), strict=True)):
+                out[row] = TaskPrediction(
+                    task=name,
+                    logits=logits,
+                    visual_token_logits=None if tokens is None else tokens[k],
+                    readout_attention=None if attention is None else attention[k],
+                )
+        return out
+
+    def _task_runs(
+        self, pixel_values: torch.Tensor, tasks: list[str], output_readout_attention: bool = False
+    ) -> Iterator[tuple[list[int], str, PromptedBackboneOutput, TaskHeadOutput]]:
+        """Runs a mixed batch: yields, for each task in it, the input rows of its images, its name, the backbone's
+        read-out of those images and its head's output on them.
+
+        The batch is reordered once, by layout and then by task (first appearance first, input order kept within a
+        task), so that each layout's pass takes a slice of it and each head a slice of that pass: views, no
+        per-group gathers. A batch already in that order (one task, or tasks in runs) is not copied at all. A task's
+        prompts enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per image.
+        """
         if len(tasks) != len(pixel_values):
             raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
         unknown = sorted(set(tasks) - set(self.tasks))
@@ -131,49 +159,61 @@ class MultiTaskVPTM(nn.Module):
             raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
         self.backbone.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.backbone.dtype)
-        layouts = {name: self.tasks[name].layout for name in set(tasks)}  # once per task, not per image
-        groups: dict[SequenceLayout, list[int]] = {}
-        for index, name in enumerate(tasks):
-            groups.setdefault(layouts[name], []).append(index)
-        out: list[TaskPrediction | None] = [None] * len(tasks)
-        for layout, rows in groups.items():  # one backbone pass per layout, each image with its task's tokens
-            members = [self.tasks[tasks[i]] for i in rows]
-            prompts = torch.stack([t.prompts() for t in members]) if layout.prompted_layers else None  # (rows, ...)
-            masks = [t.mask_embedding() for t in members]
-            mask = None
-            if any(m is not None for m in masks):  # (rows, 1, D), the pre-trained one for tasks without their own
-                mask = torch.cat([self.backbone.pretrained_mask_token if m is None else m for m in masks])
-            index = torch.tensor(rows, device=pixel_values.device)
+        runs: dict[SequenceLayout, dict[str, list[int]]] = {}  # layout -> task -> input rows, in first-seen order
+        layouts = {name: self.tasks[name].layout for name in dict.fromkeys(tasks)}  # once per task, not per image
+        for row, name in enumerate(tasks):
+            runs.setdefault(layouts[name], {}).setdefault(name, []).append(row)
+        order = [row for by_task in runs.values() for rows in by_task.values() for row in rows]
+        if order != list(range(len(tasks))):
+            # built on the host and copied without waiting for the device: a blocking copy would stall the GPU
+            index = torch.tensor(order, dtype=torch.long).to(pixel_values.device, non_blocking=True)
+            pixel_values = pixel_values.index_select(0, index)
+        start = 0
+        for layout, by_task in runs.items():  # one backbone pass per layout, each image with its task's tokens
+            members = [(self.tasks[name], len(rows)) for name, rows in by_task.items()]
+            stop = start + sum(count for _, count in members)
+            prompts, mask = self._task_tokens(layout, members)
             readout = self.backbone(
-                pixel_values[index],
+                pixel_values[start:stop],
                 layout,
                 prompts=prompts,
                 mask_embeddings=mask,
                 output_readout_attention=output_readout_attention,
             )
-            by_task: dict[str, list[int]] = {}
-            for position, row in enumerate(rows):
-                by_task.setdefault(tasks[row], []).append(position)
-            for name, positions in by_task.items():  # each head runs once on its task's images
-                select = torch.tensor(positions, device=pixel_values.device)
-                logits = self.tasks[name](readout_rows(readout, select)).logits
-                for position, row_logits in zip(positions, logits, strict=True):
-                    out[rows[position]] = TaskPrediction(
-                        task=name,
-                        logits=row_logits,
-                        visual_token_logits=optional_row(readout.visual_token_logits, position),
-                        readout_attention=optional_row(readout.readout_attention, position),
-                    )
-        return out
+            offset = 0
+            for name, rows in by_task.items():  # each head runs once, on its task's images
+                part = slice_rows(readout, offset, offset + len(rows))
+                yield rows, name, part, self.tasks[name](part)
+                offset += len(rows)
+            start = stop
+
+    def _task_tokens(
+        self, layout: SequenceLayout, members: list[tuple[VPTMTask, int]]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Prompts and [MASK] embeddings for one pass over consecutive runs of `(task, number of images)`: the task's
+        own tensors when one task fills the pass (the backbone broadcasts them), else one row per image."""
+        masks = [task.mask_embedding() for task, _ in members]  # (1, 1, D) or None (the pre-trained one)
+        if len(members) == 1:
+            return members[0][0].prompts(), masks[0]
+        prompts = None
+        if layout.prompted_layers:  # (images, blocks, P, D)
+            prompts = torch.cat([task.prompts().expand(count, -1, -1, -1) for task, count in members])
+        mask = None
+        if any(m is not None for m in masks):  # (images, 1, D), the pre-trained one for tasks without their own
+            pretrained = self.backbone.pretrained_mask_token
+            mask = torch.cat([(pretrained if m is None else m).expand(count, -1, -1) for m, (_, count) in
+                              zip(masks, members, strict=True)])  # fmt: skip
+        return prompts, mask
 
 
-def readout_rows(readout: PromptedBackboneOutput, rows: torch.Tensor) -> PromptedBackboneOutput:
-    """The read-out of some images of a batch (what a task head reads)."""
+def slice_rows(readout: PromptedBackboneOutput, start: int, stop: int) -> PromptedBackboneOutput:
+    """Images `start:stop` of a pass's read-out (views): what one task's head reads, with its attention."""
     return PromptedBackboneOutput(
-        readout_hidden_state=readout.readout_hidden_state[rows],
-        visual_token_logits=None if readout.visual_token_logits is None else readout.visual_token_logits[rows],
+        readout_hidden_state=readout.readout_hidden_state[start:stop],
+        visual_token_logits=None if readout.visual_token_logits is None else readout.visual_token_logits[start:stop],
+        readout_attention=None if readout.readout_attention is None else readout.readout_attention[start:stop],
     )
 
 
-def optional_row(tensor: torch.Tensor | None, row: int) -> torch.Tensor | None:
-    return None if tensor is None else tensor[row]
+def unbind_rows(tensor: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+    return None if tensor is None else tensor.unbind(0)

@@ -337,8 +337,9 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
 
     results = benchmark.main(["--quick", "--arch", "tiny", "--output_dir", str(tmp_path)])
     rows = results["archs"]["tiny"]["rows"]
-    assert {"full", "linear", "vpt_deep", "vptm_deep", "infer_beit", "infer_vptm", "serve_one_task",
-            "serve_eight_tasks"} <= set(rows)  # fmt: skip
+    assert {"full", "linear", "vpt_deep", "vptm_deep", "infer_beit", "infer_vptm", "model_forward",
+            "serve_one_task", "serve_eight_tasks"} <= set(rows)  # fmt: skip
+    assert {"mixed_8_tasks_vs_one", "serve_one_task_vs_model"} <= set(results["archs"]["tiny"]["ratios"])
     assert all(rows[k]["images_per_s"] > 0 for k in rows if k != "checkpoint")
     assert rows["vptm_deep"]["trainable"] == 6 * 10 * 128 + 128 * 64 + 100 * 64 + 1
     assert rows["full"]["trainable"] > 20 * rows["vptm_deep"]["trainable"]

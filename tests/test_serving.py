@@ -176,3 +176,28 @@ def test_from_model_shares_the_loaded_backbone(backbone_dir, checkpoints, pixel_
         expected = model(pixel_values).logits
     for row, logits in enumerate(server(pixel_values, tasks=["mine"] * 3)):
         torch.testing.assert_close(logits, expected[row], atol=1e-5, rtol=1e-5)
+
+
+def test_one_task_batch_runs_without_per_image_copies(backbone_dir, checkpoints, monkeypatch):
+    # one task: the pass reads the caller's batch itself and the task's prompts once, broadcast by the backbone; mixed
+    # tasks out of order: one reordering, and each task's prompts expanded to its images only
+    server = MultiTaskVPTM(backbone_dir)
+    for name in ("deep", "deep-other"):
+        server.add_task(name, checkpoints[name])
+    passes = []
+    original = type(server.backbone).forward
+    monkeypatch.setattr(type(server.backbone), "forward", lambda self, x, layout, prompts=None, **kw: passes.append(
+        (x, prompts)) or original(self, x, layout, prompts=prompts, **kw))  # fmt: skip
+    pixel_values = torch.randn(4, 3, 20, 20)
+    server(pixel_values, tasks=["deep"] * 4)
+    ((x, prompts),) = passes
+    assert x.data_ptr() == pixel_values.data_ptr() and x.shape == pixel_values.shape
+    assert prompts is server.tasks["deep"].prompts()
+    passes.clear()
+    names = ["deep-other", "deep", "deep-other", "deep"]
+    logits = server(pixel_values, tasks=names)
+    ((x, prompts),) = passes
+    torch.testing.assert_close(x, pixel_values[[0, 2, 1, 3]], rtol=0, atol=0)  # by task, first seen first
+    expected = torch.stack([server.tasks[n].prompts() for n in ("deep-other", "deep-other", "deep", "deep")])
+    torch.testing.assert_close(prompts, expected, rtol=0, atol=0)
+    assert [len(row) for row in logits] == [TASKS[n]["num_labels"] for n in names]
