@@ -228,15 +228,19 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
     def _check_training_batch(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> None:
         # Training on a non-finite image would silently turn the loss (and then the prompts) into NaN. In inference a
         # non-finite image only gives that image non-finite logits, so it is not checked there (the check would cost
-        # a device sync per batch).
-        if not torch.isfinite(pixel_values).all():
-            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"pixel_values hold NaN or infinite values (images {bad} of the batch)")
+        # a device sync per batch). In training both checks share one read of the device, and only a failing batch
+        # pays for the details.
         if labels.shape != pixel_values.shape[:1]:
             raise ValueError(f"labels must have shape ({pixel_values.shape[0]},), got {tuple(labels.shape)}")
+        finite = torch.isfinite(pixel_values).all()
+        in_range = ((labels >= 0) & (labels < self.num_labels)).all().to(finite.device)
+        if bool(finite & in_range):
+            return
+        if not finite:
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"pixel_values hold NaN or infinite values (images {bad} of the batch)")
         bad = labels[(labels < 0) | (labels >= self.num_labels)]
-        if bad.numel():
-            raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
+        raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
 
     @torch.no_grad()
     def initialize_prototypes(self, batches, max_batches: int | None = None) -> None:

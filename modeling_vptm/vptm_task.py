@@ -278,11 +278,13 @@ def instance_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temp
     similarity = features @ features.T / temperature  # (batch, batch)
     same = labels[:, None] == labels[None, :]
     positives = same & ~torch.eye(len(features), dtype=torch.bool, device=features.device)
-    if not positives.any():
-        return features.sum() * 0.0
     negatives = similarity.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)  # (batch, 1)
     # -log(e^s / (e^s + e^n)) = log(1 + e^(n - s)) = softplus(n - s); exp(-inf) = 0 when a row has no negatives
-    return F.softplus(negatives - similarity)[positives].mean()
+    pair_losses = F.softplus(negatives - similarity)  # (batch, batch)
+    # the mean over the positive pairs as a masked sum over their count (at least 1): no data-dependent shape or
+    # branch, so a training step never waits for the device to learn whether the batch holds a pair
+    total = torch.where(positives, pair_losses, 0.0).sum()
+    return total / positives.sum().clamp(min=1)
 
 
 __all__ = ["PrototypicalVerbalizer", "TaskHeadOutput", "VPTMPromptEmbeddings", "VPTMTask"]

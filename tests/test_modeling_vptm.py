@@ -184,6 +184,45 @@ def test_other_options_give_finite_loss(fields, pixel_values):
     }  # only task tensors train, and all are saved
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(classifier="linear_cls", prompt_layers="first_half"),
+        dict(head_input="ensemble", prototype_contrastive_weight=1.0, instance_contrastive_weight=1.0),
+        dict(train_mask_token=True, mask_token_mode="replace"),
+    ],
+)
+def test_training_and_serving_never_wait_for_the_device(fields, monkeypatch):
+    # On a GPU every read of a device value on the host (a bool of a tensor, .item(), a boolean-mask index) stalls
+    # the queue of kernels. Meta tensors have no values, so any such read fails here: the training step and the
+    # multi-task server must run on them, apart from the one documented read that checks a training batch.
+    from modeling_vptm import VPTMTask
+    from modeling_vptm.image_batches import ImageBatchTransform
+    from modeling_vptm.serving import MultiTaskVPTM
+
+    config = vptm_config(**fields)
+    with torch.device("meta"):
+        model = VPTMForImageClassification(config).train()
+        pixels = torch.zeros(4, 3, 20, 20, dtype=torch.uint8)
+        labels = torch.tensor([0, 0, 1, 1])
+        other = VPTMTask(config)
+    monkeypatch.setattr(model, "_check_training_batch", lambda pixel_values, labels: None)
+    pixel_values = ImageBatchTransform([0.5] * 3, [0.25] * 3, crop_scale=0.5, shift=2, flip=True)(pixels, train=True)
+    out = model(pixel_values, labels=labels)
+    out.loss.backward()
+    assert (
+        out.loss.device.type == "meta"
+        and model.task.state_dict()
+        and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    )
+    model.backbone.loaded_fingerprint = "of no values"  # hashing the weights would read them
+    server = MultiTaskVPTM(None, backbone=model.backbone)
+    server.tasks.update({"mine": model.task, "other": other})  # add_task copies values, which meta tensors do not have
+    predictions = server.predict(pixel_values, ["other", "mine", "other", "mine"], output_readout_attention=True)
+    assert [p.logits.shape for p in predictions] == [(4,)] * 4
+
+
 def test_output_hidden_states_has_prompted_sequence(pixel_values):
     model = VPTMForImageClassification(vptm_config(prompt_layers=[1]))
     out = model(pixel_values, output_hidden_states=True)
