@@ -134,7 +134,7 @@ class PromptedBackbone(nn.Module):
         self.beit = BeitModel(config, add_pooling_layer=False)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
-        self._bias_cache: dict[tuple, list[torch.Tensor | None]] = {}  # see position_biases
+        self._bias_cache: dict[tuple, BlockBiases] = {}  # see position_biases
         # of the weights as loaded (float32), so that a later cast to bf16 does not change what tasks are checked on
         self.loaded_fingerprint: str | None = None
         self.eval()
@@ -320,7 +320,8 @@ class PromptedBackbone(nn.Module):
                 rest = hidden[:, num_prompts:] if has_slots else hidden
                 hidden = torch.cat([block_prompts, rest], dim=1)  # (batch, P + 1 + 1? + N, D)
                 inserted = has_slots = True
-            bias = biases_after[i] if inserted or not prompted else biases_before[i]
+            biases = biases_after if inserted or not prompted else biases_before
+            bias = biases[i]
             index = layout.readout_offset + (num_prompts if inserted else 0)  # of the read-out token, as stored
             if output_readout_attention and i == last:
                 attention = readout_attention_probs(layer, hidden, bias, index)  # (batch, heads, L)
@@ -330,10 +331,12 @@ class PromptedBackbone(nn.Module):
             skip = 0
             if skip_unread_outputs and i < last and has_slots and (i + 1) in prompted:
                 skip, has_slots = num_prompts, False  # the next block overwrites the prompt slots
+            start, stop = (query, query + 1) if query is not None else (skip, hidden.shape[1])
+            bias_rows = biases.rows(i, start, stop)  # of the queries computed
             if checkpointing and layer.gradient_checkpointing:
-                hidden = layer._gradient_checkpointing_func(run_block, layer, hidden, bias, query, skip)
+                hidden = layer._gradient_checkpointing_func(run_block, layer, hidden, bias_rows, query, skip)
             else:
-                hidden = run_block(layer, hidden, bias, query, skip)
+                hidden = run_block(layer, hidden, bias_rows, query, skip)
             if all_hidden is not None:  # never skipping, so once inserted the prompt slots are there
                 all_hidden += (hidden[:, documented_order(num_prompts, hidden.shape[1])] if inserted else hidden,)
         state = hidden[:, 0] if query is not None else hidden[:, index]  # (batch, D); prompts are in by the last block
@@ -359,16 +362,14 @@ class PromptedBackbone(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------- position biases
-    def position_biases(
-        self, window: tuple[int, int], num_extra: int, mode: str, leading: int = 0
-    ) -> list[torch.Tensor | None]:
+    def position_biases(self, window: tuple[int, int], num_extra: int, mode: str, leading: int = 0) -> BlockBiases:
         """Per-block attention bias, `(1, heads, L, L)` each, for a `window` patch grid with `num_extra` added tokens,
         `leading` of them before CLS (see `extend_relative_position_bias`).
 
         The bias tables are frozen, so the biases are constants: they are kept for the next call (keyed by the
         tables' storage and version counters, which `.to()`, `load_state_dict` and in-place edits change) instead
-        of being interpolated, gathered and extended again for every batch. Trainable tables (and compilation) are
-        never cached.
+        of being interpolated, gathered and extended again for every batch, and so are the rows of them that
+        partial blocks read. Trainable tables (and compilation) are never cached.
         """
         tables = [module.relative_position_bias_table for module in self._bias_modules()]
         key = None
@@ -378,6 +379,7 @@ class PromptedBackbone(nn.Module):
             if key in self._bias_cache:
                 return self._bias_cache[key]
         biases = self._compute_position_biases(window, num_extra, mode, leading)
+        biases = BlockBiases(biases, keep_rows=key is not None)
         if key is not None:
             if len(self._bias_cache) >= BIAS_CACHE_SIZE:
                 self._bias_cache.pop(next(iter(self._bias_cache)))
@@ -410,6 +412,41 @@ class PromptedBackbone(nn.Module):
                 bias = own if bias is None else bias + own
             biases.append(bias)
         return biases
+
+
+class BlockBiases:
+    """The attention bias of each block, `(1, heads, L, L)` (`None` for a block without one), for one layout and image
+    size, and the rows of it that blocks computing only some outputs read (`rows`)."""
+
+    def __init__(self, biases: list[torch.Tensor | None], keep_rows: bool) -> None:
+        self.biases, self.keep_rows = biases, keep_rows
+        self._rows: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def __getitem__(self, block: int) -> torch.Tensor | None:
+        return self.biases[block]
+
+    def __len__(self) -> int:
+        return len(self.biases)
+
+    def rows(self, block: int, start: int, stop: int) -> torch.Tensor | None:
+        """Rows `start:stop` of block `block`'s bias, `(1, heads, stop - start, L)`: the whole bias when those are all
+        its rows, else a copy, kept with the biases when they are kept.
+
+        A copy, not a view: a row slice of a bias whose length is not a multiple of 8 (61 tokens on the tiny backbone:
+        1 + 10 prompts + [MASK] + 49 patches) starts at an offset that is not 16-byte aligned, which the compiled fused
+        attention kernels misread on CUDA ("misaligned address"); a fresh tensor starts aligned, as the full-length
+        bias of the other blocks does.
+        """
+        bias = self.biases[block]
+        if bias is None or (start == 0 and stop == bias.shape[-2]):
+            return bias
+        key = (id(bias), start, stop)  # blocks sharing one bias tensor share its rows; the list keeps it alive
+        if key in self._rows:
+            return self._rows[key]
+        rows = bias[:, :, start:stop].contiguous()
+        if self.keep_rows:
+            self._rows[key] = rows
+        return rows
 
 
 def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str, leading: int = 0) -> torch.Tensor:
@@ -457,41 +494,44 @@ def documented_order(num_prompts: int, length: int) -> list[int]:
 
 
 def run_block(
-    layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, query_index: int | None = None, skip: int = 0
+    layer: BeitLayer,
+    hidden: torch.Tensor,
+    bias: torch.Tensor | None,
+    query_index: int | None = None,
+    skip: int = 0,
 ) -> torch.Tensor:
     """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
 
     Every token stays a key and value; outputs nobody reads are not computed, which is exact: with `query_index`,
     only that token's output, `(batch, 1, D)`; with `skip`, every output but the first `skip` rows,
-    `(batch, L - skip, D)` (the prompt slots that the next block overwrites).
+    `(batch, L - skip, D)` (the prompt slots that the next block overwrites). `bias` holds the rows of the outputs
+    computed (`BlockBiases.rows`).
     """
     normed = layer.layernorm_before(hidden)
     if query_index is None and not skip:
         attention, _ = layer.attention(normed, attention_mask=bias)
         residual = hidden
     else:
-        start, stop = (query_index, query_index + 1) if query_index is not None else (skip, hidden.shape[1])
-        queries, residual = normed[:, start:stop], hidden[:, start:stop]  # views, no copies
-        # the bias rows of those queries, copied out: a row slice of a bias whose length is not a multiple of 8 (61
-        # tokens on the tiny backbone: 1 + 10 prompts + [MASK] + 49 patches) starts at an offset that is not 16-byte
-        # aligned, which the compiled fused attention kernels misread on CUDA ("misaligned address"); a fresh tensor
-        # starts aligned, as the full-length bias of the other blocks does (one copy per block: 50 KB on the tiny
-        # backbone, 2 MB on BEiT-base).
-        rows = bias[:, :, start:stop].contiguous() if bias is not None else None
-        attention = partial_attention(layer.attention, normed, queries, rows)
+        rows = slice(query_index, query_index + 1) if query_index is not None else slice(skip, None)
+        residual = hidden[:, rows]  # a view, no copy
+        attention = partial_attention(layer.attention, normed, rows, bias)
     hidden = layer.drop_path(layer.lambda_1 * layer.dropout(attention)) + residual
     mlp = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
     return layer.drop_path(layer.lambda_2 * mlp) + hidden
 
 
-def partial_attention(
-    attention, normed: torch.Tensor, queries: torch.Tensor, bias_rows: torch.Tensor | None
-) -> torch.Tensor:
-    """`BeitAttention` for a subset of query tokens `(batch, Lq, D)` against all `(batch, L, D)` keys and values."""
+def partial_attention(attention, normed: torch.Tensor, rows: slice, bias_rows: torch.Tensor | None) -> torch.Tensor:
+    """`BeitAttention` for the query tokens `rows` of `normed` `(batch, L, D)` against all L keys and values."""
     batch, length, _ = normed.shape
     heads, head_dim = attention.num_attention_heads, attention.head_dim
-    num_queries = queries.shape[1]
-    query = attention.q_proj(queries).view(batch, num_queries, heads, head_dim).transpose(1, 2)
+    if rows.stop is not None and rows.stop - rows.start == 1:
+        query = attention.q_proj(normed[:, rows.start])  # (batch, D): a strided matrix, still one matmul
+    else:
+        # the projection of every row, then the view of the wanted ones: one matmul, where projecting the rows'
+        # view (not a matrix) takes a batched matmul and a separate bias add, or a copy first
+        query = attention.q_proj(normed)[:, rows]
+    num_queries = query.shape[1] if query.ndim == 3 else 1
+    query = query.view(batch, num_queries, heads, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
     value = attention.v_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)

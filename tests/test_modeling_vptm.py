@@ -446,6 +446,14 @@ def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
     with torch.no_grad():
         model(pixel_values)
     assert len(model.backbone._bias_cache) == 1 and not any("_bias_cache" in key for key in model.state_dict())
+    # the rows that partial blocks read (prompt slots skipped, the read-out token alone in the last block) are kept
+    # with the biases, one copy per bias tensor and row range: one bias for every block, or one per block
+    (kept,) = model.backbone._bias_cache.values()
+    rows = dict(kept._rows)
+    assert len(rows) == (len(kept) if per_block else 2) and all(r.is_contiguous() for r in rows.values())
+    with torch.no_grad():
+        model(pixel_values)
+    assert all(kept._rows[key] is rows[key] for key in rows)
     model.double()  # a conversion drops the kept biases instead of keeping stale float32 copies
     assert not model.backbone._bias_cache
     with torch.no_grad():
