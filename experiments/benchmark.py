@@ -8,7 +8,10 @@ backbone's; random weights, speed does not depend on them):
 * inference images/s of VPTM against `BeitForImageClassification` (eager, and `torch.compile` with `--compile`);
 * a mixed batch over 8 tasks (`MultiTaskVPTM`) against a batch of one task, same size, and that one task through
   the server against the model's own forward;
-* prompt-checkpoint bytes against backbone bytes.
+* prompt-checkpoint bytes against backbone bytes;
+* for each inference and serving call, the device operations it dispatches (`ops`: every aten operation that
+  computes, views excluded), counted on any device: where a small model runs at the speed the GPU can be handed
+  kernels (the tiny layout), time follows this count more than the arithmetic.
 
 On CUDA it uses bf16 autocast and SDPA, and peak memory is `max_memory_allocated`; on CPU float32, and peak memory
 is read from one profiled step's memory timeline (tensors only, as on CUDA). Writes `benchmark.json`, `benchmark.md`
@@ -82,6 +85,26 @@ def measure_side_by_side(step_fns: dict, device: str, batch: int, steps: int, wa
         out[name] = {"images_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 2),
                      "peak_gib": round(peaks[name] / 2**30, 3) if device == "cuda" else None}  # fmt: skip
     return out
+
+
+def dispatched_ops(call) -> int:
+    """Aten operations that `call()` dispatches, views excluded: about one kernel launch each on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket not in VIEW_LIKE:
+                Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        call()
+    return Count.count
+
+
+VIEW_LIKE = (torch.ops.aten._unsafe_view, torch.ops.aten.detach)  # metadata only, like views
 
 
 def cpu_peak_gib(step) -> float:
@@ -174,8 +197,9 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
         compared.update(infer_beit_compiled=inference(torch.compile(classifier)),
                         infer_vptm_compiled=inference(torch.compile(ours)))  # fmt: skip
     for name, row in measure_side_by_side(compared, device, batch, steps, warmup).items():
-        rows[name] = row
-        print(f"[{arch}] {name}: {row}", flush=True)
+        # a compiled call runs generated kernels, not aten operations: nothing to count
+        rows[name] = row if "compiled" in name else dict(row, ops=dispatched_ops(compared[name]))
+        print(f"[{arch}] {name}: {rows[name]}", flush=True)
     rows.update(mixed_batch(arch, ours, x, device, dtype, batch, steps, warmup))
     rows["checkpoint"] = checkpoint_bytes(ours)
     return rows
@@ -205,7 +229,8 @@ def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
     with torch.no_grad():
         result = measure_side_by_side(compared, device, batch, steps, warmup)
     for name, row in result.items():
-        print(f"[{arch}] {name}: {row}", flush=True)
+        result[name] = dict(row, ops=dispatched_ops(compared[name]))
+        print(f"[{arch}] {name}: {result[name]}", flush=True)
     return result
 
 
@@ -251,13 +276,15 @@ def markdown(results: dict) -> str:
     for arch, data in results["archs"].items():
         rows = data["rows"]
         lines += [f"### {arch} (batch {data['batch']})", ""]
-        lines += ["| measurement | images/s | step ms | peak GiB | trainable params |", "|---|---|---|---|---|"]
+        lines += ["| measurement | images/s | step ms | peak GiB | trainable params | ops per call |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for name, row in rows.items():
             if name == "checkpoint":
                 continue
             peak = "–" if row.get("peak_gib") is None else row["peak_gib"]
             trainable = f"{row['trainable']:,}" if "trainable" in row else "–"
-            lines.append(f"| {name} | {row['images_per_s']:,} | {row['step_ms']} | {peak} | {trainable} |")
+            ops = row.get("ops", "–")
+            lines.append(f"| {name} | {row['images_per_s']:,} | {row['step_ms']} | {peak} | {trainable} | {ops} |")
         c = rows["checkpoint"]
         lines += ["", f"Prompt checkpoint {c['prompt_checkpoint_bytes']:,} bytes vs backbone {c['backbone_bytes']:,}"
                   f" bytes ({100 * c['ratio']:.2f} %).", "", "Ratios: " + ", ".join(

@@ -340,6 +340,12 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     assert {"full", "linear", "vpt_deep", "vptm_deep", "infer_beit", "infer_vptm", "model_forward",
             "serve_one_task", "serve_eight_tasks"} <= set(rows)  # fmt: skip
     assert {"mixed_8_tasks_vs_one", "serve_one_task_vs_model"} <= set(results["archs"]["tiny"]["ratios"])
+    # device operations per call: the server adds a few to the model's forward, eight tasks a few per task
+    ops = {
+        k: rows[k]["ops"] for k in ("infer_beit", "infer_vptm", "model_forward", "serve_one_task", "serve_eight_tasks")
+    }
+    assert 50 < ops["infer_beit"] and ops["model_forward"] == ops["infer_vptm"] <= ops["serve_one_task"]
+    assert ops["serve_one_task"] <= ops["model_forward"] + 2 < ops["serve_eight_tasks"]
     assert all(rows[k]["images_per_s"] > 0 for k in rows if k != "checkpoint")
     assert rows["vptm_deep"]["trainable"] == 6 * 10 * 128 + 128 * 64 + 100 * 64 + 1
     assert rows["full"]["trainable"] > 20 * rows["vptm_deep"]["trainable"]
