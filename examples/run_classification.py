@@ -87,6 +87,9 @@ VERBALIZER_FIELDS = {"prototype_dim", "prototypes_per_class", "logit_scale_init"
                      "prototype_contrastive_weight", "instance_contrastive_weight", "contrastive_temperature",
                      "prototype_init"}  # fmt: skip
 MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "head_input", "classifier"}
+# Where each prompt method's prompts go unless --prompt_layers says: its best location on validation data (3 splits on
+# each of the two shipped backbones; docs/method.md). VPTM's is VPTMConfig's own default.
+DEFAULT_PROMPT_LAYERS = {"vptm": VPTMConfig.prompt_layers, "vpt": "deep"}
 METHOD_FIELDS = {
     "vptm": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS,
     "vpt": PROMPT_FIELDS,
@@ -114,10 +117,11 @@ class ModelArguments:
     prompt_length: int = field(
         default=VPTMConfig.prompt_length, metadata={"help": "Prompt tokens per prompted block (vptm, vpt)."}
     )
-    prompt_layers: str = field(
-        default=VPTMConfig.prompt_layers,
+    prompt_layers: str | None = field(
+        default=None,
         metadata={"help": "Blocks that get prompts: deep (all), shallow (the input only), first_half, second_half, "
-                  "every_other (the same meaning at any depth), or block indices like 0,1,2."},
+                  "every_other (the same meaning at any depth), or block indices like 0,1,2. Default: each method's "
+                  "best on validation, first_half for vptm (VPTMConfig's default), deep for vpt."},
     )  # fmt: skip
     prompt_init: Literal[PROMPT_INITS] = field(
         default=VPTMConfig.prompt_init, metadata={"help": "uniform: VPT's init; normal: N(0, initializer_range)."}
@@ -184,7 +188,10 @@ class ModelArguments:
             raise ValueError(f"--prototype_init class_mean needs --method vptm, got {self.method!r}")
 
     def prompt_layer_list(self) -> str | list[int]:
-        """`--prompt_layers` as VPTMConfig takes it: a preset location ("deep", "first_half", ...) or block indices."""
+        """`--prompt_layers` as VPTMConfig takes it: a preset location ("deep", "first_half", ...) or block indices;
+        when not given, the method's own default (`DEFAULT_PROMPT_LAYERS`)."""
+        if self.prompt_layers is None:
+            return DEFAULT_PROMPT_LAYERS.get(self.method, VPTMConfig.prompt_layers)
         if self.prompt_layers in PROMPT_LAYER_PRESETS:
             return self.prompt_layers
         try:

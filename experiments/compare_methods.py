@@ -29,40 +29,47 @@ from example_scripts import run_classification
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
 
 
-METHODS = {  # cheapest first, so an interrupted comparison has the prompt methods
+# cheapest first, so an interrupted comparison has the prompt methods; each preset names what it changes from its
+# method's defaults (VPT-deep and VPTM-first-half are the two methods' defaults, their best locations on validation)
+METHODS = {
     "linear": dict(method="linear"),
     "vpt_shallow": dict(method="vpt", prompt_layers="shallow"),
     "vpt_deep": dict(method="vpt"),
     "vptm_shallow": dict(method="vptm", prompt_layers="shallow"),
-    "vptm_deep": dict(method="vptm"),
+    "vptm_deep": dict(method="vptm", prompt_layers="deep"),
+    "vptm_first_half": dict(method="vptm"),
     "full": dict(method="full"),
 }
-LAYERS = {"shallow": "shallow", "first_half": "0,1,2", "second_half": "3,4,5", "deep": "deep"}  # 6-block backbone
 SWEEPS = {
     "prompt_length": {"values": [1, 5, 10, 50], "methods": ["vptm", "vpt"]},
-    "prompt_layers": {"values": list(LAYERS), "methods": ["vptm", "vpt"]},
+    "prompt_layers": {"values": ["shallow", "first_half", "second_half", "deep"], "methods": ["vptm", "vpt"]},
     "prototype_dim": {"values": [16, 32, 64, 128, 256], "methods": ["vptm"]},
 }
-# Each ablation names its read-out and loss weights, so that a row keeps its meaning whatever the defaults are.
+# Each ablation names its read-out, loss weights and prompt location (every block, as they were measured), so that a
+# row keeps its meaning whatever the defaults are.
 CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive_weight": 0.0}
+DEEP = {"method": "vptm", "prompt_layers": "deep"}
 ABLATIONS = {
-    "verbalizer_on_logits": dict(method="vptm", head_input="logits", **CROSS_ENTROPY_ONLY),
-    "linear_head_on_mask_logits": dict(
-        method="vptm", classifier="linear_mask", head_input="logits", **CROSS_ENTROPY_ONLY
-    ),  # fmt: skip
-    "verbalizer_on_normalized_logits": dict(method="vptm", head_input="normalized_logits", **CROSS_ENTROPY_ONLY),
-    "verbalizer_on_probs": dict(method="vptm", head_input="probs", **CROSS_ENTROPY_ONLY),
-    "verbalizer_on_hidden": dict(method="vptm", head_input="hidden", **CROSS_ENTROPY_ONLY),
-    "hidden_with_protoverb_losses": dict(method="vptm", head_input="hidden", **PROTOVERB_LOSSES),
-    "ensemble_logits_and_hidden": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY),
-    "ensemble_with_protoverb_losses": dict(method="vptm", head_input="ensemble", **PROTOVERB_LOSSES),
-    "class_mean_prototypes": dict(method="vptm", prototype_init="class_mean"),  # on the default read-out
+    "verbalizer_on_logits": dict(DEEP, head_input="logits", **CROSS_ENTROPY_ONLY),
+    "linear_head_on_mask_logits": dict(DEEP, classifier="linear_mask", head_input="logits", **CROSS_ENTROPY_ONLY),
+    "verbalizer_on_normalized_logits": dict(DEEP, head_input="normalized_logits", **CROSS_ENTROPY_ONLY),
+    "verbalizer_on_probs": dict(DEEP, head_input="probs", **CROSS_ENTROPY_ONLY),
+    "verbalizer_on_hidden": dict(DEEP, head_input="hidden", **CROSS_ENTROPY_ONLY),
+    "hidden_with_protoverb_losses": dict(DEEP, head_input="hidden", **PROTOVERB_LOSSES),
+    "ensemble_logits_and_hidden": dict(DEEP, head_input="ensemble", **CROSS_ENTROPY_ONLY),
+    "ensemble_with_protoverb_losses": dict(DEEP, head_input="ensemble", **PROTOVERB_LOSSES),
+    "class_mean_prototypes": dict(DEEP, prototype_init="class_mean"),  # on the default read-out
 }
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
 TRANSFER = {"dataset": run_classification.DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
-TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep")
+TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half")
 # what a run gets unless set (the method is always named)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments) if f.name != "method"}
+
+
+def defaults(method: str) -> dict:
+    """What a run of `method` gets unless set: the script's defaults, with the method's own prompt location."""
+    return dict(DEFAULTS, prompt_layers=run_classification.DEFAULT_PROMPT_LAYERS.get(method))
 
 
 def has_full_test_set() -> bool:
@@ -82,7 +89,7 @@ def arguments(settings: dict, seed: int, args, dataset: str | None = None) -> li
             "--dataset_name", dataset or args.dataset,
             "--save_strategy", "no", "--disable_tqdm", "true", "--num_train_epochs", str(args.epochs)]  # fmt: skip
     for key, value in settings.items():
-        argv += [f"--{key}", str(LAYERS.get(value, value) if key == "prompt_layers" else value)]
+        argv += [f"--{key}", str(value)]
     if args.backbone:
         argv += ["--model_name_or_path", args.backbone]
     if args.quick:
@@ -93,7 +100,8 @@ def arguments(settings: dict, seed: int, args, dataset: str | None = None) -> li
 def run_name(name: str, settings: dict) -> str:
     """A sweep point or ablation that is the default configuration is the same run as a method of the main table;
     naming it so makes it share that run's folder instead of training it again."""
-    changed = {key: value for key, value in settings.items() if str(DEFAULTS.get(key)) != str(value)}
+    own = defaults(settings["method"])
+    changed = {key: value for key, value in settings.items() if str(own.get(key)) != str(value)}
     return next((method for method, preset in METHODS.items() if preset == changed), name)
 
 
@@ -202,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
                 points = {}
                 # quick mode: the first value and the default only, enough to exercise the bookkeeping
                 values = sweep["values"]
+                default = defaults(method)[field]
                 if args.quick:
-                    values = [v for v in values if v in (values[0], DEFAULTS[field])]
+                    values = [v for v in values if v in (values[0], default)]
                 for value in values:
                     settings = {"method": method, field: value}
                     name = f"sweep-{method}-{field}-{value}"
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                 accuracies = [p["accuracy_mean"] for p in points.values()]
                 results["sweeps"][f"{method}/{field}"] = {
                     "points": points, "spread": max(accuracies) - min(accuracies), "best": max(accuracies),
-                    "default": points.get(str(DEFAULTS[field]), {}).get("accuracy_mean"),
+                    "default": points.get(str(default), {}).get("accuracy_mean"),
                 }  # fmt: skip
     if "ablations" in args.sections:
         results.setdefault("ablations", {}).update({
@@ -221,11 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
         })  # fmt: skip
         results["ablations"] = {name: results["ablations"][name] for name in ABLATIONS if name in results["ablations"]}
     if "transfer" in args.sections:
-        results["transfer"] = {
+        results.setdefault("transfer", {}).update({
             name: summarise([run_one(name, METHODS[name], seed, args, transfer=True) for seed in args.seeds])
             for name in TRANSFER_METHODS
-        }
+            if name in args.methods
+        })  # fmt: skip
         results["transfer"]["raw_pixel_logreg"] = raw_pixel_baseline(args, TRANSFER["dataset"])
+        order = [*TRANSFER_METHODS, "raw_pixel_logreg"]
+        results["transfer"] = {name: results["transfer"][name] for name in order if name in results["transfer"]}
     if "uniform" in args.sections and "sweeps" in results:
         results["uniform"] = {
             key: {"default": sweep["default"], "best_per_sweep": sweep["best"],

@@ -24,22 +24,25 @@ from example_scripts import run_classification
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB
 
 
-# Every candidate names its read-out and loss weights, so that its meaning does not move with the defaults.
+# Every candidate names its read-out, loss weights and prompt location, so that its meaning does not move with the
+# defaults (the verbalizers were chosen with prompts in every block, the default then).
 CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive_weight": 0.0}
+DEEP = {"prompt_layers": "deep"}
 CANDIDATES = {
-    "vpt_deep": dict(method="vpt"),
-    "vptm_logits": dict(method="vptm", head_input="logits", **CROSS_ENTROPY_ONLY),
-    "vptm_hidden": dict(method="vptm", head_input="hidden", **CROSS_ENTROPY_ONLY),
-    "vptm_hidden_protoverb": dict(method="vptm", head_input="hidden", **PROTOVERB),
+    "vpt_deep": dict(method="vpt", **DEEP),
+    "vptm_logits": dict(method="vptm", head_input="logits", **CROSS_ENTROPY_ONLY, **DEEP),
+    "vptm_hidden": dict(method="vptm", head_input="hidden", **CROSS_ENTROPY_ONLY, **DEEP),
+    "vptm_hidden_protoverb": dict(method="vptm", head_input="hidden", **PROTOVERB, **DEEP),
     "vptm_hidden_instance_t0.1": dict(
         method="vptm",
         head_input="hidden",
         prototype_contrastive_weight=0.0,
         instance_contrastive_weight=0.5,
         contrastive_temperature=0.1,
+        **DEEP,
     ),
-    "vptm_ensemble": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY),
-    "vptm_ensemble_protoverb": dict(method="vptm", head_input="ensemble", **PROTOVERB),
+    "vptm_ensemble": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY, **DEEP),
+    "vptm_ensemble_protoverb": dict(method="vptm", head_input="ensemble", **PROTOVERB, **DEEP),
 }
 REFERENCE = "vpt_deep"
 # The selection trains with shifts of up to 2 pixels and horizontal flips (the script's defaults when it was run;

@@ -426,8 +426,13 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     results = compare_methods.main(["--quick", "--output_dir", str(tmp_path)])
     methods = results["methods"]
     assert set(methods) == {"linear", "full", "vpt_shallow", "vpt_deep", "vptm_shallow", "vptm_deep",
-                            "raw_pixel_logreg"}  # fmt: skip
+                            "vptm_first_half", "raw_pixel_logreg"}  # fmt: skip
     assert methods["vptm_deep"]["trainable_parameters"] > methods["vpt_deep"]["trainable_parameters"]
+    # VPTM's default location is the first half of the blocks (3 of 6 prompted), VPT's every block
+    assert (
+        methods["vptm_deep"]["trainable_parameters"] - methods["vptm_first_half"]["trainable_parameters"]
+        == 3 * 10 * 128
+    )
     assert methods["full"]["trainable_parameters"] > 1_000_000
     assert set(results["sweeps"]) == {"vptm/prompt_length", "vpt/prompt_length", "vptm/prompt_layers",
                                       "vpt/prompt_layers", "vptm/prototype_dim"}  # fmt: skip
@@ -450,9 +455,9 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert "sweep-vptm-prompt_length-10-seed0" not in folders
     assert "sweep-vptm-prompt_length-1-seed0" in folders and "ablation-verbalizer_on_probs-seed0" in folders
     assert list(sweep["points"]) == ["16", "64"]  # quick mode: the first value and the default
-    assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_deep"]["accuracy_mean"]
+    assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_first_half"]["accuracy_mean"]  # the default
     transfer = results["transfer"]
-    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "raw_pixel_logreg"}
+    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "vptm_first_half", "raw_pixel_logreg"}
     digits = json.load(open(tmp_path / "transfer-vptm_deep-seed0" / "vptm_run_args.json"))
     assert digits["dataset_name"] == "vptm:digits" and digits["augment_flip"] is False
     assert "Transfer task: vptm:digits" in table
@@ -460,7 +465,7 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert [name for name in folders if name.startswith("sweep-")] == [
         "sweep-vpt-prompt_length-1-seed0", "sweep-vptm-prompt_length-1-seed0", "sweep-vptm-prototype_dim-16-seed0"
     ]  # fmt: skip
-    assert len(folders) == 6 + 3 + len(compare_methods.ABLATIONS) - len(shared) + 3  # + transfer
+    assert len(folders) == 7 + 3 + len(compare_methods.ABLATIONS) - len(shared) + 4  # + transfer
     # --update reruns a part and keeps the other rows
     part = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "ablations", "--ablations",
                                  "verbalizer_on_probs", "--update"])  # fmt: skip
