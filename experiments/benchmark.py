@@ -140,7 +140,10 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: st
 
 
 def vptm(arch: str, **fields) -> VPTMForImageClassification:
-    config = VPTMConfig(**ARCHS[arch], **COMMON, num_labels=fields.pop("num_labels", 100), **fields)
+    """VPTM (or, with `classifier="linear_cls"`, VPT) with prompts in every block unless `fields` say otherwise: the
+    deep-prompt methods the ratios compare."""
+    fields = {"num_labels": 100, "prompt_layers": "deep", **fields}
+    config = VPTMConfig(**ARCHS[arch], **COMMON, **fields)
     return VPTMForImageClassification(config)
 
 

@@ -42,7 +42,7 @@ BACKBONE = {"tiny": "shipped", "base": "base"}  # onnx_parity's names
 def run_arch(arch: str, batch: int, steps: int, warmup: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         backbone = make_backbone(BACKBONE[arch], os.path.join(work, "backbone"))
-        model = VPTMForImageClassification.from_backbone(backbone, num_labels=10).eval()
+        model = VPTMForImageClassification.from_backbone(backbone, num_labels=10, prompt_layers="deep").eval()
         checkpoint = os.path.join(work, "task")
         model.save_pretrained(checkpoint)
         processor = shipped_backbone_path() if arch == "tiny" else backbone

@@ -3,7 +3,8 @@
     python experiments/checkpoint_size.py [--num_labels 100] [--output sizes.json]
 
 Builds `microsoft/beit-base-patch16-224-pt22k`'s architecture with random weights (sizes do not depend on the
-values), saves it, builds VPTM on it with the default configuration and saves the prompt checkpoint.
+values), saves it, builds VPTM on it with the default configuration (prompts in the first half of the blocks) and
+with prompts in every block, and the VPT baseline with its default (every block), and saves each prompt checkpoint.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir, prompts_dir = os.path.join(tmp, "backbone"), os.path.join(tmp, "prompts")
         BeitForMaskedImageModeling(config).save_pretrained(backbone_dir)
-        for method, classifier in (("vptm", "prototypical_verbalizer"), ("vpt", "linear_cls")):
-            model = VPTMForImageClassification.from_backbone(
-                backbone_dir, num_labels=args.num_labels, classifier=classifier
-            )
+        methods = {"vptm": {}, "vptm_deep": {"prompt_layers": "deep"},
+                   "vpt_deep": {"classifier": "linear_cls", "prompt_layers": "deep"}}  # fmt: skip
+        for method, fields in methods.items():
+            model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=args.num_labels, **fields)
             model.save_pretrained(prompts_dir)
             trainable, total = model.get_nb_trainable_parameters()
             result[method] = {
