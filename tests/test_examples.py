@@ -415,9 +415,10 @@ def test_every_vptm_config_field_is_an_argument():
     arguments = {f.name for f in dataclasses.fields(run_classification.ModelArguments)}
     assert vptm_fields - set_by_the_script <= arguments, vptm_fields - set_by_the_script - arguments
     defaults = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments)}
-    assert {name: defaults[name] for name in vptm_fields & arguments} == {
-        name: getattr(VPTMConfig, name) for name in vptm_fields & arguments
-    }
+    shared = vptm_fields & arguments - {"prompt_layers"}  # the location defaults per method, below
+    assert {name: defaults[name] for name in shared} == {name: getattr(VPTMConfig, name) for name in shared}
+    location = {m: run_classification.ModelArguments(method=m).prompt_layer_list() for m in ("vptm", "vpt")}
+    assert location == {"vptm": VPTMConfig.prompt_layers, "vpt": "deep"} and VPTMConfig.prompt_layers == "first_half"
 
 
 def test_compare_methods_quick_mode_and_resume(tmp_path):

@@ -274,8 +274,10 @@ def test_backbone_stays_in_eval_mode(backbone_dir, pixel_values):
 def test_trainable_parameter_count(backbone_dir, capsys):
     model = from_backbone(backbone_dir, prompt_length=3, prototype_dim=5)
     trainable, total = model.get_nb_trainable_parameters()
-    # deep prompts 3 blocks x 3 x 24, projection 24 x 5 (from the hidden state), prototypes 4 x 5, scale 1
-    assert trainable == 3 * 3 * 24 + 24 * 5 + 4 * 5 + 1
+    # prompts in the first half of the 3 blocks (block 0) x 3 x 24, projection 24 x 5 (from the hidden state),
+    # prototypes 4 x 5, scale 1
+    assert model.config.prompted_layers == [0]
+    assert trainable == 1 * 3 * 24 + 24 * 5 + 4 * 5 + 1
     assert total == trainable + sum(p.numel() for p in model.backbone.beit.parameters()) + 24 * 2 + 24 * 37 + 37
     model.print_trainable_parameters()
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
@@ -434,7 +436,9 @@ def test_skipping_unread_outputs_is_exact_in_inference_and_training(backbone_dir
 
 @pytest.mark.parametrize("per_block", [False, True], ids=["shared-bias", "per-block-bias"])
 def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
-    config = vptm_config(use_relative_position_bias=per_block, use_shared_relative_position_bias=not per_block)
+    config = vptm_config(
+        use_relative_position_bias=per_block, use_shared_relative_position_bias=not per_block, prompt_layers="deep"
+    )
     model = VPTMForImageClassification(config).eval()
     tables = [module.relative_position_bias_table for module in model.backbone._bias_modules()]
 
@@ -701,7 +705,7 @@ def test_checkpoint_that_does_not_fit_its_backbone_is_refused(tmp_path):
 
 
 def test_task_tensors_with_wrong_shapes_are_refused(backbone_dir):
-    model = from_backbone(backbone_dir)
+    model = from_backbone(backbone_dir, prompt_layers="deep")
     tensors = model.task_state_dict()
     bad = dict(tensors, **{"prompt_embeddings.prompts": torch.zeros(3, 5, 24)})
     with pytest.raises(ValueError, match=r"prompt_embeddings.prompts has shape \(3, 5, 24\).*need \(3, 3, 24\)"):

@@ -62,7 +62,8 @@ def test_config_missing_a_field_falls_back_to_the_default_and_then_refuses_the_s
     config = json.loads((folder / "config.json").read_text())
     del config["prompt_length"]  # default 10 != the 3 prompts stored
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"prompt_embeddings.prompts has shape \(3, 3, 24\).*need \(3, 10, 24\)"):
+    # one prompted block: the default location, the first half of the 3 blocks
+    with pytest.raises(ValueError, match=r"prompt_embeddings.prompts has shape \(1, 3, 24\).*need \(1, 10, 24\)"):
         VPTMForImageClassification.from_pretrained(folder)
 
 
