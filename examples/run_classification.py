@@ -3,12 +3,14 @@ r"""Fine-tunes VPTM, or one of its baselines, for image classification with the 
 Follows transformers' `examples/pytorch/image-classification/run_image_classification.py`. Every method runs on
 the same backbone, data pipeline and schedule, so their numbers compare:
 
-* `vptm`: prompts + [MASK] read out through the frozen MIM head and a prototypical verbalizer;
-* `vpt`: the same prompts, a linear head on the final CLS state (VPT; shallow or deep via `--prompt_layers`);
+* `vptm`: prompts + [MASK] read out through the frozen MIM head and a prototypical verbalizer (prompts in the first
+  half of the blocks unless `--prompt_layers` says otherwise);
+* `vpt`: the same prompts, a linear head on the final CLS state (VPT; deep by default, shallow or another location
+  via `--prompt_layers`);
 * `linear`: frozen backbone, linear head on the final CLS state (linear probe);
 * `full`: every backbone weight trained (`BeitForImageClassification` initialised from the MIM checkpoint).
 
-    # the main job: VPTM-deep on the shipped backbone and the shipped 1,000-image Fashion-MNIST subset (offline)
+    # the main job: VPTM on the shipped backbone and the shipped 1,000-image Fashion-MNIST subset (offline)
     python examples/run_classification.py --output_dir runs/vptm
     # VPT-shallow on your own image folders, pushed to the Hub
     python examples/run_classification.py --method vpt --prompt_layers shallow --train_dir data/train \
