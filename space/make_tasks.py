@@ -3,7 +3,8 @@
     python space/make_tasks.py            # about 8 minutes on 2 CPU cores
 
 Three tasks on the one shipped backbone, each trained by ``examples/run_classification.py`` with the project's
-defaults and seed 0, horizontal flips as stated (they were the default when the bundled tasks were made):
+defaults and seed 0, horizontal flips and prompt locations as stated (flips on and prompts in every block were the
+defaults when the bundled tasks were made):
 Fashion-MNIST with VPTM-deep and with VPT-deep, flips on (so the Space can compare [MASK] and CLS), and handwritten
 digits with VPTM-deep (scikit-learn's 8x8 digits, 50 images per class, no flips). Only what a task
 needs is kept: its config, its prompt tensors, its image processor, its model card and its metrics. It also writes
@@ -22,11 +23,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE.parent / "examples" / "run_classification.py"
-TASKS = {  # the bundled fashion tasks were trained with horizontal flips (then the default), the digits without
-    "fashion-vptm": ["--method", "vptm", "--augment_flip", "true"],
+# the bundled fashion tasks were trained with horizontal flips (then the default), the digits without; both VPTM
+# tasks with prompts in every block (then VPTM's default location)
+TASKS = {
+    "fashion-vptm": ["--method", "vptm", "--prompt_layers", "deep", "--augment_flip", "true"],
     "fashion-vpt": ["--method", "vpt", "--augment_flip", "true"],
-    "digits-vptm": ["--method", "vptm", "--dataset_name", "vptm:digits", "--augment_flip", "false"],
-}
+    "digits-vptm": ["--method", "vptm", "--prompt_layers", "deep", "--dataset_name", "vptm:digits",
+                    "--augment_flip", "false"],
+}  # fmt: skip
 KEEP = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json")
 FASHION_EXAMPLES = ("Ankle boot", "Trouser", "Bag", "Pullover")  # first test image of each, shipped test split
 DIGIT_EXAMPLES = (3, 7)  # first held-out test image of each digit
