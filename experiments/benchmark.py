@@ -87,6 +87,9 @@ def measure_side_by_side(step_fns: dict, device: str, batch: int, steps: int, wa
     return out
 
 
+VIEW_LIKE = (torch.ops.aten._unsafe_view, torch.ops.aten.detach)  # metadata only, like views
+
+
 def dispatched_ops(call) -> int:
     """Aten operations that `call()` dispatches, views excluded: about one kernel launch each on a GPU."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -102,9 +105,6 @@ def dispatched_ops(call) -> int:
     with torch.no_grad(), Count():
         call()
     return Count.count
-
-
-VIEW_LIKE = (torch.ops.aten._unsafe_view, torch.ops.aten.detach)  # metadata only, like views
 
 
 def cpu_peak_gib(step) -> float:
