@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .checkpoint_io import (
     check_fits_backbone,
@@ -30,7 +31,7 @@ from .checkpoint_io import (
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import VPTMForImageClassification
 from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
-from .vptm_task import TaskHeadOutput, VPTMTask
+from .vptm_task import VPTMTask, combine_path_logits
 
 
 @dataclass
@@ -118,9 +119,9 @@ class MultiTaskVPTM(nn.Module):
     def forward(self, pixel_values: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         """Class logits for each image under its own task: a list of `(num_labels_of_its_task,)` tensors."""
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        for rows, _, _, head in self._task_runs(pixel_values, tasks):
-            for row, logits in zip(rows, head.logits.unbind(0), strict=True):
-                out[row] = logits
+        for rows, _, _, logits in self._task_runs(pixel_values, tasks):
+            for row, row_logits in zip(rows, logits.unbind(0), strict=True):
+                out[row] = row_logits
         return out
 
     @torch.no_grad()
@@ -130,12 +131,12 @@ class MultiTaskVPTM(nn.Module):
         """Each image under its own task, with the visual-token prediction at [MASK] and, on request, where the
         read-out token looked in the last block: one `TaskPrediction` per image, in input order."""
         out: list[TaskPrediction | None] = [None] * len(tasks)
-        for rows, name, readout, head in self._task_runs(pixel_values, tasks, output_readout_attention):
+        for rows, names, readout, logits in self._task_runs(pixel_values, tasks, output_readout_attention):
             tokens, attention = unbind_rows(readout.visual_token_logits), unbind_rows(readout.readout_attention)
-            for k, (row, logits) in enumerate(zip(rows, head.logits.unbind(0), strict=True)):
+            for k, (row, name, row_logits) in enumerate(zip(rows, names, logits.unbind(0), strict=True)):
                 out[row] = TaskPrediction(
                     task=name,
-                    logits=logits,
+                    logits=row_logits,
                     visual_token_logits=None if tokens is None else tokens[k],
                     readout_attention=None if attention is None else attention[k],
                 )
@@ -143,14 +144,16 @@ class MultiTaskVPTM(nn.Module):
 
     def _task_runs(
         self, pixel_values: torch.Tensor, tasks: list[str], output_readout_attention: bool = False
-    ) -> Iterator[tuple[list[int], str, PromptedBackboneOutput, TaskHeadOutput]]:
-        """Runs a mixed batch: yields, for each task in it, the input rows of its images, its name, the backbone's
-        read-out of those images and its head's output on them.
+    ) -> Iterator[tuple[list[int], list[str], PromptedBackboneOutput, torch.Tensor]]:
+        """Runs a mixed batch: yields, for each group of its images whose tasks share a backbone pass and a head
+        shape, their input rows, their task names, the backbone's read-out of them and their class logits.
 
-        The batch is reordered once, by layout and then by task (first appearance first, input order kept within a
-        task), so that each layout's pass takes a slice of it and each head a slice of that pass: views, no
-        per-group gathers. A batch already in that order (one task, or tasks in runs) is not copied at all. A task's
-        prompts enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per image.
+        The batch is reordered once, by layout, then head signature, then task (first appearance first, input order
+        kept within a task), so that each layout's pass takes a slice of it and each head group a slice of that pass:
+        views, no per-group gathers. A batch already in that order (one task, or tasks in runs) is not copied at all.
+        A task's prompts enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per
+        image. The heads of a group of several tasks run stacked (`stacked_head_logits`): a constant number of
+        operations for the group, not one set per task.
         """
         if len(tasks) != len(pixel_values):
             raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
@@ -159,18 +162,23 @@ class MultiTaskVPTM(nn.Module):
             raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
         self.backbone.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.backbone.dtype)
-        runs: dict[SequenceLayout, dict[str, list[int]]] = {}  # layout -> task -> input rows, in first-seen order
-        layouts = {name: self.tasks[name].layout for name in dict.fromkeys(tasks)}  # once per task, not per image
-        for row, name in enumerate(tasks):
-            runs.setdefault(layouts[name], {}).setdefault(name, []).append(row)
-        order = [row for by_task in runs.values() for rows in by_task.values() for row in rows]
-        if order != list(range(len(tasks))):
-            # built on the host and copied without waiting for the device: a blocking copy would stall the GPU
-            index = torch.tensor(order, dtype=torch.long).to(pixel_values.device, non_blocking=True)
-            pixel_values = pixel_values.index_select(0, index)
-        start = 0
-        for layout, by_task in runs.items():  # one backbone pass per layout, each image with its task's tokens
-            members = [(self.tasks[name], len(rows)) for name, rows in by_task.items()]
+        passes = plan_passes({name: self.tasks[name] for name in dict.fromkeys(tasks)}, tasks)
+        order = [row for heads in passes.values() for group in heads for rows in group.values() for row in rows]
+        reorder = order != list(range(len(tasks)))
+        # for each group of several tasks, which of its stacked heads' outputs each image keeps: image * tasks + task
+        own = [i * len(group) + j for heads in passes.values() for group in heads if len(group) > 1
+               for i, j in enumerate(j for j, rows in enumerate(group.values()) for _ in rows)]  # fmt: skip
+        if reorder or own:
+            # one copy per call, built on the host and made without waiting for the device: a blocking copy would
+            # stall the GPU
+            host = (order if reorder else []) + own
+            index = torch.tensor(host, dtype=torch.long).to(pixel_values.device, non_blocking=True)
+            own_index = index[len(host) - len(own) :]
+            if reorder:
+                pixel_values = pixel_values.index_select(0, index[: len(order)])
+        start = own_start = 0
+        for layout, heads in passes.items():  # one backbone pass per layout, each image with its task's tokens
+            members = [(self.tasks[name], len(rows)) for group in heads for name, rows in group.items()]
             stop = start + sum(count for _, count in members)
             prompts, mask = self._task_tokens(layout, members)
             readout = self.backbone(
@@ -181,9 +189,17 @@ class MultiTaskVPTM(nn.Module):
                 output_readout_attention=output_readout_attention,
             )
             offset = 0
-            for name, rows in by_task.items():  # each head runs once, on its task's images
+            for group in heads:  # each group's heads run once, on its tasks' images
+                rows = [row for task_rows in group.values() for row in task_rows]
+                names = [name for name, task_rows in group.items() for _ in task_rows]
                 part = slice_rows(readout, offset, offset + len(rows))
-                yield rows, name, part, self.tasks[name](part)
+                if len(group) == 1:
+                    logits = self.tasks[names[0]](part).logits
+                else:
+                    own_rows = own_index[own_start : own_start + len(rows)]
+                    logits = stacked_head_logits([self.tasks[name] for name in group], part, own_rows)
+                    own_start += len(rows)
+                yield rows, names, part, logits
                 offset += len(rows)
             start = stop
 
@@ -204,6 +220,43 @@ class MultiTaskVPTM(nn.Module):
             mask = torch.cat([(pretrained if m is None else m).expand(count, -1, -1) for m, (_, count) in
                               zip(masks, members, strict=True)])  # fmt: skip
         return prompts, mask
+
+
+def plan_passes(tasks: dict[str, VPTMTask], names: list[str]) -> dict[SequenceLayout, list[dict[str, list[int]]]]:
+    """How a mixed batch runs: for each layout (one backbone pass), its head groups (tasks of equal
+    `head_signature`), each mapping its tasks to their input rows; first appearance first throughout, input order
+    kept within a task. `tasks` maps each name in `names` to its task."""
+    spec = {name: (task.layout, task.head_signature) for name, task in tasks.items()}  # once per task, not per image
+    plan: dict[SequenceLayout, dict[tuple, dict[str, list[int]]]] = {}
+    for row, name in enumerate(names):
+        layout, signature = spec[name]
+        plan.setdefault(layout, {}).setdefault(signature, {}).setdefault(name, []).append(row)
+    return {layout: list(groups.values()) for layout, groups in plan.items()}
+
+
+def stacked_head_logits(tasks: list[VPTMTask], readout: PromptedBackboneOutput, own: torch.Tensor) -> torch.Tensor:
+    """Class logits `(images, num_labels)` of the images of several tasks whose heads have equal `head_signature`s,
+    with each head operation run once for all of them rather than once per task.
+
+    Every image goes through the tasks' heads placed side by side (their weights concatenated, which costs a few
+    extra columns of one matmul) and keeps its own task's output: `own` `(images,)` indexes the `(image, task)`
+    pairs flattened as `image * len(tasks) + task`. Equal, to rounding, to each task's own head on its images.
+    """
+    n, k = readout.readout_hidden_state.shape[0], len(tasks)
+    path_logits = []
+    paths = zip(*(task.head_modules() for task in tasks), strict=True)  # per path, its module in every task
+    for modules, features in zip(paths, tasks[0].head_features(readout), strict=True):  # features: config only
+        if isinstance(modules[0], nn.Linear):
+            weight, bias = torch.cat([m.weight for m in modules]), torch.cat([m.bias for m in modules])
+            path_logits.append(F.linear(features, weight, bias).view(n * k, -1).index_select(0, own))
+            continue
+        projected = F.linear(features, torch.cat([m.projection.weight for m in modules]))  # (n, k * prototype_dim)
+        projected = F.normalize(projected.view(n * k, -1).index_select(0, own), dim=-1)  # (n, prototype_dim)
+        prototypes = F.normalize(torch.cat([m.prototypes for m in modules]), dim=-1)  # (k * labels * M, dim)
+        cosine = modules[0].best_of_class((projected @ prototypes.T).view(n * k, -1))  # (n * k, labels)
+        scales = torch.stack([m.logit_scale for m in modules]).view(1, k, 1)
+        path_logits.append((scales * cosine.view(n, k, -1)).view(n * k, -1).index_select(0, own))
+    return combine_path_logits(path_logits)
 
 
 def slice_rows(readout: PromptedBackboneOutput, start: int, stop: int) -> PromptedBackboneOutput:

@@ -66,8 +66,11 @@ class PrototypicalVerbalizer(nn.Module):
 
     def class_cosine(self, projected: torch.Tensor) -> torch.Tensor:
         """Cosine of unit-norm projected features with each class's best prototype, `(batch, num_labels)`."""
-        cosine = projected @ F.normalize(self.prototypes, dim=-1).T  # (batch, num_labels * M)
-        return cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)  # (batch, num_labels)
+        return self.best_of_class(projected @ F.normalize(self.prototypes, dim=-1).T)
+
+    def best_of_class(self, cosine: torch.Tensor) -> torch.Tensor:
+        """`(rows, num_labels * M)` cosines with every prototype -> with each class's best, `(rows, num_labels)`."""
+        return cosine.view(-1, self.num_labels, self.prototypes_per_class).amax(-1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns `(class_logits (batch, num_labels), projected (batch, prototype_dim), cosine (batch, num_labels))`:
@@ -176,10 +179,22 @@ class VPTMTask(nn.Module):
         return self.trainable_mask_token
 
     # -------------------------------------------------------------------------------------------------- head
-    def head_inputs(self, readout: PromptedBackboneOutput) -> list[tuple[nn.Module, torch.Tensor]]:
-        """Each head path with what it reads: the normed read-out state, or the MIM head's logits at [MASK] (raw,
-        standardised per image, or as probabilities), by `head_input`. `"ensemble"` has two paths: token
-        logits, then hidden state."""
+    @property
+    def head_signature(self) -> tuple:
+        """Tasks with equal signatures have heads of the same kind, reading the same features, with tensors of the same
+        shapes: what lets a server run their heads stacked (`serving.stacked_head_logits`)."""
+        config = self.config
+        shapes = tuple((name, tuple(p.shape)) for m in self.head_modules() for name, p in m.named_parameters())
+        return config.classifier, config.head_input, config.prototypes_per_class, shapes
+
+    def head_modules(self) -> list[nn.Module]:
+        """The head's paths: the verbalizer (or the linear head), then, for `"ensemble"`, the hidden verbalizer."""
+        paths = [self.verbalizer if self.classifier is None else self.classifier]
+        return paths if self.hidden_verbalizer is None else [*paths, self.hidden_verbalizer]
+
+    def head_features(self, readout: PromptedBackboneOutput) -> list[torch.Tensor]:
+        """What each head path reads (`head_modules` order): the normed read-out state, or the MIM head's logits at
+        [MASK] (raw, standardised per image, or as probabilities), by `head_input`."""
         config, normed, token_logits = self.config, readout.readout_hidden_state, readout.visual_token_logits
         if config.classifier == "linear_cls" or config.head_input == "hidden":
             features = normed
@@ -189,10 +204,11 @@ class VPTMTask(nn.Module):
             features = F.layer_norm(token_logits.float(), token_logits.shape[-1:]).to(token_logits.dtype)
         else:  # "logits", and the token path of "ensemble"
             features = token_logits
-        paths = [(self.verbalizer if self.classifier is None else self.classifier, features)]
-        if self.hidden_verbalizer is not None:
-            paths.append((self.hidden_verbalizer, normed))
-        return paths
+        return [features] if self.hidden_verbalizer is None else [features, normed]
+
+    def head_inputs(self, readout: PromptedBackboneOutput) -> list[tuple[nn.Module, torch.Tensor]]:
+        """Each head path with what it reads (`head_modules` with `head_features`)."""
+        return list(zip(self.head_modules(), self.head_features(readout), strict=True))
 
     def forward(self, readout: PromptedBackboneOutput, labels: torch.Tensor | None = None) -> TaskHeadOutput:
         """Class logits (and, with `labels` `(batch,)`, the loss) from the prompted backbone's read-out."""
@@ -204,12 +220,8 @@ class VPTMTask(nn.Module):
             path_logits, projected, cosine = zip(
                 *(verbalizer(features) for verbalizer, features in paths), strict=True
             )
-            if len(path_logits) == 1:
-                logits = path_logits[0]
-            else:
-                logits = torch.stack([standardize_class_logits(l) for l in path_logits]).mean(0)  # (batch, labels)
             head = TaskHeadOutput(
-                logits=logits,
+                logits=combine_path_logits(path_logits),
                 path_logits=tuple(path_logits),
                 projected=tuple(projected),
                 prototype_cosine=tuple(cosine),
@@ -250,6 +262,13 @@ class VPTMTask(nn.Module):
         verbalizers = [v for v in (self.verbalizer, self.hidden_verbalizer) if v is not None]
         for verbalizer, path_features in zip(verbalizers, features, strict=True):
             verbalizer.set_prototypes_from_features(path_features, labels)
+
+
+def combine_path_logits(path_logits: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A head's class logits from its paths': the one path's, or (`"ensemble"`) the mean of their standardised ones."""
+    if len(path_logits) == 1:
+        return path_logits[0]
+    return torch.stack([standardize_class_logits(l) for l in path_logits]).mean(0)  # (batch, num_labels)
 
 
 def standardize_class_logits(logits: torch.Tensor) -> torch.Tensor:

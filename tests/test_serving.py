@@ -7,7 +7,7 @@ import torch
 from conftest import make_backbone, save_task_checkpoints
 
 import modeling_vptm.serving as serving
-from modeling_vptm import VPTMForImageClassification
+from modeling_vptm import VPTMForImageClassification, VPTMTask
 from modeling_vptm.serving import MultiTaskVPTM
 
 
@@ -18,6 +18,10 @@ TASKS = {
     "replace-trained-mask": dict(prompt_length=1, mask_token_mode="replace", train_mask_token=True, num_labels=5),
     "hidden-linear": dict(prompt_length=3, classifier="linear_mask", head_input="hidden", num_labels=3),
     "ensemble": dict(prompt_length=3, head_input="ensemble", num_labels=4),  # same layout as "deep"
+    # other weights, same layout and head shapes as their namesakes: their heads run stacked in a mixed batch
+    "deep-twin": dict(prompt_length=3, num_labels=4),
+    "vpt-shallow-twin": dict(prompt_length=2, prompt_layers="shallow", classifier="linear_cls", num_labels=3),
+    "ensemble-twin": dict(prompt_length=3, head_input="ensemble", num_labels=4),
 }
 
 
@@ -47,7 +51,7 @@ def test_predict_gives_each_image_its_tasks_tokens_and_attention(backbone_dir, c
     server = MultiTaskVPTM(backbone_dir)
     for name, path in checkpoints.items():
         server.add_task(name, path)
-    names = ["vpt-shallow", "deep", "replace-trained-mask", "deep-other", "deep"]
+    names = ["vpt-shallow", "deep", "replace-trained-mask", "deep-other", "deep", "deep-twin"]
     pixel_values = torch.randn(len(names), 3, 20, 20, generator=torch.Generator().manual_seed(3))
     predictions = server.predict(pixel_values, tasks=names, output_readout_attention=True)
     assert [p.task for p in predictions] == names
@@ -64,6 +68,32 @@ def test_predict_gives_each_image_its_tasks_tokens_and_attention(backbone_dir, c
                 prediction.visual_token_logits, expected.visual_token_logits[0], atol=1e-5, rtol=1e-5
             )
     assert all(p.readout_attention is None for p in server.predict(pixel_values, tasks=names))
+
+
+def test_heads_of_equal_shapes_run_stacked_once_per_group(backbone_dir, checkpoints, monkeypatch):
+    server = MultiTaskVPTM(backbone_dir)
+    for name, path in checkpoints.items():
+        server.add_task(name, path)
+    signatures = {name: task.head_signature for name, task in server.tasks.items()}
+    for twin in ("deep", "vpt-shallow", "ensemble"):
+        assert signatures[twin] == signatures[f"{twin}-twin"]
+    assert len(set(signatures.values())) == len(TASKS) - 3  # only the twins share (deep-other: other sizes)
+    stacked, alone = [], []
+    original_stacked, original_head = serving.stacked_head_logits, VPTMTask.forward
+    monkeypatch.setattr(serving, "stacked_head_logits", lambda tasks, readout, own: stacked.append(
+        (sorted(t.config.num_labels for t in tasks), len(own))) or original_stacked(tasks, readout, own))  # fmt: skip
+    monkeypatch.setattr(VPTMTask, "forward", lambda self, readout, labels=None: alone.append(
+        len(readout.readout_hidden_state)) or original_head(self, readout, labels))  # fmt: skip
+    names = ["deep-twin", "deep", "deep-other", "vpt-shallow", "deep", "vpt-shallow-twin", "ensemble"]
+    pixel_values = torch.randn(len(names), 3, 20, 20, generator=torch.Generator().manual_seed(4))
+    logits = server(pixel_values, tasks=names)
+    # one stacked run for deep and its twin (3 images), one for the linear twins (2); deep-other and ensemble alone
+    assert sorted(stacked) == [([3, 3], 2), ([4, 4], 3)] and sorted(alone) == [1, 1]
+    for row, name in enumerate(names):
+        with torch.no_grad():
+            expected = server.tasks[name](server.backbone(pixel_values[row : row + 1], server.tasks[name].layout,
+                                                          prompts=server.tasks[name].prompts())).logits[0]  # fmt: skip
+        torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
