@@ -381,7 +381,8 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
 
         from modeling_vptm.data import fashion_mnist_dataset, shipped_dataset
 
-        dataset = DatasetDict(train=shipped_dataset()["train"], test=fashion_mnist_dataset("test"))
+        test = fashion_mnist_dataset("test", cache_dir=model_args.cache_dir)
+        dataset = DatasetDict(train=shipped_dataset()["train"], test=test)
     elif data_args.dataset_name == DIGITS_DATASET:
         from modeling_vptm.data import digits_dataset
 

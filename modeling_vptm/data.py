@@ -13,6 +13,7 @@ Fashion-MNIST is (c) Zalando SE, released under the MIT licence (https://github.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -142,17 +143,40 @@ def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nda
     return np.sort(np.concatenate(picked))
 
 
-def fashion_mnist_dataset(split: str = "test", data_dir: str | os.PathLike | None = None):
-    """A Fashion-MNIST split from the IDX files as a ``datasets.Dataset`` (``image`` PIL, ``label`` ClassLabel)."""
+def fashion_mnist_dataset(
+    split: str = "test", data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+):
+    """A Fashion-MNIST split from the IDX files as a ``datasets.Dataset`` (``image`` PIL, ``label`` ClassLabel).
+
+    The images are encoded once into a parquet file under ``cache_dir`` (default: the ``datasets`` cache), named by
+    a hash of the split's pixels and labels, and read back from there: a later call, in any process, skips the
+    encoding (about 2 s for the 10,000 test images on 2 cores), and the result is backed by a file, so that what
+    `datasets.map` makes of it (the examples' decoded, resized images) is cached on disk too. Other IDX contents
+    make another file; a file is written under a temporary name and renamed, so none is ever half-written.
+    """
+    import datasets
     from datasets import ClassLabel, Dataset, Features, Image
     from PIL import Image as PILImage
 
     images, labels = load_fashion_mnist(split, data_dir)
-    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
-    return Dataset.from_dict(
-        {"image": [PILImage.fromarray(x, mode="L") for x in images], "label": labels.astype(int).tolist()},
-        features=features,
-    )
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "vptm-fashion-mnist"
+    path = folder / f"{split}-{digest.hexdigest()[:16]}.parquet"
+    if not path.is_file():
+        features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
+        encoded = Dataset.from_dict(
+            {"image": [PILImage.fromarray(x, mode="L") for x in images], "label": labels.astype(int).tolist()},
+            features=features,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        encoded.to_parquet(str(partial))
+        os.replace(partial, path)  # atomic: concurrent processes (torchrun) each write whole files
+    cache = None if cache_dir is None else str(cache_dir)
+    return load_local_dataset("parquet", data_files={split: str(path)}, cache_dir=cache)[split]
 
 
 def digits_dataset(train_per_class: int = 50, seed: int = 0):

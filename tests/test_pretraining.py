@@ -15,7 +15,14 @@ from conftest import REPO_ROOT
 from transformers import BeitForMaskedImageModeling
 
 from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path
-from modeling_vptm.data import FASHION_MNIST_LABELS, balanced_subset, load_fashion_mnist, read_idx, shipped_dataset
+from modeling_vptm.data import (
+    FASHION_MNIST_LABELS,
+    balanced_subset,
+    fashion_mnist_dataset,
+    load_fashion_mnist,
+    read_idx,
+    shipped_dataset,
+)
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, random_shift_flip
 from modeling_vptm.tokenizer import PatchKMeansTokenizer, TeacherFeatureTokenizer, load_visual_tokenizer
 
@@ -69,6 +76,25 @@ def test_load_fashion_mnist_and_missing_files(tmp_path):
         load_fashion_mnist("test", tmp_path / "empty")
     with pytest.raises(ValueError, match=r"split must be one of \['test', 'train'\], got 'val'"):
         load_fashion_mnist("val", tmp_path / "fm")
+
+
+def test_fashion_mnist_split_is_encoded_once_and_read_back(tmp_path, monkeypatch):
+    import datasets
+
+    write_fashion_mnist(tmp_path / "fm")
+    images, labels = load_fashion_mnist("train", tmp_path / "fm")
+    split = fashion_mnist_dataset("train", tmp_path / "fm", cache_dir=tmp_path / "cache")
+    assert split.features["label"].names == FASHION_MNIST_LABELS and split["label"] == labels.tolist()
+    assert np.array_equal(np.stack([np.asarray(image) for image in split["image"]]), images)
+    (cached,) = (tmp_path / "cache" / "vptm-fashion-mnist").glob("train-*.parquet")
+    assert all(f.suffix == ".parquet" for f in cached.parent.iterdir())  # no partial file left behind
+    monkeypatch.setattr(datasets.Dataset, "from_dict", lambda *a, **k: pytest.fail("encoded a second time"))
+    again = fashion_mnist_dataset("train", tmp_path / "fm", cache_dir=tmp_path / "cache")
+    assert again["label"] == labels.tolist() and again.cache_files  # read back, backed by a file
+    write_fashion_mnist(tmp_path / "other", seed=1)  # other contents: another file
+    monkeypatch.undo()
+    fashion_mnist_dataset("train", tmp_path / "other", cache_dir=tmp_path / "cache")
+    assert len(list(cached.parent.glob("train-*.parquet"))) == 2
 
 
 def test_balanced_subset_is_seeded_and_balanced():
