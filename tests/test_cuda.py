@@ -42,16 +42,17 @@ def test_bf16_autocast_training_moves_only_task_tensors(backbone_dir, pixel_valu
 
 
 def test_mixed_batch_on_cuda_equals_each_task(backbone_dir, pixel_values, tmp_path):
-    for seed, name in enumerate(("a", "b")):
+    # "a" and "c" have heads of the same shapes (run stacked), "b" another; the batch arrives out of task order
+    for seed, (name, num_labels) in enumerate((("a", 3), ("b", 4), ("c", 3))):
         torch.manual_seed(seed)
-        VPTMForImageClassification.from_backbone(backbone_dir, num_labels=3 + seed, prompt_length=2).save_pretrained(
+        VPTMForImageClassification.from_backbone(backbone_dir, num_labels=num_labels, prompt_length=2).save_pretrained(
             tmp_path / name
         )
     server = MultiTaskVPTM(backbone_dir)
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         server.add_task(name, tmp_path / name)
     server.to("cuda")
-    tasks = ["a", "b", "a"]
+    tasks = ["c", "b", "a"]
     with torch.no_grad():
         mixed = server(pixel_values.cuda(), tasks=tasks)
         for i, task in enumerate(tasks):
