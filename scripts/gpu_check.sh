@@ -54,8 +54,10 @@ step() {  # name, time limit in seconds, command...: runs one step, logs it, rec
   echo "$name: $status in $((SECONDS - start)) s"; tail -3 "$WORK/logs/$name.log"
 }
 
+# `-o addopts=`: the project's default options run the files in parallel through pytest-xdist, which such a machine
+# need not have; the CUDA tests are one file, run in one process
 if [ "$QUICK" = 1 ]; then
-  step gpu_tests 300 $PY -m pytest -q -m gpu tests/test_cuda.py -x
+  step gpu_tests 300 $PY -m pytest -o addopts= -q -m gpu tests/test_cuda.py -x
   step benchmark_base 300 $PY experiments/benchmark.py --quick --arch base --output_dir "$WORK/benchmark-base"
   step benchmark_tiny 300 $PY experiments/benchmark.py --quick --arch tiny --output_dir "$WORK/benchmark-tiny"
   step benchmark_training 300 $PY experiments/benchmark_training.py --quick --output_dir "$WORK/benchmark_training"
@@ -63,7 +65,7 @@ else
   # the headline figure first: the training path against the model (issue 18, section 2)
   step benchmark_training 150 $PY experiments/benchmark_training.py --output_dir "$WORK/benchmark_training"
   step benchmark_base 120 $PY experiments/benchmark.py --arch base --batch 128 --compile --output_dir "$WORK/benchmark-base"
-  step gpu_tests 150 $PY -m pytest -q -m gpu tests/test_cuda.py
+  step gpu_tests 150 $PY -m pytest -o addopts= -q -m gpu tests/test_cuda.py
   step benchmark_tiny 60 $PY experiments/benchmark.py --arch tiny --batch 128 --compile --output_dir "$WORK/benchmark-tiny"
 fi
 

@@ -11,6 +11,11 @@ import sys
 # The suite never touches the network: the Hub libraries read these when they are first imported, so set them first.
 for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[variable] = "1"
+# pytest-xdist runs the test files in parallel processes (pyproject's addopts: one per core): each takes its share of
+# the cores for its own threads and those of the processes it starts, instead of every process taking them all
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,5 @@
 """On a CUDA device: the same numbers as on the CPU, bf16 training that only moves task tensors, and mixed-task
-serving. Marked `gpu` (off by default): `python -m pytest -m gpu` on a machine with a GPU."""
+serving. Marked `gpu` (off by default): `python -m pytest -m gpu -n 0` on a machine with a GPU."""
 
 from __future__ import annotations
 
