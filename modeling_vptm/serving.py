@@ -14,7 +14,7 @@ length, prompted blocks, [MASK] placement and bias mode); tasks of the same layo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -148,37 +148,38 @@ class MultiTaskVPTM(nn.Module):
         """Runs a mixed batch: yields, for each group of its images whose tasks share a backbone pass and a head
         shape, their input rows, their task names, the backbone's read-out of them and their class logits.
 
-        The batch is reordered once, by layout, then head signature, then task (first appearance first, input order
-        kept within a task), so that each layout's pass takes a slice of it and each head group a slice of that pass:
-        views, no per-group gathers. A batch already in that order (one task, or tasks in runs) is not copied at all.
-        A task's prompts enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per
-        image. The heads of a group of several tasks run stacked (`stacked_head_logits`): a constant number of
-        operations for the group, not one set per task.
+        The batch is reordered once, by layout, then head group, then task (first appearance first, input order
+        kept within a task), so that each layout's pass takes a slice of it and each head group a slice of that pass
+        (views). A batch already in that order (one task, or tasks in runs) is not copied at all. A task's prompts
+        enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per image. The heads of
+        a group of several tasks run stacked (`stacked_head_logits`): a constant number of operations for the group,
+        not one set per task. The tasks are looked up once, when the call starts: a task added, replaced or removed
+        while it runs (by another request) changes the next call, not this one.
         """
         if len(tasks) != len(pixel_values):
             raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
-        unknown = sorted(set(tasks) - set(self.tasks))
+        unknown = sorted({name for name in tasks if name not in self.tasks})
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
         self.backbone.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.backbone.dtype)
         passes = plan_passes({name: self.tasks[name] for name in dict.fromkeys(tasks)}, tasks)
-        order = [row for heads in passes.values() for group in heads for rows in group.values() for row in rows]
+        groups = [group for heads in passes.values() for group in heads]
+        order = [row for group in groups for row in group.rows]
         reorder = order != list(range(len(tasks)))
-        # for each group of several tasks, which of its stacked heads' outputs each image keeps: image * tasks + task
-        own = [i * len(group) + j for heads in passes.values() for group in heads if len(group) > 1
-               for i, j in enumerate(j for j, rows in enumerate(group.values()) for _ in rows)]  # fmt: skip
-        if reorder or own:
+        picks = [pick for group in groups if group.stacked for pick in group.own_outputs()]
+        pick_index = None
+        if reorder or picks:
             # one copy per call, built on the host and made without waiting for the device: a blocking copy would
             # stall the GPU
-            host = (order if reorder else []) + own
-            index = torch.tensor(host, dtype=torch.long).to(pixel_values.device, non_blocking=True)
-            own_index = index[len(host) - len(own) :]
+            host_index = (order if reorder else []) + picks
+            index = torch.tensor(host_index, dtype=torch.long).to(pixel_values.device, non_blocking=True)
+            pick_index = index[len(host_index) - len(picks) :]
             if reorder:
                 pixel_values = pixel_values.index_select(0, index[: len(order)])
-        start = own_start = 0
+        start = picked = 0
         for layout, heads in passes.items():  # one backbone pass per layout, each image with its task's tokens
-            members = [(self.tasks[name], len(rows)) for group in heads for name, rows in group.items()]
+            members = [(task, len(rows)) for group in heads for task, rows in group.tasks.values()]
             stop = start + sum(count for _, count in members)
             prompts, mask = self._task_tokens(layout, members)
             readout = self.backbone(
@@ -190,16 +191,16 @@ class MultiTaskVPTM(nn.Module):
             )
             offset = 0
             for group in heads:  # each group's heads run once, on its tasks' images
-                rows = [row for task_rows in group.values() for row in task_rows]
-                names = [name for name, task_rows in group.items() for _ in task_rows]
+                rows = group.rows
                 part = slice_rows(readout, offset, offset + len(rows))
-                if len(group) == 1:
-                    logits = self.tasks[names[0]](part).logits
+                if group.stacked:
+                    own = pick_index[picked : picked + len(rows)]
+                    logits = stacked_head_logits([task for task, _ in group.tasks.values()], part, own)
+                    picked += len(rows)
                 else:
-                    own_rows = own_index[own_start : own_start + len(rows)]
-                    logits = stacked_head_logits([self.tasks[name] for name in group], part, own_rows)
-                    own_start += len(rows)
-                yield rows, names, part, logits
+                    ((task, _),) = group.tasks.values()
+                    logits = task(part).logits
+                yield rows, group.names, part, logits
                 offset += len(rows)
             start = stop
 
@@ -222,45 +223,94 @@ class MultiTaskVPTM(nn.Module):
         return prompts, mask
 
 
-def plan_passes(tasks: dict[str, VPTMTask], names: list[str]) -> dict[SequenceLayout, list[dict[str, list[int]]]]:
-    """How a mixed batch runs: for each layout (one backbone pass), its head groups (tasks of equal
-    `head_signature`), each mapping its tasks to their input rows; first appearance first throughout, input order
-    kept within a task. `tasks` maps each name in `names` to its task."""
+# Every image of a stacked group goes through each of the group's heads: the heads' arithmetic grows with the number
+# of tasks stacked (it stays far below the backbone's at this many), while the operations saved grow with it too
+MAX_STACKED_HEADS = 8
+
+
+@dataclass
+class HeadGroup:
+    """Tasks of one backbone pass whose heads run together, in order: name -> `(task, its input rows)`."""
+
+    tasks: dict[str, tuple[VPTMTask, list[int]]]
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.tasks) > 1
+
+    @property
+    def rows(self) -> list[int]:
+        """The input rows of the group's images, task after task."""
+        return [row for _, rows in self.tasks.values() for row in rows]
+
+    @property
+    def names(self) -> list[str]:
+        """The task of each image, in `rows` order."""
+        return [name for name, (_, rows) in self.tasks.items() for _ in rows]
+
+    def own_outputs(self) -> list[int]:
+        """For each image (`rows` order), where its own task's output is among the stacked heads' outputs,
+        flattened `(image, task)` as `image * number of tasks + task`."""
+        positions = [k for k, (_, rows) in enumerate(self.tasks.values()) for _ in rows]
+        return [image * len(self.tasks) + k for image, k in enumerate(positions)]
+
+
+def plan_passes(tasks: dict[str, VPTMTask], names: list[str]) -> dict[SequenceLayout, list[HeadGroup]]:
+    """How a mixed batch runs: for each layout (one backbone pass), its head groups: tasks of equal `head_signature`,
+    at most `MAX_STACKED_HEADS` to a group. First appearance first throughout, input order kept within a task.
+    `tasks` maps each name in `names` to its task; the plan holds those tasks, so the run uses them and no others."""
     spec = {name: (task.layout, task.head_signature) for name, task in tasks.items()}  # once per task, not per image
-    plan: dict[SequenceLayout, dict[tuple, dict[str, list[int]]]] = {}
+    plan: dict[SequenceLayout, dict[Hashable, dict[str, list[int]]]] = {}
     for row, name in enumerate(names):
         layout, signature = spec[name]
         plan.setdefault(layout, {}).setdefault(signature, {}).setdefault(name, []).append(row)
-    return {layout: list(groups.values()) for layout, groups in plan.items()}
+    passes = {}
+    for layout, by_signature in plan.items():
+        passes[layout] = [
+            HeadGroup({name: (tasks[name], by_task[name]) for name in chunk})
+            for by_task in by_signature.values()
+            for chunk in batched(list(by_task), MAX_STACKED_HEADS)
+        ]
+    return passes
+
+
+def batched(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def stacked_head_logits(tasks: list[VPTMTask], readout: PromptedBackboneOutput, own: torch.Tensor) -> torch.Tensor:
     """Class logits `(images, num_labels)` of the images of several tasks whose heads have equal `head_signature`s,
     with each head operation run once for all of them rather than once per task.
 
-    Every image goes through the tasks' heads placed side by side (their weights concatenated, which costs a few
-    extra columns of one matmul) and keeps its own task's output: `own` `(images,)` indexes the `(image, task)`
-    pairs flattened as `image * len(tasks) + task`. Equal, to rounding, to each task's own head on its images.
+    Every image goes through all the tasks' heads, placed side by side (their weights concatenated: `len(tasks)`
+    times one head's arithmetic, still far below the backbone's), and keeps its own task's output: `own` `(images,)`
+    indexes the `(image, task)` pairs flattened as `image * len(tasks) + task`. Equal, to rounding, to each task's
+    own head on its images.
     """
+    signatures = {task.head_signature for task in tasks}
+    if len(signatures) != 1:
+        raise ValueError(f"heads stack only when their signatures are equal, got {sorted(map(str, signatures))}")
     n, k = readout.readout_hidden_state.shape[0], len(tasks)
     path_logits = []
     paths = zip(*(task.head_modules() for task in tasks), strict=True)  # per path, its module in every task
-    for modules, features in zip(paths, tasks[0].head_features(readout), strict=True):  # features: config only
+    # what each path reads depends on the signature only, so the first task's features are every task's
+    for modules, features in zip(paths, tasks[0].head_features(readout), strict=True):
         if isinstance(modules[0], nn.Linear):
             weight, bias = torch.cat([m.weight for m in modules]), torch.cat([m.bias for m in modules])
-            path_logits.append(F.linear(features, weight, bias).view(n * k, -1).index_select(0, own))
-            continue
-        projected = F.linear(features, torch.cat([m.projection.weight for m in modules]))  # (n, k * prototype_dim)
-        projected = F.normalize(projected.view(n * k, -1).index_select(0, own), dim=-1)  # (n, prototype_dim)
-        prototypes = F.normalize(torch.cat([m.prototypes for m in modules]), dim=-1)  # (k * labels * M, dim)
-        cosine = modules[0].best_of_class((projected @ prototypes.T).view(n * k, -1))  # (n * k, labels)
-        scales = torch.stack([m.logit_scale for m in modules]).view(1, k, 1)
-        path_logits.append((scales * cosine.view(n, k, -1)).view(n * k, -1).index_select(0, own))
+            logits = F.linear(features, weight, bias)  # (n, k * labels)
+        else:
+            projected = F.linear(features, torch.cat([m.projection.weight for m in modules]))  # (n, k * dim)
+            projected = F.normalize(projected.view(n * k, -1).index_select(0, own), dim=-1)  # (n, dim): its own
+            prototypes = F.normalize(torch.cat([m.prototypes for m in modules]), dim=-1)  # (k * labels * M, dim)
+            cosine = modules[0].best_of_class((projected @ prototypes.T).view(n * k, -1))  # (n * k, labels)
+            scales = torch.stack([m.logit_scale for m in modules]).view(1, k, 1)
+            logits = scales * cosine.view(n, k, -1)
+        path_logits.append(logits.reshape(n * k, -1).index_select(0, own))
     return combine_path_logits(path_logits)
 
 
 def slice_rows(readout: PromptedBackboneOutput, start: int, stop: int) -> PromptedBackboneOutput:
-    """Images `start:stop` of a pass's read-out (views): what one task's head reads, with its attention."""
+    """Images `start:stop` of a pass's read-out (views): what one head group reads, with its attention."""
     return PromptedBackboneOutput(
         readout_hidden_state=readout.readout_hidden_state[start:stop],
         visual_token_logits=None if readout.visual_token_logits is None else readout.visual_token_logits[start:stop],

@@ -10,6 +10,7 @@ transformers and its sibling files.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -180,12 +181,15 @@ class VPTMTask(nn.Module):
 
     # -------------------------------------------------------------------------------------------------- head
     @property
-    def head_signature(self) -> tuple:
+    def head_signature(self) -> tuple[Hashable, ...]:
         """Tasks with equal signatures have heads of the same kind, reading the same features, with tensors of the same
-        shapes: what lets a server run their heads stacked (`serving.stacked_head_logits`)."""
+        shapes (for verbalizers, also the same number of prototypes per class): what lets a server run their heads
+        stacked (`serving.stacked_head_logits`)."""
         config = self.config
+        reads = "hidden" if config.classifier == "linear_cls" else config.head_input  # linear_cls reads CLS's state
+        per_class = config.prototypes_per_class if config.classifier == "prototypical_verbalizer" else None
         shapes = tuple((name, tuple(p.shape)) for m in self.head_modules() for name, p in m.named_parameters())
-        return config.classifier, config.head_input, config.prototypes_per_class, shapes
+        return config.classifier, reads, per_class, shapes
 
     def head_modules(self) -> list[nn.Module]:
         """The head's paths: the verbalizer (or the linear head), then, for `"ensemble"`, the hidden verbalizer."""
@@ -264,7 +268,7 @@ class VPTMTask(nn.Module):
             verbalizer.set_prototypes_from_features(path_features, labels)
 
 
-def combine_path_logits(path_logits: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+def combine_path_logits(path_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """A head's class logits from its paths': the one path's, or (`"ensemble"`) the mean of their standardised ones."""
     if len(path_logits) == 1:
         return path_logits[0]

@@ -87,7 +87,7 @@ def test_fashion_mnist_split_is_encoded_once_and_read_back(tmp_path, monkeypatch
     assert split.features["label"].names == FASHION_MNIST_LABELS and split["label"] == labels.tolist()
     assert np.array_equal(np.stack([np.asarray(image) for image in split["image"]]), images)
     (cached,) = (tmp_path / "cache" / "vptm-fashion-mnist").glob("train-*.parquet")
-    assert all(f.suffix == ".parquet" for f in cached.parent.iterdir())  # no partial file left behind
+    assert [f.name for f in cached.parent.iterdir()] == [cached.name]  # no partial file left behind
     monkeypatch.setattr(datasets.Dataset, "from_dict", lambda *a, **k: pytest.fail("encoded a second time"))
     again = fashion_mnist_dataset("train", tmp_path / "fm", cache_dir=tmp_path / "cache")
     assert again["label"] == labels.tolist() and again.cache_files  # read back, backed by a file

@@ -96,6 +96,69 @@ def test_heads_of_equal_shapes_run_stacked_once_per_group(backbone_dir, checkpoi
         torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
 
 
+HEAD_KINDS = {  # one layout ([MASK] read out, 2 prompts per block), every head that reads [MASK]
+    "logits": dict(head_input="logits"),
+    "probs": dict(head_input="probs"),
+    "normalized": dict(head_input="normalized_logits"),
+    "hidden-3-per-class": dict(head_input="hidden", prototypes_per_class=3),
+    "linear-mask": dict(classifier="linear_mask", head_input="logits"),
+    "ensemble": dict(head_input="ensemble"),
+}
+
+
+def test_every_head_kind_stacks_exactly_and_groups_are_capped(backbone_dir, monkeypatch):
+    server = MultiTaskVPTM(backbone_dir)
+    for kind, fields in HEAD_KINDS.items():
+        for copy in range(3):
+            torch.manual_seed(copy)
+            model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=3, prompt_length=2, **fields)
+            with torch.no_grad():
+                for p in model.task.parameters():
+                    p.add_(torch.randn_like(p) * 0.3)
+            server.add_task(f"{kind}-{copy}", model)
+    monkeypatch.setattr(serving, "MAX_STACKED_HEADS", 2)  # three tasks of a kind: a stacked pair, then one alone
+    stacked, alone = [], []
+    original_stacked, original_head = serving.stacked_head_logits, VPTMTask.forward
+    monkeypatch.setattr(serving, "stacked_head_logits", lambda tasks, readout, own: stacked.append(len(tasks)) or
+                        original_stacked(tasks, readout, own))  # fmt: skip
+    monkeypatch.setattr(VPTMTask, "forward", lambda self, readout, labels=None: alone.append(1) or original_head(
+        self, readout, labels))  # fmt: skip
+    names = [f"{kind}-{copy}" for copy in (2, 0, 1) for kind in HEAD_KINDS] * 2  # each kind's tasks interleaved
+    pixel_values = torch.randn(len(names), 3, 20, 20, generator=torch.Generator().manual_seed(5))
+    logits = server(pixel_values, tasks=names)
+    assert stacked == [2] * len(HEAD_KINDS) and len(alone) == len(HEAD_KINDS)
+    monkeypatch.undo()
+    for row, name in enumerate(names):
+        task = server.tasks[name]
+        with torch.no_grad():
+            expected = task(server.backbone(pixel_values[row : row + 1], task.layout, prompts=task.prompts())).logits
+        torch.testing.assert_close(logits[row], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_runs_with_the_tasks_it_started_with(backbone_dir, checkpoints, monkeypatch):
+    # the web app serves requests concurrently: a task replaced by another request while a batch runs must not
+    # reach that batch halfway (here: after its backbone pass, before its heads)
+    server = MultiTaskVPTM(backbone_dir)
+    server.add_task("a", checkpoints["deep"])
+    server.add_task("b", checkpoints["deep-twin"])  # stacked with "a"
+    names = ["b", "a", "b"]
+    pixel_values = torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(6))
+    before = server(pixel_values, tasks=names)
+    original = type(server.backbone).forward
+
+    def forward_then_replace(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        server.add_task("b", checkpoints["deep-other"])  # another head size
+        return out
+
+    monkeypatch.setattr(type(server.backbone), "forward", forward_then_replace)
+    during = server(pixel_values, tasks=names)
+    monkeypatch.undo()
+    for found, expected in zip(during, before, strict=True):
+        torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    assert [len(row) for row in server(pixel_values, tasks=names)] == [2, 4, 2]  # the next call has the new "b"
+
+
 def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
     server = MultiTaskVPTM(backbone_dir)
     backbone = server.backbone.beit
