@@ -60,12 +60,17 @@ def test_mixed_batch_on_cuda_equals_each_task(backbone_dir, pixel_values, tmp_pa
             torch.testing.assert_close(mixed[i], alone(pixel_values[i : i + 1].cuda()).logits[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["tiny", "base"])
-@pytest.mark.parametrize("classifier", ["prototypical_verbalizer", "linear_cls", "linear_mask"])
-def test_compiled_logits_equal_eager_logits(arch, classifier):
+@pytest.mark.parametrize(
+    "arch, classifier, prompt_layers",
+    [("tiny", "prototypical_verbalizer", "deep"), ("tiny", "prototypical_verbalizer", "first_half"),
+     ("tiny", "linear_cls", "deep"), ("tiny", "linear_mask", "first_half"),
+     ("base", "prototypical_verbalizer", "first_half"), ("base", "linear_cls", "deep")],
+)  # fmt: skip
+def test_compiled_logits_equal_eager_logits(arch, classifier, prompt_layers):
     """torch.compile on the shipped backbone's layout (61 tokens with 10 prompts and [MASK]: bias rows at odd offsets,
-    which once crashed with "misaligned address") and on BEiT-base's (2 of its 12 blocks, to compile quickly), in bf16
-    as `experiments/benchmark.py --compile` runs it."""
+    which once crashed with "misaligned address" with prompts in every block, as `experiments/benchmark.py` runs it)
+    and on BEiT-base's (2 of its 12 blocks, to compile quickly), in bf16 as `benchmark.py --compile` runs it; with
+    prompts in every block and in the first half (VPTM's default)."""
     from benchmark import ARCHS, COMMON
 
     from modeling_vptm import VPTMConfig
@@ -73,7 +78,7 @@ def test_compiled_logits_equal_eager_logits(arch, classifier):
     torch._dynamo.reset()
     layout = dict(ARCHS[arch], num_hidden_layers=2) if arch == "base" else ARCHS[arch]
     torch.manual_seed(0)
-    config = VPTMConfig(**layout, **COMMON, num_labels=7, classifier=classifier)
+    config = VPTMConfig(**layout, **COMMON, num_labels=7, classifier=classifier, prompt_layers=prompt_layers)
     model = VPTMForImageClassification(config).cuda().to(torch.bfloat16).eval()
     size = layout["image_size"]
     pixel_values = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).cuda().bfloat16()
