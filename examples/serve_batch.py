@@ -59,10 +59,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batch = jobs[start : start + args.batch_size]
         images = [read_rgb(file) for file, _ in batch]
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(args.device)
-        with torch.no_grad():
-            logits = server(pixel_values, tasks=[task for _, task in batch])
-        for (file, task), row in zip(batch, logits, strict=True):
-            top = top_predictions(row[None], server.tasks[task].config.id2label, args.top_k)[0]
+        predictions = server.predict(pixel_values, tasks=[task for _, task in batch])
+        for (file, task), prediction in zip(batch, predictions, strict=True):
+            top = top_predictions(prediction.logits[None], prediction.id2label, args.top_k)[0]
             results.append({"file": file, "task": task, "predictions": top})
             print(f"{file}\t{task}\t{format_top(top)}")
     write_jsonl(args.output, results)

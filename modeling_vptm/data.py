@@ -16,7 +16,7 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +157,7 @@ def fashion_mnist_dataset(
     a hash of the split's pixels, labels and encoding, and read back from there: a later call, in any process, skips
     the encoding (about 2 s for the 10,000 test images on 2 cores), and the result is backed by a file, so that what
     `datasets.map` makes of it (the examples' decoded, resized images) is cached on disk too. A file is written under
-    a unique temporary name and renamed into place only if no other process got there first, so none is ever
+    a unique temporary name and linked into place only if no other process got there first, so none is ever
     half-written and one already read is never replaced.
     """
     from datasets import ClassLabel, Dataset, Features, Image, config
@@ -177,15 +177,18 @@ def fashion_mnist_dataset(
             features=features,
         )
         folder.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".partial")
-        os.close(handle)
+        partial = folder / f".{path.name}.{uuid.uuid4().hex}.partial"  # created with the usual permissions
         try:
-            encoded.to_parquet(partial)
-            if not path.is_file():  # another process may have finished first: keep its file (and its mtime)
-                os.replace(partial, path)
+            encoded.to_parquet(str(partial))
+            try:
+                os.link(partial, path)  # atomic, and fails if another process got there first: its file is kept
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links
+                if not path.is_file():
+                    os.replace(partial, path)
         finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+            partial.unlink(missing_ok=True)
     cache = None if cache_dir is None else str(cache_dir)
     return load_local_dataset("parquet", data_files={split: str(path)}, cache_dir=cache)[split]
 

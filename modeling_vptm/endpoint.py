@@ -121,10 +121,7 @@ class EndpointHandler(RequestHandler):
     def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
         pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(self.device)
         predictions = self.server.predict(pixel_values, tasks)  # one pass per layout, each image its task's tokens
-        return [
-            top_predictions(p.logits[None], self.server.tasks[task].config.id2label, top_k)[0]
-            for p, task in zip(predictions, tasks, strict=True)
-        ]
+        return [top_predictions(p.logits[None], p.id2label, top_k)[0] for p in predictions]
 
 
 def load_endpoint(path: str) -> RequestHandler:

@@ -41,6 +41,8 @@ class TaskPrediction:
     Attributes:
         task: the task's name.
         logits: class logits, `(num_labels,)`.
+        id2label: the names of those classes, of the task as it was when the call ran (a task that is replaced
+            meanwhile cannot relabel this prediction).
         visual_token_logits: the frozen MIM head's prediction at [MASK], `(vocab_size,)`; `None` for tasks that
             read CLS (VPT, linear probe).
         readout_attention: the last block's attention from the read-out token, `(num_heads, sequence_length)`,
@@ -49,6 +51,7 @@ class TaskPrediction:
 
     task: str
     logits: torch.Tensor
+    id2label: dict[int, str]
     visual_token_logits: torch.Tensor | None = None
     readout_attention: torch.Tensor | None = None
 
@@ -119,8 +122,8 @@ class MultiTaskVPTM(nn.Module):
     def forward(self, pixel_values: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         """Class logits for each image under its own task: a list of `(num_labels_of_its_task,)` tensors."""
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        for rows, _, _, logits in self._task_runs(pixel_values, tasks):
-            for row, row_logits in zip(rows, logits.unbind(0), strict=True):
+        for group, _, logits in self._task_runs(pixel_values, tasks):
+            for row, row_logits in zip(group.rows, logits.unbind(0), strict=True):
                 out[row] = row_logits
         return out
 
@@ -131,12 +134,13 @@ class MultiTaskVPTM(nn.Module):
         """Each image under its own task, with the visual-token prediction at [MASK] and, on request, where the
         read-out token looked in the last block: one `TaskPrediction` per image, in input order."""
         out: list[TaskPrediction | None] = [None] * len(tasks)
-        for rows, names, readout, logits in self._task_runs(pixel_values, tasks, output_readout_attention):
+        for group, readout, logits in self._task_runs(pixel_values, tasks, output_readout_attention):
             tokens, attention = unbind_rows(readout.visual_token_logits), unbind_rows(readout.readout_attention)
-            for k, (row, name, row_logits) in enumerate(zip(rows, names, logits.unbind(0), strict=True)):
+            for k, (row, name, row_logits) in enumerate(zip(group.rows, group.names, logits.unbind(0), strict=True)):
                 out[row] = TaskPrediction(
                     task=name,
                     logits=row_logits,
+                    id2label=group.tasks[name][0].config.id2label,
                     visual_token_logits=None if tokens is None else tokens[k],
                     readout_attention=None if attention is None else attention[k],
                 )
@@ -144,9 +148,10 @@ class MultiTaskVPTM(nn.Module):
 
     def _task_runs(
         self, pixel_values: torch.Tensor, tasks: list[str], output_readout_attention: bool = False
-    ) -> Iterator[tuple[list[int], list[str], PromptedBackboneOutput, torch.Tensor]]:
+    ) -> Iterator[tuple[HeadGroup, PromptedBackboneOutput, torch.Tensor]]:
         """Runs a mixed batch: yields, for each group of its images whose tasks share a backbone pass and a head
-        shape, their input rows, their task names, the backbone's read-out of them and their class logits.
+        shape, the group (its tasks and their input rows), the backbone's read-out of its images and their class
+        logits.
 
         The batch is reordered once, by layout, then head group, then task (first appearance first, input order
         kept within a task), so that each layout's pass takes a slice of it and each head group a slice of that pass
@@ -154,16 +159,18 @@ class MultiTaskVPTM(nn.Module):
         enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per image. The heads of
         a group of several tasks run stacked (`stacked_head_logits`): a constant number of operations for the group,
         not one set per task. The tasks are looked up once, when the call starts: a task added, replaced or removed
-        while it runs (by another request) changes the next call, not this one.
+        while it runs (by another thread) changes the next call, not this one.
         """
         if len(tasks) != len(pixel_values):
             raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
-        unknown = sorted({name for name in tasks if name not in self.tasks})
-        if unknown:
-            raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}")
+        try:
+            chosen = {name: self.tasks[name] for name in dict.fromkeys(tasks)}  # the tasks this call runs with
+        except KeyError:
+            unknown = sorted({name for name in tasks if name not in self.tasks})
+            raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}") from None
         self.backbone.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.backbone.dtype)
-        passes = plan_passes({name: self.tasks[name] for name in dict.fromkeys(tasks)}, tasks)
+        passes = plan_passes(chosen, tasks)
         groups = [group for heads in passes.values() for group in heads]
         order = [row for group in groups for row in group.rows]
         reorder = order != list(range(len(tasks)))
@@ -200,7 +207,7 @@ class MultiTaskVPTM(nn.Module):
                 else:
                     ((task, _),) = group.tasks.values()
                     logits = task(part).logits
-                yield rows, group.names, part, logits
+                yield group, part, logits
                 offset += len(rows)
             start = stop
 

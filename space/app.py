@@ -226,8 +226,7 @@ class DemoService:
             batch = pixel_values[torch.tensor([image for _, image, _ in rows])]
             predictions = self.server.predict(batch, [task for _, _, task in rows])
             for (index, _, task), prediction in zip(rows, predictions, strict=True):
-                id2label = self.server.tasks[task].config.id2label
-                answers[index][task] = top_predictions(prediction.logits[None], id2label, top_ks[index])[0]
+                answers[index][task] = top_predictions(prediction.logits[None], prediction.id2label, top_ks[index])[0]
         return answers
 
     # ---------------------------------------------------------------------------------------------- look inside
@@ -244,7 +243,7 @@ class DemoService:
         for task, prediction in zip(tasks, predictions, strict=True):
             heatmap = patch_attention_map(prediction.readout_attention.cpu(), self.grid)
             share = patch_attention_share(prediction.readout_attention.cpu(), num_patches)
-            top = top_predictions(prediction.logits[None], self.server.tasks[task].config.id2label, 1)[0][0]
+            top = top_predictions(prediction.logits[None], prediction.id2label, 1)[0][0]
             reader = "[MASK]" if prediction.visual_token_logits is not None else "CLS"
             caption = (
                 f"{task}: {top['label']} ({top['score']:.2f}); {reader} gives {share:.0%} of its attention to patches"

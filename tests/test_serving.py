@@ -107,6 +107,14 @@ HEAD_KINDS = {  # one layout ([MASK] read out, 2 prompts per block), every head 
 
 
 def test_every_head_kind_stacks_exactly_and_groups_are_capped(backbone_dir, monkeypatch):
+    def signature(num_labels=3, **fields):
+        model = VPTMForImageClassification.from_backbone(backbone_dir, num_labels=num_labels, **fields)
+        return model.task.head_signature
+
+    # what a head does not read does not keep it apart; what gives its tensors' shapes another meaning does
+    assert signature(classifier="linear_cls", head_input="probs") == signature(classifier="linear_cls")
+    assert signature(classifier="linear_mask", prototypes_per_class=2) == signature(classifier="linear_mask")
+    assert signature(num_labels=6) != signature(num_labels=3, prototypes_per_class=2)  # both hold 6 prototypes
     server = MultiTaskVPTM(backbone_dir)
     for kind, fields in HEAD_KINDS.items():
         for copy in range(3):
@@ -136,14 +144,15 @@ def test_every_head_kind_stacks_exactly_and_groups_are_capped(backbone_dir, monk
 
 
 def test_a_batch_runs_with_the_tasks_it_started_with(backbone_dir, checkpoints, monkeypatch):
-    # the web app serves requests concurrently: a task replaced by another request while a batch runs must not
-    # reach that batch halfway (here: after its backbone pass, before its heads)
+    # a server shared by threads (an endpoint's, your own app's): a task replaced by one thread while another's batch
+    # runs must not reach that batch halfway (here: after its backbone pass, before its heads), nor relabel it after
     server = MultiTaskVPTM(backbone_dir)
     server.add_task("a", checkpoints["deep"])
     server.add_task("b", checkpoints["deep-twin"])  # stacked with "a"
     names = ["b", "a", "b"]
     pixel_values = torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(6))
-    before = server(pixel_values, tasks=names)
+    before = server.predict(pixel_values, tasks=names)
+    assert before[0].id2label == server.tasks["b"].config.id2label and len(before[0].id2label) == 4
     original = type(server.backbone).forward
 
     def forward_then_replace(self, *args, **kwargs):
@@ -152,11 +161,13 @@ def test_a_batch_runs_with_the_tasks_it_started_with(backbone_dir, checkpoints, 
         return out
 
     monkeypatch.setattr(type(server.backbone), "forward", forward_then_replace)
-    during = server(pixel_values, tasks=names)
+    during = server.predict(pixel_values, tasks=names)
     monkeypatch.undo()
     for found, expected in zip(during, before, strict=True):
-        torch.testing.assert_close(found, expected, rtol=0, atol=0)
-    assert [len(row) for row in server(pixel_values, tasks=names)] == [2, 4, 2]  # the next call has the new "b"
+        torch.testing.assert_close(found.logits, expected.logits, rtol=0, atol=0)
+        assert found.id2label == expected.id2label
+    after = server.predict(pixel_values, tasks=names)  # the next call has the new "b"
+    assert [len(p.logits) for p in after] == [2, 4, 2] and len(after[0].id2label) == 2
 
 
 def test_tasks_come_and_go_without_reloading_the_backbone(backbone_dir, checkpoints, monkeypatch):
