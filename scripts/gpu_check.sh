@@ -5,11 +5,15 @@
 # Meant to finish in under 8 minutes on one H200; each step has its own time limit, so one slow step cannot take the
 # others' reports with it.
 #
-# The machine needs torch, transformers, huggingface_hub and accelerate. datasets and evaluate (and dill and
-# multiprocess, which they need beyond those) come as wheels from $WHEELS, made once where PyPI is reachable:
+# The machine needs torch, transformers, huggingface_hub and accelerate (and pyarrow, pandas, xxhash and fsspec, which
+# datasets reads). datasets and evaluate (and dill and multiprocess, which they need beyond those) come as wheels, made
+# once where PyPI is reachable, in two sets tried in turn: $WHEELS the versions the suite runs on here (datasets 5.2
+# needs pyarrow >= 24 and huggingface_hub >= 1.31), then $WHEELS/floor the project's declared floor, which .ci/floors
+# tests (datasets 4.0: pyarrow >= 15). A set is kept when datasets writes and reads a parquet file with it.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d wheels datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
-# (datasets 5.2 needs pyarrow >= 24: add a pyarrow wheel if the machine's is older; the script checks and says.)
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d wheels/floor datasets==4.0.0 evaluate==0.4.6 dill==0.3.8 multiprocess==0.70.16
 #
 #   WHEELS=wheels OUT=/tmp/gpu-check bash scripts/gpu_check.sh
 #   QUICK=1 OUT=/tmp/gpu-check-quick bash scripts/gpu_check.sh     # small everything: checks the script, on a CPU too
@@ -26,14 +30,32 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HOME=$WORK/hf
 
-# 1. datasets and evaluate, from wheels when the machine lacks them
-if ! $PY -c "import datasets, evaluate" 2>/dev/null; then
-  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "datasets/evaluate missing and no wheels in WHEELS=$WHEELS (see the header)"; exit 2; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl || exit 2
-  export PYTHONPATH=$PYTHONPATH:$WORK/site
-  $PY -c "import datasets, evaluate" 2>"$WORK/logs/import.log" || {
-    cat "$WORK/logs/import.log"; $PY -c "import pyarrow; print('pyarrow', pyarrow.__version__)"
-    echo "datasets or evaluate does not import from the wheels (datasets 5.2 needs pyarrow >= 24: add its wheel)"; exit 2; }
+# 1. datasets and evaluate: the machine's own, else the first set of wheels that works there (see the header)
+works() {  # [site folder]: datasets and evaluate import, and datasets writes and reads a parquet file
+  PYTHONPATH=$PYTHONPATH${1:+:$1} $PY - > "$WORK/logs/datasets.log" 2>&1 <<'PY'
+import os, tempfile
+import datasets, evaluate
+path = os.path.join(tempfile.mkdtemp(), "check.parquet")
+datasets.Dataset.from_dict({"x": [1, 2]}).to_parquet(path)
+assert datasets.load_dataset("parquet", data_files=path)["train"]["x"] == [1, 2]
+print(f"datasets {datasets.__version__}, evaluate {evaluate.__version__}")
+PY
+}
+if ! works; then
+  SITE=
+  for set in "$WHEELS" "$WHEELS/floor"; do
+    ls "$set"/*.whl >/dev/null 2>&1 || continue
+    rm -rf "$WORK/site"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$set"/*.whl \
+      > "$WORK/logs/pip.log" 2>&1 || { echo "the wheels in $set do not install:"; tail -3 "$WORK/logs/pip.log"; continue; }
+    works "$WORK/site" && { SITE=$WORK/site; echo "from the wheels in $set: $(tail -1 "$WORK/logs/datasets.log")"; break; }
+    echo "the wheels in $set do not work here:"; tail -3 "$WORK/logs/datasets.log"
+  done
+  [ -n "$SITE" ] || {
+    $PY -c "import pyarrow, huggingface_hub as h; print('pyarrow', pyarrow.__version__, 'huggingface_hub', h.__version__)"
+    echo "no datasets/evaluate that works here: the machine has none and no set of wheels in WHEELS=$WHEELS works"
+    echo "(see the header for the two sets)"; exit 2; }
+  export PYTHONPATH=$PYTHONPATH:$SITE
 fi
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"; echo
