@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -245,12 +246,12 @@ class HeadGroup:
     def stacked(self) -> bool:
         return len(self.tasks) > 1
 
-    @property
+    @cached_property
     def rows(self) -> list[int]:
         """The input rows of the group's images, task after task."""
         return [row for _, rows in self.tasks.values() for row in rows]
 
-    @property
+    @cached_property
     def names(self) -> list[str]:
         """The task of each image, in `rows` order."""
         return [name for name, (_, rows) in self.tasks.items() for _ in rows]

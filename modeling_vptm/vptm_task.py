@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -180,11 +181,12 @@ class VPTMTask(nn.Module):
         return self.trainable_mask_token
 
     # -------------------------------------------------------------------------------------------------- head
-    @property
+    @cached_property
     def head_signature(self) -> tuple[Hashable, ...]:
         """Tasks with equal signatures have heads of the same kind, reading the same features, with tensors of the same
         shapes (for verbalizers, also the same number of prototypes per class): what lets a server run their heads
-        stacked (`serving.stacked_head_logits`)."""
+        stacked (`serving.stacked_head_logits`). Computed once: the config and the tensors' shapes are fixed from
+        construction (loading weights keeps them), and a server asks on every call."""
         config = self.config
         reads = "hidden" if config.classifier == "linear_cls" else config.head_input  # linear_cls reads CLS's state
         per_class = config.prototypes_per_class if config.classifier == "prototypical_verbalizer" else None
