@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
@@ -137,6 +136,7 @@ class VPTMTask(nn.Module):
     def __init__(self, config: VPTMConfig) -> None:
         super().__init__()
         self.config = config
+        self._head_signature: tuple[Hashable, ...] | None = None  # see `head_signature`
         self.prompt_embeddings = VPTMPromptEmbeddings(config) if config.prompted_layers else None
         self.trainable_mask_token = (
             nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -181,17 +181,19 @@ class VPTMTask(nn.Module):
         return self.trainable_mask_token
 
     # -------------------------------------------------------------------------------------------------- head
-    @cached_property
+    @property
     def head_signature(self) -> tuple[Hashable, ...]:
         """Tasks with equal signatures have heads of the same kind, reading the same features, with tensors of the same
         shapes (for verbalizers, also the same number of prototypes per class): what lets a server run their heads
         stacked (`serving.stacked_head_logits`). Computed once: the config and the tensors' shapes are fixed from
         construction (loading weights keeps them), and a server asks on every call."""
-        config = self.config
-        reads = "hidden" if config.classifier == "linear_cls" else config.head_input  # linear_cls reads CLS's state
-        per_class = config.prototypes_per_class if config.classifier == "prototypical_verbalizer" else None
-        shapes = tuple((name, tuple(p.shape)) for m in self.head_modules() for name, p in m.named_parameters())
-        return config.classifier, reads, per_class, shapes
+        if self._head_signature is None:
+            config = self.config
+            reads = "hidden" if config.classifier == "linear_cls" else config.head_input  # linear_cls reads CLS
+            per_class = config.prototypes_per_class if config.classifier == "prototypical_verbalizer" else None
+            shapes = tuple((name, tuple(p.shape)) for m in self.head_modules() for name, p in m.named_parameters())
+            self._head_signature = (config.classifier, reads, per_class, shapes)
+        return self._head_signature
 
     def head_modules(self) -> list[nn.Module]:
         """The head's paths: the verbalizer (or the linear head), then, for `"ensemble"`, the hidden verbalizer."""
