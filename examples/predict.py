@@ -16,12 +16,13 @@ import torch
 
 from modeling_vptm.checkpoint_io import check_local_folder
 from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
+from modeling_vptm.peft_methods import load_classifier
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="Image files and/or folders (searched recursively).")
-    parser.add_argument("--model", required=True, help="Folder or Hub id of a prompt checkpoint.")
+    parser.add_argument("--model", required=True, help="Folder or Hub id of a checkpoint from run_classification.py.")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--top_k", type=int, default=5)
@@ -32,15 +33,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     from tqdm.auto import tqdm
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor
 
     if not args.trust_remote_code:
         import modeling_vptm  # noqa: F401  (registers the VPTM classes with the Auto classes)
 
     check_local_folder(args.model, "prompt checkpoint")  # a mistyped folder fails now, not after Hub retries
-    model = AutoModelForImageClassification.from_pretrained(
-        args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
-    ).to(args.device)
+    # a prompt checkpoint, full weights, or a PEFT classifier (its labels and adapter on the base model it names)
+    model = load_classifier(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code).to(
+        args.device
+    )
     model.eval()
     processor = AutoImageProcessor.from_pretrained(args.model, revision=args.revision)
     files = list_images(args.inputs)

@@ -8,7 +8,11 @@ the same backbone, data pipeline and schedule, so their numbers compare:
 * `vpt`: the same prompts, a linear head on the final CLS state (VPT; deep by default, shallow or another location
   via `--prompt_layers`);
 * `linear`: frozen backbone, linear head on the final CLS state (linear probe);
-* `full`: every backbone weight trained (`BeitForImageClassification` initialised from the MIM checkpoint).
+* `full`: every backbone weight trained (`BeitForImageClassification` initialised from the MIM checkpoint);
+* `lora`: PEFT's LoRA in the frozen backbone's attention and a fresh linear head (`BeitForImageClassification`);
+* `peft`: any PEFT config of yours (`--peft_config FILE.json`: LoRA, LoHa, IA3, BOFT, ...) the same way;
+* `vptm_lora`: VPTM with PEFT's LoRA in its backbone's attention, trained together
+  (`modeling_vptm/peft_methods.py`; the PEFT methods need `pip install "vptm[peft]"`).
 
     # the main job: VPTM on the shipped backbone and the shipped 1,000-image Fashion-MNIST subset (offline)
     python examples/run_classification.py --output_dir runs/vptm
@@ -18,6 +22,9 @@ the same backbone, data pipeline and schedule, so their numbers compare:
     # any Hub dataset and BEiT MIM backbone
     python examples/run_classification.py --dataset_name cifar10 --image_column_name img \
         --model_name_or_path microsoft/beit-base-patch16-224-pt22k --output_dir runs/cifar
+    # PEFT's LoRA on the same backbone and data, or a PEFT config of your own
+    python examples/run_classification.py --method lora --output_dir runs/lora
+    python examples/run_classification.py --method peft --peft_config my_loha.json --output_dir runs/loha
     # several processes (CPU or GPUs)
     torchrun --nproc_per_node 2 examples/run_classification.py --output_dir runs/ddp
     accelerate launch --multi_gpu --num_processes 2 examples/run_classification.py --output_dir runs/ddp
@@ -42,8 +49,6 @@ from typing import Literal
 import torch
 from transformers import (
     AutoImageProcessor,
-    AutoModelForImageClassification,
-    BeitForImageClassification,
     HfArgumentParser,
     Trainer,
     TrainingArguments,
@@ -53,7 +58,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_vptm
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification
-from modeling_vptm.checkpoint_io import load_mim_backbone, resolve_backbone_path
+from modeling_vptm.checkpoint_io import resolve_backbone_path
 from modeling_vptm.configuration_vptm import (
     EXTRA_TOKEN_BIASES,
     HEAD_INPUTS,
@@ -66,11 +71,23 @@ from modeling_vptm.hub import point_at_hub_backbone, require_portable_backbone
 from modeling_vptm.image_batches import ImageBatchTransform, UInt8Images, collate, decode_images
 from modeling_vptm.images import IMAGE_EXTENSIONS, is_image_file
 from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
+from modeling_vptm.peft_methods import (
+    LORA_DEFAULTS,
+    apply_peft,
+    classifier_from_mim,
+    load_classifier,
+    lora_config,
+    point_adapter_at,
+    read_peft_config,
+    require_peft,
+    save_labels,
+)
 
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("vptm", "vpt", "linear", "full")
+METHODS = ("vptm", "vpt", "linear", "full", "lora", "peft", "vptm_lora")
+PEFT_METHODS = ("lora", "peft", "vptm_lora")
 SHIPPED_DATASET = "vptm:fashion-mnist-1k"
 # the shipped 1,000 training images, evaluated on the 10,000 official test images (Debian dataset-fashion-mnist)
 FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
@@ -80,7 +97,9 @@ RUN_ARGS_FILE = "vptm_run_args.json"
 SPLITS = ("train", "validation", "test")
 TRAIN_VAL_SPLIT = 0.15
 
-DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3}
+# lora's and vptm_lora's chosen on validation (experiments/select_defaults.py); peft takes lora's
+DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3, "lora": 3e-3, "peft": 3e-3,
+                          "vptm_lora": 1e-2}  # fmt: skip
 
 
 # the ModelArguments fields each method reads; a flag outside its method's set is reported as ignored
@@ -89,6 +108,7 @@ VERBALIZER_FIELDS = {"prototype_dim", "prototypes_per_class", "logit_scale_init"
                      "prototype_contrastive_weight", "instance_contrastive_weight", "contrastive_temperature",
                      "prototype_init"}  # fmt: skip
 MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "head_input", "classifier"}
+LORA_FIELDS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 # Where each prompt method's prompts go unless --prompt_layers says: its best location on validation data (3 splits on
 # each of the two shipped backbones; docs/method.md). VPTM's is VPTMConfig's own default.
 DEFAULT_PROMPT_LAYERS = {"vptm": VPTMConfig.prompt_layers, "vpt": "deep"}
@@ -97,6 +117,9 @@ METHOD_FIELDS = {
     "vpt": PROMPT_FIELDS,
     "linear": set(),
     "full": set(),
+    "lora": LORA_FIELDS,
+    "peft": {"peft_config"},
+    "vptm_lora": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS | LORA_FIELDS,
 }
 
 
@@ -113,7 +136,23 @@ class ModelArguments:
     method: Literal[METHODS] = field(
         default="vptm",
         metadata={"help": "vptm: prompts + [MASK] read through the MIM head and a verbalizer; vpt: prompts + a "
-                  "linear head on CLS; linear: linear probe; full: every weight trained."},
+                  "linear head on CLS; linear: linear probe; full: every weight trained; lora: PEFT's LoRA and a "
+                  "linear head; peft: the PEFT config --peft_config; vptm_lora: VPTM and LoRA together."},
+    )  # fmt: skip
+    lora_r: int = field(default=LORA_DEFAULTS["r"], metadata={"help": "LoRA's rank (lora, vptm_lora)."})
+    lora_alpha: float = field(
+        default=LORA_DEFAULTS["lora_alpha"], metadata={"help": "LoRA's scaling numerator: updates x alpha / r."}
+    )
+    lora_dropout: float = field(default=LORA_DEFAULTS["lora_dropout"], metadata={"help": "Dropout on LoRA's input."})
+    lora_target_modules: str = field(
+        default=",".join(LORA_DEFAULTS["target_modules"]),
+        metadata={"help": "Backbone modules LoRA adapts, comma-separated (BEiT's attention: q_proj, k_proj, v_proj, "
+                  "o_proj; its MLP: intermediate.dense, output.dense)."},
+    )  # fmt: skip
+    peft_config: str | None = field(
+        default=None,
+        metadata={"help": "For --method peft: a JSON file of a PEFT config (peft_type and its fields, as PEFT's "
+                  "adapter_config.json); the classification head is added to its modules_to_save."},
     )  # fmt: skip
     # VPTMConfig fields: the defaults are the config's own, so the script and the model cannot drift apart
     prompt_length: int = field(
@@ -186,8 +225,12 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         self.prompt_layer_list()  # refuses anything but a preset location or block indices, before any work
-        if self.prototype_init == "class_mean" and self.method != "vptm":
-            raise ValueError(f"--prototype_init class_mean needs --method vptm, got {self.method!r}")
+        if self.prototype_init == "class_mean" and self.method not in ("vptm", "vptm_lora"):
+            raise ValueError(f"--prototype_init class_mean needs --method vptm or vptm_lora, got {self.method!r}")
+        if self.method in PEFT_METHODS:  # refused at once, not after the data is read
+            require_peft(f"--method {self.method}")
+        if self.method == "peft" and not self.peft_config:
+            raise ValueError("--method peft trains the PEFT config --peft_config FILE.json, and none was given")
 
     def prompt_layer_list(self) -> str | list[int]:
         """`--prompt_layers` as VPTMConfig takes it: a preset location ("deep", "first_half", ...) or block indices;
@@ -207,7 +250,7 @@ class ModelArguments:
     def ignored_by_method(self, given: set[str]) -> list[str]:
         """The given flags (model fields only) that the chosen method does not read."""
         used = set(METHOD_FIELDS[self.method])
-        if self.method == "vptm" and self.classifier == "linear_mask":
+        if self.method in ("vptm", "vptm_lora") and self.classifier == "linear_mask":
             used -= VERBALIZER_FIELDS
         return sorted((given & set().union(*METHOD_FIELDS.values())) - used)
 
@@ -526,20 +569,14 @@ def prepare_images(
 
 # --------------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, id2label: dict[int, str]):
+    """The method's model, untrained; the PEFT methods' before their adapter is added (`add_adapter`)."""
     hub = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir, "token": model_args.token}
-    if model_args.method == "full":
-        mim = load_mim_backbone(model_args.model_name_or_path, **hub)  # refuses non-MIM checkpoints
-        config = mim.config
-        config.update(
-            {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-        )
-        model = BeitForImageClassification(config)
-        model.beit.load_state_dict(mim.beit.state_dict(), strict=False)  # the new pooler/classifier stay fresh
-        return model
+    if model_args.method in ("full", "lora", "peft"):
+        return classifier_from_mim(model_args.model_name_or_path, id2label, **hub)  # refuses non-MIM checkpoints
     config_fields = {f.name for f in dataclasses.fields(VPTMConfig)}  # the script's other arguments stay out
     fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name in config_fields}
     fields["prompt_layers"] = model_args.prompt_layer_list()
-    if model_args.method != "vptm":
+    if model_args.method not in ("vptm", "vptm_lora"):
         fields["classifier"] = "linear_cls"
     if model_args.method == "linear":
         fields["prompt_length"] = 0
@@ -547,6 +584,28 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
         model_args.model_name_or_path, id2label=id2label, revision=model_args.model_revision,
         cache_dir=model_args.cache_dir, token=model_args.token, **fields,
     )  # fmt: skip
+
+
+def add_adapter(model, model_args: ModelArguments):
+    """The PEFT methods' model: PEFT's adapter (with the head in its modules_to_save) on the built model."""
+    if model_args.method not in PEFT_METHODS:
+        return model
+    if model_args.method == "peft":
+        return apply_peft(model, read_peft_config(model_args.peft_config), f"--peft_config {model_args.peft_config}")
+    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
+    return apply_peft(model, config, f"--method {model_args.method} (LoRA on {targets})")
+
+
+def save_final_model(trainer: Trainer, model_args: ModelArguments, id2label: dict[int, str]) -> None:
+    """The trained model in output_dir: a prompt checkpoint, full weights, or a PEFT adapter (and what loading it
+    needs: the labels of a PEFT classifier, the VPTM base of vptm_lora)."""
+    trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
+    if model_args.method in PEFT_METHODS and trainer.is_world_process_zero():
+        if model_args.method == "vptm_lora":  # the VPTM prompt checkpoint the adapter goes on (its original task)
+            trainer.model.get_base_model().save_pretrained(trainer.args.output_dir)
+        else:
+            save_labels(trainer.args.output_dir, id2label)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -743,8 +802,12 @@ def push_checkpoint(out: str, card: CardInfo, model_args: ModelArguments, traini
     with tempfile.TemporaryDirectory(prefix="vptm-push-") as staging:
         for name in files:
             shutil.copy(os.path.join(out, name), os.path.join(staging, name))
-        if model_args.backbone_hub_id:
+        if model_args.backbone_hub_id and os.path.isfile(os.path.join(staging, "config.json")):
             point_at_hub_backbone(staging, model_args.backbone_hub_id, model_args.backbone_hub_revision)
+        if model_args.method == "vptm_lora":  # the adapter's base is the VPTM checkpoint beside it, in this repository
+            point_adapter_at(staging, card.repo_id)
+        elif model_args.method in PEFT_METHODS and model_args.backbone_hub_id:
+            point_adapter_at(staging, model_args.backbone_hub_id, model_args.backbone_hub_revision)
         prompt_checkpoint_card(card).save(os.path.join(staging, "README.md"))
         commit = push_folder(staging, card.repo_id, token, files, **hub)
         # the card's loading snippet pins the commit that holds these files; a second commit adds that card
@@ -891,11 +954,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     if training_args.do_train:
         model = build_model(model_args, id2label)
     else:  # evaluate what an earlier run left in output_dir
-        if not os.path.isfile(os.path.join(training_args.output_dir, "config.json")):
+        saved = ("config.json", "adapter_config.json")  # a model, or a PEFT adapter
+        if not any(os.path.isfile(os.path.join(training_args.output_dir, name)) for name in saved):
             raise ValueError(
                 f"--do_train false scores the checkpoint in --output_dir, and {training_args.output_dir} holds none"
             )
-        model = AutoModelForImageClassification.from_pretrained(training_args.output_dir)
+        model = load_classifier(training_args.output_dir)
     # the backbone's processor, loaded after the backbone itself, whose loading errors say more
     processor = AutoImageProcessor.from_pretrained(
         resolve_backbone_path(model_args.model_name_or_path), revision=model_args.model_revision,
@@ -916,7 +980,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         if model_args.prototype_init == "class_mean" and training_args.do_train:
             batches = torch.utils.data.DataLoader(train_data, batch_size=64, collate_fn=collate)
             model.initialize_prototypes(image_transform.model_inputs(batch, train=False) for batch in batches)
-        return model
+        return add_adapter(model, model_args) if training_args.do_train else model
 
     trainer_inputs = dict(
         train_dataset=train_data, eval_dataset=splits.get("validation"), data_collator=collate,
@@ -951,7 +1015,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=resume)
         train_seconds, train_loss = time.perf_counter() - start, train_result.training_loss
-        trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
+        save_final_model(trainer, model_args, id2label)
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics, combined=False)
         trainer.save_state()
@@ -993,8 +1057,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     if trainer.is_world_process_zero():
         out = training_args.output_dir
         processor.save_pretrained(out)
-        weights = os.path.join(out, "model.safetensors")
-        results["checkpoint_bytes"] = os.path.getsize(weights) if os.path.isfile(weights) else 0
+        results["checkpoint_bytes"] = sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)
+                                          if name.endswith(".safetensors"))  # fmt: skip
         device = (
             torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
         )

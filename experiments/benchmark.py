@@ -9,6 +9,10 @@ backbone's; random weights, speed does not depend on them):
 * a mixed batch over 8 tasks (`MultiTaskVPTM`) against a batch of one task, same size, and that one task through
   the server against the model's own forward;
 * prompt-checkpoint bytes against backbone bytes;
+* with PEFT installed, its LoRA beside them (rank 8 on the attention's query and value, a linear head): training
+  images/s and peak memory, inference with the adapter unmerged and merged (`merge_and_unload`), adapter bytes, and
+  a batch over 8 LoRA tasks, each its own adapter, both ways PEFT offers: one forward with `adapter_names` (PEFT's
+  mixed-adapter batches) and one forward per task after `set_adapter`;
 * for each inference and serving call, the device operations it dispatches (`ops`: every aten operation that
   computes, views excluded), counted on any device: where a small model runs at the speed the GPU can be handed
   kernels (the tiny layout), time follows this count more than the arithmetic.
@@ -147,6 +151,35 @@ def vptm(arch: str, **fields) -> VPTMForImageClassification:
     return VPTMForImageClassification(config)
 
 
+def has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+LORA_TASKS = ["default", *(f"task{t}" for t in range(1, 8))]  # PEFT names the first adapter "default"
+
+
+def lora_classifier(beit_config, adapters: int = 1) -> nn.Module:
+    """`BeitForImageClassification` under PEFT's LoRA (the package's defaults, a trained head per adapter), with
+    `adapters` adapters (`LORA_TASKS`), the first active. LoRA's B starts at zero: every adapter is moved off
+    it, so that each one changes the outputs."""
+    from transformers import BeitForImageClassification
+
+    from modeling_vptm.peft_methods import apply_peft, lora_config
+
+    model = apply_peft(BeitForImageClassification(beit_config), lora_config(), "the benchmark's LoRA")
+    for name in LORA_TASKS[1:adapters]:
+        model.add_adapter(name, lora_config(modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.01)
+    return model
+
+
 def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_compile: bool) -> dict:
     from transformers import BeitConfig, BeitForImageClassification
 
@@ -163,6 +196,8 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
         "vpt_deep": lambda: vptm(arch, classifier="linear_cls"),
         "vptm_deep": lambda: vptm(arch),
     }
+    if has_peft():
+        builders["lora"] = lambda: lora_classifier(beit_config)
     if device == "cuda":
         # one model at a time, so that each peak is that method's own memory (as in the reference measurements)
         for name, build in builders.items():
@@ -196,6 +231,9 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
     classifier = BeitForImageClassification(beit_config)
     ours = vptm(arch)
     compared = {"infer_beit": inference(classifier), "infer_vptm": inference(ours)}
+    if has_peft():
+        compared["infer_lora"] = inference(lora_classifier(beit_config))
+        compared["infer_lora_merged"] = inference(lora_classifier(beit_config).merge_and_unload())
     if use_compile:
         compared.update(infer_beit_compiled=inference(torch.compile(classifier)),
                         infer_vptm_compiled=inference(torch.compile(ours)))  # fmt: skip
@@ -205,7 +243,54 @@ def run_arch(arch: str, batch: int, steps: int, warmup: int, device: str, use_co
         print(f"[{arch}] {name}: {rows[name]}", flush=True)
     rows.update(mixed_batch(arch, ours, x, device, dtype, batch, steps, warmup))
     rows["checkpoint"] = checkpoint_bytes(ours)
+    if has_peft():
+        rows.update(lora_mixed_batch(arch, beit_config, x, device, dtype, batch, steps, warmup))
+        rows["checkpoint"]["lora_adapter_bytes"] = lora_adapter_bytes(lora_classifier(beit_config))
     return rows
+
+
+def lora_mixed_batch(arch, beit_config, x, device, dtype, batch, steps, warmup) -> dict:
+    """A batch spread over 8 LoRA tasks (8 adapters on one loaded model) against the same batch under one adapter:
+    one forward with PEFT's `adapter_names`, and what a user without it does, one forward per task's rows after
+    `set_adapter`, the outputs put back in the batch's order."""
+    model = lora_classifier(beit_config, adapters=8).to(device).eval()
+    if device == "cuda":
+        model = model.to(dtype)
+    inputs = x.to(next(model.parameters()).dtype)
+    names = [LORA_TASKS[i % 8] for i in range(batch)]
+    groups = {name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device) for name in set(names)}
+
+    def one_task():
+        model.set_adapter("default")
+        return model(pixel_values=inputs).logits
+
+    def per_task_forwards():
+        logits = None
+        for name, rows in groups.items():
+            model.set_adapter(name)
+            part = model(pixel_values=inputs[rows]).logits
+            logits = part.new_empty(len(names), part.shape[-1]) if logits is None else logits
+            logits[rows] = part
+        return logits
+
+    compared = {
+        "lora_one_task": one_task,
+        "lora_eight_tasks_adapter_names": lambda: model(pixel_values=inputs, adapter_names=names).logits,
+        "lora_eight_tasks_set_adapter": per_task_forwards,
+    }
+    with torch.no_grad():
+        result = measure_side_by_side(compared, device, batch, steps, warmup)
+    for name, row in result.items():
+        result[name] = dict(row, ops=dispatched_ops(compared[name]))
+        print(f"[{arch}] {name}: {result[name]}", flush=True)
+    return result
+
+
+def lora_adapter_bytes(model) -> int:
+    """Bytes of the saved adapter (LoRA tensors and the head, float32), as `save_pretrained` writes it."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
 
 
 def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
@@ -267,6 +352,26 @@ def ratios(rows: dict) -> dict:
     }
     if full["peak_gib"]:
         out["vptm_train_memory_vs_full"] = round(rows["vptm_deep"]["peak_gib"] / full["peak_gib"], 3)
+    if "lora" in rows:
+        lora = rows["lora"]
+        out.update(
+            lora_train_vs_vptm=round(lora["images_per_s"] / rows["vptm_deep"]["images_per_s"], 3),
+            lora_infer_vs_vptm=round(rows["infer_lora"]["images_per_s"] / rows["infer_vptm"]["images_per_s"], 3),
+            lora_merged_infer_vs_vptm=round(
+                rows["infer_lora_merged"]["images_per_s"] / rows["infer_vptm"]["images_per_s"], 3
+            ),
+            lora_mixed_8_adapter_names_vs_one=round(
+                rows["lora_eight_tasks_adapter_names"]["images_per_s"] / rows["lora_one_task"]["images_per_s"], 3
+            ),
+            lora_mixed_8_set_adapter_vs_one=round(
+                rows["lora_eight_tasks_set_adapter"]["images_per_s"] / rows["lora_one_task"]["images_per_s"], 3
+            ),
+            lora_adapter_vs_vptm_checkpoint=round(
+                rows["checkpoint"]["lora_adapter_bytes"] / rows["checkpoint"]["prompt_checkpoint_bytes"], 3
+            ),
+        )
+        if lora["peak_gib"] and rows["vptm_deep"]["peak_gib"]:
+            out["lora_train_memory_vs_vptm"] = round(lora["peak_gib"] / rows["vptm_deep"]["peak_gib"], 3)
     if "infer_vptm_compiled" in rows:
         out["vptm_compiled_vs_beit_compiled"] = round(
             rows["infer_vptm_compiled"]["images_per_s"] / rows["infer_beit_compiled"]["images_per_s"], 3
@@ -289,8 +394,9 @@ def markdown(results: dict) -> str:
             ops = row.get("ops", "–")
             lines.append(f"| {name} | {row['images_per_s']:,} | {row['step_ms']} | {peak} | {trainable} | {ops} |")
         c = rows["checkpoint"]
+        lora = f"; LoRA adapter {c['lora_adapter_bytes']:,} bytes" if "lora_adapter_bytes" in c else ""
         lines += ["", f"Prompt checkpoint {c['prompt_checkpoint_bytes']:,} bytes vs backbone {c['backbone_bytes']:,}"
-                  f" bytes ({100 * c['ratio']:.2f} %).", "", "Ratios: " + ", ".join(
+                  f" bytes ({100 * c['ratio']:.2f} %){lora}.", "", "Ratios: " + ", ".join(
                       f"{k} {v}" for k, v in data["ratios"].items()), ""]  # fmt: skip
     return "\n".join(lines)
 

@@ -39,6 +39,10 @@ METHODS = {
     "vptm_deep": dict(method="vptm", prompt_layers="deep"),
     "vptm_first_half": dict(method="vptm"),
     "full": dict(method="full"),
+    # PEFT's LoRA on the same backbone (a linear head), and LoRA inside VPTM's backbone: their defaults chosen on
+    # validation (experiments/select_defaults.py)
+    "lora": dict(method="lora"),
+    "vptm_lora": dict(method="vptm_lora"),
 }
 SWEEPS = {
     "prompt_length": {"values": [1, 5, 10, 50], "methods": ["vptm", "vpt"]},
@@ -62,7 +66,7 @@ ABLATIONS = {
 }
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
 TRANSFER = {"dataset": run_classification.DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
-TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half")
+TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half", "lora", "vptm_lora")
 # what a run gets unless set (the method is always named)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments) if f.name != "method"}
 

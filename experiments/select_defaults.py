@@ -70,7 +70,26 @@ VARIANT_BASE = {
     **{name: name.rsplit("_no_", 1)[0] for name in AUGMENTATION_CANDIDATES},
     **{f"{base}_{location}": f"{base}_deep" for base in (REFERENCE, DEFAULT_VPTM) for location in LOCATIONS[1:]},
 }
-ALL_CANDIDATES = {**CANDIDATES, **AUGMENTATION_CANDIDATES, **LOCATION_CANDIDATES}
+# PEFT's LoRA as a baseline (`--method lora`) and on top of VPTM (`vptm_lora`), on the current augmentation defaults
+# (no flips): rank, learning rate and target modules; LoRA's alpha is twice its rank throughout, its usual ratio.
+ATTENTION_AND_MLP = "q_proj,k_proj,v_proj,o_proj,intermediate.dense,output.dense"
+PEFT_CANDIDATES = {
+    **{
+        f"lora_r{r}_lr{lr}": dict(method="lora", lora_r=r, lora_alpha=2 * r, learning_rate=lr, augment_flip="false")
+        for r, lr in ((8, "1e-3"), (8, "3e-3"), (8, "1e-2"), (32, "3e-3"))
+    },
+    "lora_r8_lr3e-3_attention_mlp": dict(
+        method="lora", lora_r=8, lora_alpha=16, learning_rate="3e-3", lora_target_modules=ATTENTION_AND_MLP,
+        augment_flip="false",
+    ),
+    **{
+        f"vptm_lora_r8_lr{lr}": dict(
+            method="vptm_lora", lora_r=8, lora_alpha=16, learning_rate=lr, augment_flip="false"
+        )
+        for lr in ("3e-3", "1e-2")
+    },
+}  # fmt: skip
+ALL_CANDIDATES = {**CANDIDATES, **AUGMENTATION_CANDIDATES, **LOCATION_CANDIDATES, **PEFT_CANDIDATES}
 
 
 def arguments(settings: dict, split_seed: int, args) -> list[str]:
@@ -115,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=list(CANDIDATES),
         choices=list(ALL_CANDIDATES),
         help="Verbalizer candidates by default; the *_no_flip / *_no_shift ones measure the augmentation defaults, "
-        "the *_deep / *_shallow / *_first_half / *_second_half / *_every_other ones the prompt location.",
+        "the *_deep / *_shallow / *_first_half / *_second_half / *_every_other ones the prompt location, the "
+        "lora_* and vptm_lora_* ones PEFT's LoRA (needs the peft extra).",
     )
     parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.2, help="Validation fraction of the training images.")
@@ -158,9 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         if ran:
             best = max(ran, key=lambda k: ran[k]["mean"])
             locations[base] = LOCATION_CANDIDATES[best]["prompt_layers"]
+    peft_chosen = {}  # per PEFT method, its candidate with the best mean validation accuracy among those run
+    for method in ("lora", "vptm_lora"):
+        ran = {k: v for k, v in summary.items() if k in PEFT_CANDIDATES and PEFT_CANDIDATES[k]["method"] == method}
+        if ran:
+            peft_chosen[method] = max(ran, key=lambda k: ran[k]["mean"])
     results = {
         "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
-        "candidates": summary, "chosen": chosen, "chosen_locations": locations,
+        "candidates": summary, "chosen": chosen, "chosen_locations": locations, "chosen_peft": peft_chosen,
         "seconds": round(time.perf_counter() - start, 1),
         "backbone": args.backbone or run_classification.SHIPPED_BACKBONE,
     }  # fmt: skip
@@ -185,7 +210,7 @@ def markdown(results: dict) -> str:
     for name, row in results["candidates"].items():
         difference = row.get("paired_difference_vs_reference")
         difference = "–" if difference is None else f"{100 * difference:+.2f}"
-        mark = " (chosen)" if name == results["chosen"] else ""
+        mark = " (chosen)" if name in (results["chosen"], *results.get("chosen_peft", {}).values()) else ""
         lines.append(
             f"| {name}{mark} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} | {difference} | "
             f"{row['trainable_parameters']:,} |"

@@ -14,7 +14,10 @@ from .checkpoint_io import SHIPPED_PREFIX
 
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "prompt_checkpoint_card.md")
-METHOD_TITLES = {"vptm": "VPTM", "vpt": "VPT", "linear": "linear-probe", "full": "fully fine-tuned"}
+METHOD_TITLES = {"vptm": "VPTM", "vpt": "VPT", "linear": "linear-probe", "full": "fully fine-tuned", "lora": "LoRA",
+                 "peft": "PEFT", "vptm_lora": "VPTM + LoRA"}  # fmt: skip
+# methods whose checkpoint is a PEFT adapter: loaded by PEFT (library_name: peft)
+PEFT_CARD_METHODS = ("lora", "peft", "vptm_lora")
 METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall"}
 LICENSE = "mit"  # the license vptm is released under; change the card's if your data or backbone need another
 
@@ -65,9 +68,14 @@ def prompt_checkpoint_card(info: CardInfo):
     ]  # fmt: skip
     data = ModelCardData(
         license=LICENSE,
-        library_name="transformers",
+        library_name="peft" if info.method in PEFT_CARD_METHODS else "transformers",
         pipeline_tag="image-classification",
-        tags=list(dict.fromkeys(["vptm", "visual-prompt-tuning", info.method])),
+        tags=list(
+            dict.fromkeys(
+                ["vptm", "visual-prompt-tuning", info.method.replace("_", "-")]
+                + (["peft", "lora"] if info.method in ("lora", "vptm_lora") else [])
+            )
+        ),
         base_model=info.backbone if backbone_on_hub else None,
         base_model_relation=("finetune" if info.method == "full" else "adapter") if backbone_on_hub else None,
         datasets=[info.dataset] if dataset_on_hub else None,
@@ -83,6 +91,12 @@ def prompt_checkpoint_card(info: CardInfo):
         where = "a local folder: share it on the Hub and retrain, or others cannot load this checkpoint"
     if info.method == "full":
         contents = f"It holds every weight of the fine-tuned BEiT ({info.trainable_parameters:,d} parameters)."
+    elif info.method in ("lora", "peft"):
+        contents = (
+            f"It is a PEFT adapter ({info.trainable_parameters:,d} trainable parameters, {info.checkpoint_bytes:,d} "
+            f"bytes): the adapter's tensors and the classification head, on `BeitForImageClassification` built from "
+            f"`{info.backbone}`; `labels.json` holds the class names."
+        )
     else:
         contents = (
             f"It holds only the task's small tensors ({info.trainable_parameters:,d} trainable parameters, "
@@ -119,4 +133,44 @@ def prompt_checkpoint_card(info: CardInfo):
         trainable_percent=f"{100 * info.trainable_parameters / info.total_parameters:.3f}",
         versions=", ".join(f"{k} {v}" for k, v in info.versions.items()),
         arguments=info.arguments,
+        backbone_check="The prediction depends on the frozen backbone named above"
+        + (
+            ": the adapter is trained for exactly those weights."
+            if info.method in ("lora", "peft")
+            else ": loading checks its fingerprint and refuses other weights."
+        ),
+        use=USE_SNIPPETS["peft" if info.method in ("lora", "peft") else "transformers"].format(
+            repo_id=info.repo_id, revision=info.revision
+        ),
     )
+
+
+# how a card's "Use" section loads the checkpoint (a vptm_lora folder loads as a prompt checkpoint does, its adapter
+# with it)
+USE_SNIPPETS = {
+    "transformers": """```python
+from transformers import AutoModelForImageClassification, pipeline
+
+model = AutoModelForImageClassification.from_pretrained(
+    "{repo_id}", trust_remote_code=True, revision="{revision}", code_revision="{revision}"
+)
+classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True, revision="{revision}")
+print(classifier("image.png", top_k=3))
+```
+
+Pin `revision` (and `code_revision`) to a commit you have read: remote code runs on your machine. With the vptm
+package installed (from its repository: `pip install -e .` in a checkout, or the wheel `pip wheel .` builds) and
+imported (`import modeling_vptm`), the same calls work without `trust_remote_code`.""",
+    "peft": """```python
+from transformers import pipeline
+
+from modeling_vptm.peft_methods import load_peft_classifier  # pip install "vptm[peft]"
+
+model = load_peft_classifier("{repo_id}", revision="{revision}")  # the base model, its labels, then the adapter
+classifier = pipeline("image-classification", model=model, image_processor="{repo_id}")
+print(classifier("image.png", top_k=3))
+```
+
+Without vptm: `peft.PeftModel.from_pretrained(base, "{repo_id}")`, where `base` is
+`BeitForImageClassification.from_pretrained(<the backbone>, id2label=...)` with the labels of `labels.json`.""",
+}

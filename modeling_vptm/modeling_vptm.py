@@ -30,7 +30,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.beit.modeling_beit import BeitPreTrainedModel
-from transformers.utils import logging
+from transformers.utils import find_adapter_config_file, is_peft_available, logging
 
 from .checkpoint_io import (
     backbone_config_fields,
@@ -144,8 +144,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
     def task_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that make up the task (prompts, verbalizer or head, trained mask token), by the names a prompt
-        checkpoint gives them: all that is saved."""
-        return self.task.state_dict()
+        checkpoint gives them: all that is saved. Under a PEFT adapter that trains the task (`modules_to_save`), the
+        task is wrapped; this model's own is then the original one, and the trained copy belongs to the adapter."""
+        return getattr(self.task, "original_module", self.task).state_dict()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """`(trainable, total)` parameter counts, as PEFT reports them."""
@@ -352,9 +353,10 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         # ever read, and there is no PEFT adapter to load). Names with a leading underscore are transformers' own.
         for key in ("trust_remote_code", "code_revision"):
             kwargs.pop(key, None)
-        for key, harmless in (("use_safetensors", (None, True)), ("adapter_kwargs", (None, {}))):
-            if key in kwargs and kwargs[key] in harmless:
-                del kwargs[key]
+        if kwargs.get("use_safetensors") in (None, True):
+            kwargs.pop("use_safetensors", None)
+        adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
+        adapter = adapter_kwargs.pop("_adapter_model_path", None) or find_adapter(pretrained_model_name_or_path, hub)
         unsupported = sorted(k for k in kwargs if not k.startswith("_"))
         if unsupported or model_args:
             raise TypeError(
@@ -379,6 +381,8 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         if device is not None:
             model = model.to(device)
+        if adapter is not None:  # a PEFT adapter on this model (e.g. LoRA in the backbone and the trained task)
+            model.load_adapter(adapter, adapter_kwargs={**backbone_hub, **adapter_kwargs, **hub})
         model.eval()
         if output_loading_info:  # every tensor came from the backbone or the checkpoint, checked above
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
@@ -426,6 +430,23 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
                 self.config.auto_map = previous
             else:
                 del self.config.auto_map
+
+
+def find_adapter(checkpoint, hub: dict) -> str | None:
+    """The checkpoint itself when it also holds a PEFT adapter (`adapter_config.json`), else None. A local one is
+    always looked for: loading it without its adapter would give other logits, so that needs PEFT installed."""
+    if os.path.isdir(checkpoint):
+        found = os.path.isfile(os.path.join(checkpoint, hub.get("subfolder") or "", "adapter_config.json"))
+    elif is_peft_available():
+        found = find_adapter_config_file(checkpoint, **hub) is not None
+    else:
+        return None
+    if found and not is_peft_available():
+        raise ImportError(
+            f"the prompt checkpoint {checkpoint} holds a PEFT adapter (adapter_config.json), which needs PEFT: "
+            'pip install "vptm[peft]" (or pip install peft)'
+        )
+    return str(checkpoint) if found else None
 
 
 def _checkpoint_names_to_module_names(module, state_dict, prefix, *args) -> None:

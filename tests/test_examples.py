@@ -107,7 +107,7 @@ def test_full_fine_tuning_trains_the_backbone(tmp_path):
 @pytest.mark.parametrize(
     "args, error, message",
     [
-        (["--method", "lora"], SystemExit, r"argument --method: invalid choice: 'lora' \(choose from 'vptm', 'vpt'"),
+        (["--method", "dora"], SystemExit, r"argument --method: invalid choice: 'dora' \(choose from 'vptm', 'vpt'"),
         (["--dataset_name", ""], ValueError, r"no dataset given: pass --dataset_name"),
         (["--label_column_name", "target"], ValueError,
          r"column 'target' not found .* columns are \['image', 'label'\]"),
@@ -360,6 +360,15 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
         == results["archs"]["tiny"]["ratios"]["vptm_train_vs_full"]
     )
     assert "| vptm_deep |" in (tmp_path / "benchmark.md").read_text()
+    # PEFT's LoRA beside VPTM: training, inference unmerged and merged, 8 adapters in one batch both ways PEFT offers
+    assert {"lora", "infer_lora", "infer_lora_merged", "lora_one_task", "lora_eight_tasks_adapter_names",
+            "lora_eight_tasks_set_adapter"} <= set(rows)  # fmt: skip
+    assert rows["lora"]["trainable"] == 6 * 2 * 8 * (128 + 128) + 100 * 128 + 100
+    assert ops["infer_beit"] == rows["infer_lora_merged"]["ops"] < rows["infer_lora"]["ops"]  # merged: plain BEiT
+    assert rows["lora_one_task"]["ops"] < rows["lora_eight_tasks_adapter_names"]["ops"]
+    assert rows["checkpoint"]["lora_adapter_bytes"] > 4 * (6 * 2 * 8 * 256)
+    assert {"lora_train_vs_vptm", "lora_merged_infer_vs_vptm", "lora_mixed_8_adapter_names_vs_one",
+            "lora_mixed_8_set_adapter_vs_one"} <= set(results["archs"]["tiny"]["ratios"])  # fmt: skip
     assert results["plot"] and (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
@@ -429,7 +438,11 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     results = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--ablations", *ablations])
     methods = results["methods"]
     assert set(methods) == {"linear", "full", "vpt_shallow", "vpt_deep", "vptm_shallow", "vptm_deep",
-                            "vptm_first_half", "raw_pixel_logreg"}  # fmt: skip
+                            "vptm_first_half", "lora", "vptm_lora", "raw_pixel_logreg"}  # fmt: skip
+    # LoRA (rank 8, query and value of 6 blocks) and a 10-class head; VPTM + LoRA adds VPTM's default task to it
+    lora = 6 * 2 * 8 * (128 + 128)
+    assert methods["lora"]["trainable_parameters"] == lora + 128 * 10 + 10
+    assert methods["vptm_lora"]["trainable_parameters"] == lora + methods["vptm_first_half"]["trainable_parameters"]
     assert methods["vptm_deep"]["trainable_parameters"] > methods["vpt_deep"]["trainable_parameters"]
     # VPTM's default location is the first half of the blocks (3 of 6 prompted), VPT's every block
     assert (
@@ -459,7 +472,8 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert list(sweep["points"]) == ["16", "64"]  # quick mode: the first value and the default
     assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_first_half"]["accuracy_mean"]  # the default
     transfer = results["transfer"]
-    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "vptm_first_half", "raw_pixel_logreg"}
+    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "vptm_first_half", "lora", "vptm_lora",
+                             "raw_pixel_logreg"}  # fmt: skip
     digits = json.load(open(tmp_path / "transfer-vptm_deep-seed0" / "vptm_run_args.json"))
     assert digits["dataset_name"] == "vptm:digits" and digits["augment_flip"] is False
     assert "Transfer task: vptm:digits" in table
@@ -467,7 +481,7 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert [name for name in folders if name.startswith("sweep-")] == [
         "sweep-vpt-prompt_length-1-seed0", "sweep-vptm-prompt_length-1-seed0", "sweep-vptm-prototype_dim-16-seed0"
     ]  # fmt: skip
-    assert len(folders) == 7 + 3 + len(ablations) - len(shared) + 4  # + transfer
+    assert len(folders) == 9 + 3 + len(ablations) - len(shared) + 6  # + transfer
     # --update reruns a part and keeps the other rows
     part = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "ablations", "--ablations",
                                  "verbalizer_on_probs", "--update"])  # fmt: skip
@@ -583,9 +597,9 @@ def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(cap
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0].startswith("usage: run_classification.py [--method METHOD]") and len(lines[0]) < 120
-    assert "--method {vptm,vpt,linear,full}" in text
+    assert "--method {vptm,vpt,linear,full,lora,peft,vptm_lora}" in text
     assert lines[2] == run_classification.__doc__.splitlines()[0]
-    assert "--method {vptm,vpt,linear,full}" in text
+    assert "--method {vptm,vpt,linear,full,lora,peft,vptm_lora}" in text
     assert "--head_input {logits,normalized_logits,probs,hidden,ensemble}" in text
     for dataclass_type in (run_classification.ModelArguments, run_classification.DataTrainingArguments):
         for f in dataclasses.fields(dataclass_type):
@@ -667,7 +681,7 @@ def test_flags_the_method_ignores_are_reported_and_bad_values_refused(tmp_path, 
         match="--prompt_layers must be one of deep, shallow, first_half, second_half, every_other or block indices",
     ):
         parse(["--prompt_layers", "first", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--prototype_init class_mean needs --method vptm, got 'vpt'"):
+    with pytest.raises(ValueError, match="--prototype_init class_mean needs --method vptm or vptm_lora, got 'vpt'"):
         parse(["--method", "vpt", "--prototype_init", "class_mean", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match=r"--validation_split must be a fraction in \[0, 1\)"):
         parse(["--validation_split", "1.5", "--output_dir", str(tmp_path)])

@@ -1,0 +1,218 @@
+"""PEFT's methods beside VPTM, on the same frozen backbone, through PEFT's own API.
+
+PEFT (https://github.com/huggingface/peft) is where Hugging Face users do parameter-efficient fine-tuning; it has no
+visual prompt tuning of its own, and its registry of methods is an enum inside PEFT, so this package does not
+register itself there. It meets PEFT users two ways:
+
+* **PEFT as a baseline.** LoRA (or any PEFT config: LoHa, IA3, BOFT, ...) on `BeitForImageClassification`
+  initialised from the same MIM checkpoint as VPTM's backbone, with a fresh classification head trained and saved in
+  full (`modules_to_save`). What is saved is what PEFT writes (`adapter_config.json`, `adapter_model.safetensors`),
+  plus `labels.json`: the adapter folder has no `config.json` (a folder that has one is taken by transformers for a
+  model with its own weights), so the class names the head was trained on are kept there.
+* **PEFT on top of VPTM.** LoRA in the frozen backbone's attention and the VPTM task (`modules_to_save=["task"]`)
+  trained together. The folder holds the VPTM prompt checkpoint of the untrained task (the base, whose loading
+  rebuilds the backbone and checks its fingerprint) and the adapter (LoRA tensors and the trained task); loading the
+  folder loads both (`VPTMForImageClassification.from_pretrained`).
+
+Nothing in the core package imports this module; it needs `pip install "vptm[peft]"`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+import torch
+from transformers import BeitForImageClassification, PreTrainedModel
+
+from .checkpoint_io import load_mim_backbone
+
+
+logger = logging.getLogger(__name__)
+
+PEFT_INSTALL = 'pip install "vptm[peft]" (or pip install peft)'
+LABELS_FILE = "labels.json"
+ADAPTER_CONFIG = "adapter_config.json"
+# BEiT's attention projections in transformers 5 (`BeitAttention`): the query and value ones, LoRA's classic targets
+ATTENTION_PROJECTIONS = ("q_proj", "v_proj")
+# LoRA's defaults for `--method lora` and `vptm_lora`, chosen on validation data carved from the training images
+# (experiments/select_defaults.py, its lora_* candidates; docs/results.md)
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ATTENTION_PROJECTIONS}
+
+
+def require_peft(what: str):
+    """The `peft` module, or an ImportError that names what needed it and the extra to install."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(f"{what} needs PEFT, which is not installed: {PEFT_INSTALL}") from error
+    return peft
+
+
+def lora_config(
+    r: int = LORA_DEFAULTS["r"],
+    lora_alpha: float = LORA_DEFAULTS["lora_alpha"],
+    lora_dropout: float = LORA_DEFAULTS["lora_dropout"],
+    target_modules: tuple[str, ...] | list[str] = LORA_DEFAULTS["target_modules"],
+    modules_to_save: list[str] | None = None,
+):
+    """A `peft.LoraConfig` for a BEiT backbone (its attention projections by default)."""
+    peft = require_peft("LoRA")
+    if r < 1:
+        raise ValueError(f"LoRA's rank must be >= 1, got r={r}")
+    return peft.LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
+        modules_to_save=modules_to_save,
+    )  # fmt: skip
+
+
+def read_peft_config(path: str | os.PathLike):
+    """The PEFT config a JSON file describes (as PEFT's own `adapter_config.json` does: `peft_type` and its fields).
+    Refuses a missing or malformed file, or one PEFT does not read, naming the file and the reason."""
+    peft = require_peft(f"the PEFT config {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"the PEFT config {path} does not exist (expected a JSON file with peft_type and its fields)")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the PEFT config {path} is not a JSON file: {error}") from error
+    if not isinstance(fields, dict) or "peft_type" not in fields:
+        kind = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+        raise ValueError(f"the PEFT config {path} must be a JSON object with a peft_type (e.g. LORA), got {kind}")
+    known = sorted(peft.PeftType.__members__)
+    if str(fields["peft_type"]).upper() not in known:
+        raise ValueError(f"the PEFT config {path} names peft_type {fields['peft_type']!r}; PEFT knows {known}")
+    fields["peft_type"] = str(fields["peft_type"]).upper()
+    try:
+        return peft.get_peft_config(fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the PEFT config {path} is not one PEFT accepts: {error}") from error
+
+
+def classifier_from_mim(
+    backbone_name_or_path: str, id2label: dict[int, str], **hub_kwargs
+) -> BeitForImageClassification:
+    """`BeitForImageClassification` initialised from a BEiT MIM checkpoint (refusing any other), with a fresh pooler
+    and classification head: the model of full fine-tuning, and the base of the PEFT baselines."""
+    mim = load_mim_backbone(backbone_name_or_path, **hub_kwargs)
+    config = mim.config
+    config.update({"num_labels": len(id2label), "id2label": dict(id2label),
+                   "label2id": {v: k for k, v in id2label.items()}})  # fmt: skip
+    model = BeitForImageClassification(config)
+    model.beit.load_state_dict(mim.beit.state_dict(), strict=False)  # the new pooler/classifier stay fresh
+    model.name_or_path = mim.name_or_path  # what PEFT records as base_model_name_or_path
+    return model
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """The modules a PEFT adapter of `model` must train and save in full: the task's head."""
+    if getattr(model.config, "model_type", None) == "vptm":
+        return ["task"]
+    return ["classifier"]
+
+
+def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT config"):
+    """`peft.get_peft_model(model, peft_config)`, the model's head added to `modules_to_save` (a head left out would
+    stay at its random initialisation and not be saved). A config PEFT cannot apply to this model is refused in one
+    error naming `source` and PEFT's reason."""
+    peft = require_peft(source)
+    peft_config = copy.deepcopy(peft_config)
+    kind = getattr(peft_config.peft_type, "value", peft_config.peft_type)
+    heads = head_modules(model)
+    saved = list(getattr(peft_config, "modules_to_save", None) or [])
+    if not hasattr(peft_config, "modules_to_save"):
+        raise ValueError(f"{source} ({kind}) cannot train and save the model's head {heads}")
+    missing = [name for name in heads if name not in saved]
+    if missing:
+        logger.info("%s: the head %s added to modules_to_save", source, missing)
+        peft_config.modules_to_save = saved + missing
+    try:
+        peft_model = peft.get_peft_model(model, peft_config)
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{source} ({kind}) cannot be applied to {type(model).__name__}: {reason}") from error
+    return peft_model
+
+
+def save_labels(folder: str | os.PathLike, id2label: dict[int, str]) -> None:
+    with open(os.path.join(folder, LABELS_FILE), "w") as f:
+        json.dump({"id2label": {str(k): v for k, v in id2label.items()}}, f, indent=2)
+        f.write("\n")
+
+
+def is_peft_folder(folder: str | os.PathLike) -> bool:
+    """A local folder holding a PEFT adapter."""
+    return os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))
+
+
+def read_labels(name_or_path: str, revision: str | None = None, **hub_kwargs) -> dict[int, str] | None:
+    """`id2label` of a PEFT classifier (folder or Hub id), or None when it has no `labels.json`."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, LABELS_FILE)
+        path = path if os.path.isfile(path) else None
+    else:
+        from transformers.utils import cached_file
+
+        path = cached_file(name_or_path, LABELS_FILE, revision=revision, _raise_exceptions_for_missing_entries=False,
+                           **hub_kwargs)  # fmt: skip
+    if path is None:
+        return None
+    with open(path) as f:
+        return {int(k): v for k, v in json.load(f)["id2label"].items()}
+
+
+def load_peft_classifier(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:
+    """A PEFT classifier saved by this package (folder or Hub id), loaded the transformers way: the base model its
+    adapter names, built with the saved labels, then the adapter (LoRA tensors and head) on it. The result is a
+    transformers model (what `pipeline("image-classification", model=...)` takes), in eval mode."""
+    require_peft(f"the PEFT classifier {name_or_path}")
+    from transformers import AutoModelForImageClassification
+
+    hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
+    id2label = read_labels(name_or_path, revision=revision, **hub)
+    if id2label is None:
+        raise ValueError(
+            f"{name_or_path} holds no {LABELS_FILE}: it is not a PEFT classifier saved by vptm (load a PEFT adapter "
+            "of your own with peft.PeftModel.from_pretrained on its base model)"
+        )
+    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    model = AutoModelForImageClassification.from_pretrained(name_or_path, revision=revision, **labels, **kwargs)
+    return model.eval()
+
+
+def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:
+    """Any classifier this package trains, by folder or Hub id: a PEFT classifier (`labels.json` beside its adapter)
+    through `load_peft_classifier`, anything else (prompt checkpoints, vptm_lora, full weights) through
+    `AutoModelForImageClassification`."""
+    from transformers import AutoModelForImageClassification
+
+    hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
+    if read_labels(name_or_path, revision=revision, **hub) is not None:
+        return load_peft_classifier(name_or_path, revision=revision, **kwargs)
+    return AutoModelForImageClassification.from_pretrained(name_or_path, revision=revision, **kwargs)
+
+
+def point_adapter_at(folder: str | os.PathLike, base_model: str, revision: str | None = None) -> None:
+    """Rewrites the adapter config in `folder` (a staging copy) to name `base_model` (a Hub id) as its base."""
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    with open(path) as f:
+        config = json.load(f)
+    config.update(base_model_name_or_path=base_model, revision=revision)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+__all__ = [
+    "LORA_DEFAULTS",
+    "apply_peft",
+    "classifier_from_mim",
+    "is_peft_folder",
+    "load_classifier",
+    "load_peft_classifier",
+    "lora_config",
+    "read_peft_config",
+]

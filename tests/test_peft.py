@@ -1,0 +1,280 @@
+"""PEFT beside and on top of VPTM (modeling_vptm/peft_methods.py): LoRA and any PEFT config as baselines on the same
+backbone, trained by run_classification.py, saved as PEFT saves them and reloaded to the same logits; and LoRA inside
+a VPTM model, saved with its prompt checkpoint and refused on another backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import predict  # noqa: E402
+import pytest
+import run_classification  # noqa: E402
+import torch
+import yaml
+from conftest import REPO_ROOT, FakeHub, make_backbone
+from PIL import Image
+from safetensors import safe_open
+
+
+peft = pytest.importorskip("peft")
+
+from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path  # noqa: E402
+from modeling_vptm.peft_methods import (  # noqa: E402
+    apply_peft,
+    classifier_from_mim,
+    load_classifier,
+    load_peft_classifier,
+    lora_config,
+    read_peft_config,
+)
+
+
+TINY = ["--max_train_samples", "40", "--max_eval_samples", "30", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "8", "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+LABELS = {0: "zero", 1: "one", 2: "two"}
+
+
+def run(output_dir, *extra) -> dict:
+    return run_classification.main(["--output_dir", str(output_dir), *TINY, *extra])
+
+
+def tensor_names(path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return sorted(f.keys())
+
+
+def card_metadata(folder) -> dict:
+    return yaml.safe_load(open(os.path.join(folder, "README.md")).read().split("---\n", 2)[1])
+
+
+def move_adapter(model, seed: int = 0) -> None:
+    """LoRA's B starts at zero, so an untrained adapter changes nothing: move every trainable tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+
+
+def shipped_pixels(count: int = 4) -> torch.Tensor:
+    return torch.randn(count, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+
+
+def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path):
+    results = run(tmp_path, "--method", "lora")
+    files = set(os.listdir(tmp_path))
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "preprocessor_config.json"} <= files
+    assert "config.json" not in files and "model.safetensors" not in files  # an adapter, not a model
+    adapter = json.load(open(tmp_path / "adapter_config.json"))
+    assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert adapter["modules_to_save"] == ["classifier"]
+    assert os.path.samefile(adapter["base_model_name_or_path"], shipped_backbone_path(SHIPPED_BACKBONE))
+    names = tensor_names(tmp_path / "adapter_model.safetensors")
+    assert all("lora_" in n or ".classifier." in n for n in names), names  # LoRA tensors and the head, nothing else
+    assert sum("lora_A" in n for n in names) == 12  # q and v in each of the 6 blocks
+    assert results["checkpoint_bytes"] == os.path.getsize(tmp_path / "adapter_model.safetensors")
+    metadata = card_metadata(tmp_path)
+    assert metadata["library_name"] == "peft" and {"lora", "peft"} <= set(metadata["tags"])
+
+    # PEFT's own loading, on the base model built with the saved labels, and the package's, agree exactly
+    id2label = {int(k): v for k, v in json.load(open(tmp_path / "labels.json"))["id2label"].items()}
+    from transformers import BeitForImageClassification
+
+    base = BeitForImageClassification.from_pretrained(shipped_backbone_path(SHIPPED_BACKBONE), id2label=id2label)
+    by_peft = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    ours = load_peft_classifier(str(tmp_path))
+    pixels = shipped_pixels()
+    with torch.no_grad():
+        expected = by_peft(pixel_values=pixels).logits
+        assert torch.equal(ours(pixel_values=pixels).logits, expected)
+    assert ours.config.id2label == id2label and len(id2label) == 10
+
+    # scoring the saved adapter again gives the accuracy the run reported
+    rescored = run_classification.main(["--output_dir", str(tmp_path), *TINY, "--method", "lora", "--do_train",
+                                        "false"])  # fmt: skip
+    assert rescored["accuracy"] == results["accuracy"]
+
+
+def test_lora_predicts_through_pipeline_and_predict_py(tmp_path, capsys):
+    data = tmp_path / "data"
+    for name, value in (("dark", 20), ("bright", 235)):
+        os.makedirs(data / name)
+        for j in range(8):
+            Image.fromarray(np.full((28, 28), value + j, dtype=np.uint8)).save(data / name / f"{j}.png")
+    run_classification.main(["--output_dir", str(tmp_path / "model"), "--train_dir", str(data), "--num_train_epochs",
+                             "8", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--disable_tqdm",
+                             "true", "--train_val_split", "0.25", "--method", "lora", "--learning_rate",
+                             "0.03"])  # fmt: skip
+    queries = tmp_path / "queries"
+    os.makedirs(queries)
+    Image.fromarray(np.full((28, 28), 10, dtype=np.uint8)).save(queries / "a_dark.png")
+    Image.fromarray(np.full((28, 28), 250, dtype=np.uint8)).save(queries / "b_bright.png")
+    results = predict.main(["--model", str(tmp_path / "model"), str(queries), "--top_k", "2"])
+    assert [r["predictions"][0]["label"] for r in results] == ["dark", "bright"]
+
+    from transformers import pipeline
+
+    model = load_classifier(str(tmp_path / "model"))
+    classifier = pipeline("image-classification", model=model, image_processor=str(tmp_path / "model"))
+    top = classifier([Image.open(queries / "a_dark.png"), Image.open(queries / "b_bright.png")], top_k=1)
+    assert [t[0]["label"] for t in top] == ["dark", "bright"]
+
+
+def test_any_peft_config_trains_and_saves_its_adapter(tmp_path):
+    config = tmp_path / "loha.json"
+    config.write_text(json.dumps({"peft_type": "LOHA", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    results = run(tmp_path / "out", "--method", "peft", "--peft_config", str(config))
+    adapter = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert adapter["peft_type"] == "LOHA" and adapter["modules_to_save"] == ["classifier"]  # the head added to it
+    names = tensor_names(tmp_path / "out" / "adapter_model.safetensors")
+    assert any("hada_w1_a" in n for n in names) and any("classifier" in n for n in names)
+    loha = sum(p.numel() for n, p in load_classifier(str(tmp_path / "out")).named_parameters() if "hada_" in n)
+    assert loha == 6 * 2 * 2 * 4 * (128 + 128)  # 2 Hadamard factors of rank 4, q and v in 6 blocks
+    assert results["trainable_parameters"] == loha + 10 * 128 + 10  # and the 10-class head
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"the PEFT config .*missing.json does not exist \(expected a JSON file with peft_type"),
+        ("{not json", r"is not a JSON file"),
+        ('["LORA"]', r"must be a JSON object with a peft_type \(e.g. LORA\), got list"),
+        ('{"peft_type": "NO_SUCH"}', r"names peft_type 'NO_SUCH'; PEFT knows \[.*'LORA'"),
+        ('{"peft_type": "LORA", "rank_of_doom": 3}', r"is not one PEFT accepts"),
+    ],
+)
+def test_bad_peft_config_files_are_refused_by_name(tmp_path, content, message):
+    path = tmp_path / ("missing.json" if content is None else "config.json")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_peft_config(path)
+
+
+def test_a_peft_config_that_does_not_fit_the_backbone_fails_before_training(tmp_path):
+    config = tmp_path / "lora.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "target_modules": ["query", "value"]}))  # BEiT v4's names
+    with pytest.raises(ValueError, match=r"--peft_config .*lora.json \(LORA\) cannot be applied to "
+                       r"BeitForImageClassification: No modules were targeted for adaptation"):  # fmt: skip
+        run(tmp_path / "out", "--method", "peft", "--peft_config", str(config))
+    assert not os.path.exists(tmp_path / "out" / "adapter_config.json")
+    with pytest.raises(ValueError, match=r"--method peft trains the PEFT config --peft_config FILE.json"):
+        run(tmp_path / "out2", "--method", "peft")
+
+
+def test_without_peft_the_peft_methods_name_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    with pytest.raises(ImportError, match=r'--method lora .*needs PEFT, which is not installed: pip install "vptm'
+                       r'\[peft\]"'):  # fmt: skip
+        run(tmp_path / "out", "--method", "lora")
+
+
+def test_the_core_package_does_not_import_peft():
+    code = "import sys, modeling_vptm, modeling_vptm.serving; print('peft' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------ PEFT on VPTM
+@pytest.fixture
+def vptm_lora(backbone_dir):
+    model = VPTMForImageClassification.from_backbone(backbone_dir, id2label=LABELS, prompt_length=2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["task"])
+    return peft.get_peft_model(model, config)
+
+
+def test_lora_and_the_vptm_task_train_together_and_nothing_else_moves(vptm_lora, pixel_values):
+    frozen = {n: p.detach().clone() for n, p in vptm_lora.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in vptm_lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "task.modules_to_save" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in vptm_lora.parameters() if p.requires_grad], lr=1e-2)
+    vptm_lora.train()
+    before = {n: p.detach().clone() for n, p in vptm_lora.named_parameters() if p.requires_grad}
+    for _ in range(2):
+        loss = vptm_lora(pixel_values=pixel_values, labels=torch.tensor([0, 1, 2])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(p, frozen[n]) for n, p in vptm_lora.named_parameters() if n in frozen)
+    moved = {n for n, p in vptm_lora.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert any("lora_B" in n for n in moved) and any("prompt_embeddings" in n for n in moved)
+    assert not vptm_lora.get_base_model().backbone.training  # the frozen backbone stays in eval mode
+
+
+def test_vptm_lora_saves_lora_and_task_tensors_and_reloads_to_equal_logits(vptm_lora, pixel_values, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    move_adapter(vptm_lora)
+    vptm_lora.eval()
+    with torch.no_grad():
+        expected = vptm_lora(pixel_values=pixel_values).logits
+    vptm_lora.get_base_model().save_pretrained(tmp_path)  # the prompt checkpoint of the original task
+    vptm_lora.save_pretrained(tmp_path)  # the adapter: LoRA tensors and the trained task
+    names = tensor_names(tmp_path / "adapter_model.safetensors")
+    assert all("lora_" in n or ".task." in n for n in names) and any(".task." in n for n in names)
+    assert not any("backbone.beit.layers.0.attention.q_proj.base_layer" in n for n in names)
+    assert tensor_names(tmp_path / "model.safetensors") == ["prompt_embeddings.prompts", "verbalizer.logit_scale",
+                                                            "verbalizer.projection.weight",
+                                                            "verbalizer.prototypes"]  # fmt: skip
+    for loaded in (VPTMForImageClassification.from_pretrained(tmp_path),
+                   AutoModelForImageClassification.from_pretrained(tmp_path)):  # fmt: skip
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values=pixel_values).logits, expected)
+
+
+def test_vptm_lora_refuses_another_backbone_and_needs_peft(vptm_lora, tmp_path, monkeypatch):
+    vptm_lora.get_base_model().save_pretrained(tmp_path / "task")
+    vptm_lora.save_pretrained(tmp_path / "task")
+    other = tmp_path / "other-backbone"
+    make_backbone(other, seed=5)
+    config = json.load(open(tmp_path / "task" / "config.json"))
+    config["backbone_name_or_path"] = str(other)
+    (tmp_path / "task" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"fingerprint"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "task")
+    shutil.copytree(tmp_path / "task", tmp_path / "copy")
+    monkeypatch.setattr("modeling_vptm.modeling_vptm.is_peft_available", lambda: False)
+    with pytest.raises(ImportError, match=r"holds a PEFT adapter \(adapter_config.json\), which needs PEFT"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "copy")
+
+
+def test_vptm_lora_method_runs_saves_and_reloads(tmp_path):
+    results = run(tmp_path, "--method", "vptm_lora", "--prompt_length", "2", "--lora_r", "2")
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= files
+    adapter = json.load(open(tmp_path / "adapter_config.json"))
+    assert adapter["r"] == 2 and adapter["modules_to_save"] == ["task"]
+    assert card_metadata(tmp_path)["library_name"] == "peft"
+    rescored = run_classification.main(["--output_dir", str(tmp_path), *TINY, "--method", "vptm_lora",
+                                        "--prompt_length", "2", "--lora_r", "2", "--do_train", "false"])  # fmt: skip
+    assert rescored["accuracy"] == results["accuracy"]
+
+
+def test_apply_peft_adds_the_head_and_refuses_by_name(backbone_dir):
+    model = classifier_from_mim(backbone_dir, LABELS)
+    wrapped = apply_peft(model, lora_config(r=2, target_modules=["q_proj"]), "test config")
+    assert wrapped.peft_config["default"].modules_to_save == ["classifier"]
+    with pytest.raises(ValueError, match=r"test config \(LORA\) cannot be applied to BeitForImageClassification"):
+        apply_peft(classifier_from_mim(backbone_dir, LABELS), lora_config(target_modules=["nope"]), "test config")
+    with pytest.raises(ValueError, match=r"LoRA's rank must be >= 1, got r=0"):
+        lora_config(r=0)
+
+
+def test_pushed_lora_adapter_names_the_hub_backbone(tmp_path, monkeypatch):
+    FakeHub(monkeypatch, tmp_path / "remote")
+    run(tmp_path / "out", "--method", "lora", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/lora",
+        "--backbone_hub_id", "vptm-tests/tiny-beit", "--backbone_hub_revision", "a" * 40)  # fmt: skip
+    remote = tmp_path / "remote" / "vptm-tests/lora"
+    assert sorted(os.listdir(remote)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                          "labels.json", "preprocessor_config.json"]  # fmt: skip
+    adapter = json.load(open(remote / "adapter_config.json"))
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("vptm-tests/tiny-beit", "a" * 40)
+    metadata = card_metadata(remote)
+    assert metadata["library_name"] == "peft" and metadata["base_model"] == "vptm-tests/tiny-beit"
+    assert "load_peft_classifier" in open(remote / "README.md").read()
