@@ -590,22 +590,26 @@ def add_adapter(model, model_args: ModelArguments):
     """The PEFT methods' model: PEFT's adapter (with the head in its modules_to_save) on the built model."""
     if model_args.method not in PEFT_METHODS:
         return model
+    # the base of lora and peft is the backbone (at its revision); vptm_lora's, the VPTM checkpoint saved beside it
+    revision = None if model_args.method == "vptm_lora" else model_args.model_revision
     if model_args.method == "peft":
-        return apply_peft(model, read_peft_config(model_args.peft_config), f"--peft_config {model_args.peft_config}")
-    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
-    config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
-    return apply_peft(model, config, f"--method {model_args.method} (LoRA on {targets})")
+        config, source = read_peft_config(model_args.peft_config), f"--peft_config {model_args.peft_config}"
+    else:
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
+        source = f"--method {model_args.method} (LoRA on {targets})"
+    return apply_peft(model, config, source, base_revision=revision)
 
 
 def save_final_model(trainer: Trainer, model_args: ModelArguments, id2label: dict[int, str]) -> None:
     """The trained model in output_dir: a prompt checkpoint, full weights, or a PEFT adapter (and what loading it
     needs: the labels of a PEFT classifier, the VPTM base of vptm_lora)."""
+    if model_args.method == "vptm_lora" and trainer.is_world_process_zero():
+        # first the VPTM prompt checkpoint the adapter goes on (its original task), then the adapter beside it
+        trainer.model.get_base_model().save_pretrained(trainer.args.output_dir)
     trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
-    if model_args.method in PEFT_METHODS and trainer.is_world_process_zero():
-        if model_args.method == "vptm_lora":  # the VPTM prompt checkpoint the adapter goes on (its original task)
-            trainer.model.get_base_model().save_pretrained(trainer.args.output_dir)
-        else:
-            save_labels(trainer.args.output_dir, id2label)
+    if model_args.method in ("lora", "peft") and trainer.is_world_process_zero():
+        save_labels(trainer.args.output_dir, id2label)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -30,16 +30,20 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.beit.modeling_beit import BeitPreTrainedModel
-from transformers.utils import find_adapter_config_file, is_peft_available, logging
+from transformers.utils import is_peft_available, logging
 
 from .checkpoint_io import (
+    adapter_kind,
     backbone_config_fields,
     check_fits_backbone,
     check_task_tensors,
+    find_adapter,
     load_checkpoint_config,
     load_mim_backbone,
     read_task_tensors,
+    remove_stale_adapter,
     resolve_device_map,
+    write_adapter,
     write_atomically,
 )
 from .configuration_vptm import VPTMConfig
@@ -356,7 +360,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         if kwargs.get("use_safetensors") in (None, True):
             kwargs.pop("use_safetensors", None)
         adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
-        adapter = adapter_kwargs.pop("_adapter_model_path", None) or find_adapter(pretrained_model_name_or_path, hub)
+        adapter = adapter_kwargs.pop("_adapter_model_path", None) or find_adapter(
+            pretrained_model_name_or_path, hub, is_peft_available()
+        )
         unsupported = sorted(k for k in kwargs if not k.startswith("_"))
         if unsupported or model_args:
             raise TypeError(
@@ -403,6 +409,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         if state_dict is not None:  # e.g. Trainer's (synced) values: the model's names, or a prompt checkpoint's
             task = {k.removeprefix("task."): v for k, v in state_dict.items() if not k.startswith("backbone.")}
             check_task_tensors(task, self.task_state_dict(), "the state_dict given to save_pretrained")
+        adapter = adapter_kind(self)
         if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # named after the folder, not the staging one
             kwargs["repo_id"] = os.path.basename(os.path.abspath(save_directory))
         # The saved config maps the Auto classes to the saved code files (_auto_class adds the
@@ -416,37 +423,33 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         self.config.auto_map = auto_map
         bar = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()  # one small file: a "Writing model shards" bar per Trainer save is noise
+        peft_loaded = getattr(self, "_hf_peft_config_loaded", False)
+
+        def write(folder: str) -> None:
+            if adapter == "loaded":  # the adapter beside the prompt checkpoint, as it was loaded
+                write_adapter(self, folder)
+            # transformers would save only the loaded adapter's tensors (and rename the task's by the adapter's
+            # key mapping); the prompt checkpoint holds the original task, by its own names
+            self._hf_peft_config_loaded = False
+            conversions = self.__dict__.pop("_weight_conversions", None)
+            try:
+                super(VPTMForImageClassification, self).save_pretrained(folder, *args, state_dict=task, **kwargs)
+            finally:
+                if conversions is not None:
+                    self._weight_conversions = conversions
+
         try:
-            write_atomically(
-                save_directory,
-                lambda folder: super(VPTMForImageClassification, self).save_pretrained(
-                    folder, *args, state_dict=task, **kwargs
-                ),
-            )
+            write_atomically(save_directory, write)
+            if adapter is None:
+                remove_stale_adapter(save_directory)
         finally:
+            self._hf_peft_config_loaded = peft_loaded
             if bar:
                 logging.enable_progress_bar()
             if had_auto_map:
                 self.config.auto_map = previous
             else:
                 del self.config.auto_map
-
-
-def find_adapter(checkpoint, hub: dict) -> str | None:
-    """The checkpoint itself when it also holds a PEFT adapter (`adapter_config.json`), else None. A local one is
-    always looked for: loading it without its adapter would give other logits, so that needs PEFT installed."""
-    if os.path.isdir(checkpoint):
-        found = os.path.isfile(os.path.join(checkpoint, hub.get("subfolder") or "", "adapter_config.json"))
-    elif is_peft_available():
-        found = find_adapter_config_file(checkpoint, **hub) is not None
-    else:
-        return None
-    if found and not is_peft_available():
-        raise ImportError(
-            f"the prompt checkpoint {checkpoint} holds a PEFT adapter (adapter_config.json), which needs PEFT: "
-            'pip install "vptm[peft]" (or pip install peft)'
-        )
-    return str(checkpoint) if found else None
 
 
 def _checkpoint_names_to_module_names(module, state_dict, prefix, *args) -> None:

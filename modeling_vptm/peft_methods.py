@@ -86,10 +86,21 @@ def read_peft_config(path: str | os.PathLike):
     if str(fields["peft_type"]).upper() not in known:
         raise ValueError(f"the PEFT config {path} names peft_type {fields['peft_type']!r}; PEFT knows {known}")
     fields["peft_type"] = str(fields["peft_type"]).upper()
+    if isinstance(fields.get("modules_to_save"), str):  # one module named, as PEFT's own configs allow
+        fields["modules_to_save"] = [fields["modules_to_save"]]
+    if fields.get("inference_mode"):  # a saved adapter_config.json says true: nothing would train
+        logger.info("the PEFT config %s: inference_mode true ignored, the adapter is trained", path)
+    fields["inference_mode"] = False
     try:
-        return peft.get_peft_config(fields)
+        config = peft.get_peft_config(fields)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the PEFT config {path} is not one PEFT accepts: {error}") from error
+    if config.is_prompt_learning:
+        raise ValueError(
+            f"the PEFT config {path} is {fields['peft_type']}, a prompt-learning method of PEFT's for language "
+            "models; visual prompts on this backbone are --method vptm and --method vpt"
+        )
+    return config
 
 
 def classifier_from_mim(
@@ -103,7 +114,9 @@ def classifier_from_mim(
                    "label2id": {v: k for k, v in id2label.items()}})  # fmt: skip
     model = BeitForImageClassification(config)
     model.beit.load_state_dict(mim.beit.state_dict(), strict=False)  # the new pooler/classifier stay fresh
-    model.name_or_path = mim.name_or_path  # what PEFT records as base_model_name_or_path
+    # what PEFT records as base_model_name_or_path: a folder by its absolute path, so that it loads from anywhere
+    name = mim.name_or_path
+    model.name_or_path = os.path.abspath(name) if os.path.isdir(name) else name
     return model
 
 
@@ -114,10 +127,10 @@ def head_modules(model: torch.nn.Module) -> list[str]:
     return ["classifier"]
 
 
-def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT config"):
+def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT config", base_revision: str | None = None):
     """`peft.get_peft_model(model, peft_config)`, the model's head added to `modules_to_save` (a head left out would
-    stay at its random initialisation and not be saved). A config PEFT cannot apply to this model is refused in one
-    error naming `source` and PEFT's reason."""
+    stay at its random initialisation and not be saved), and `base_revision` recorded as the base model's revision. A
+    config PEFT cannot apply to this model is refused in one error naming `source` and PEFT's reason."""
     peft = require_peft(source)
     peft_config = copy.deepcopy(peft_config)
     kind = getattr(peft_config.peft_type, "value", peft_config.peft_type)
@@ -125,6 +138,10 @@ def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT conf
     saved = list(getattr(peft_config, "modules_to_save", None) or [])
     if not hasattr(peft_config, "modules_to_save"):
         raise ValueError(f"{source} ({kind}) cannot train and save the model's head {heads}")
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(f"{source} ({kind}) is a prompt-learning method of PEFT's for language models")
+    if base_revision is not None and getattr(peft_config, "revision", None) is None:
+        peft_config.revision = base_revision
     missing = [name for name in heads if name not in saved]
     if missing:
         logger.info("%s: the head %s added to modules_to_save", source, missing)
@@ -132,7 +149,7 @@ def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT conf
     try:
         peft_model = peft.get_peft_model(model, peft_config)
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = str(error).splitlines()[0] if str(error) not in ("", "None") else type(error).__name__
         raise ValueError(f"{source} ({kind}) cannot be applied to {type(model).__name__}: {reason}") from error
     return peft_model
 
@@ -157,7 +174,7 @@ def read_labels(name_or_path: str, revision: str | None = None, **hub_kwargs) ->
         from transformers.utils import cached_file
 
         path = cached_file(name_or_path, LABELS_FILE, revision=revision, _raise_exceptions_for_missing_entries=False,
-                           **hub_kwargs)  # fmt: skip
+                           _raise_exceptions_for_connection_errors=False, **hub_kwargs)  # fmt: skip
     if path is None:
         return None
     with open(path) as f:
@@ -178,9 +195,25 @@ def load_peft_classifier(name_or_path: str, revision: str | None = None, **kwarg
             f"{name_or_path} holds no {LABELS_FILE}: it is not a PEFT classifier saved by vptm (load a PEFT adapter "
             "of your own with peft.PeftModel.from_pretrained on its base model)"
         )
+    with open(_adapter_file(name_or_path, ADAPTER_CONFIG, revision, hub)) as f:
+        adapter = json.load(f)
+    # the base at the revision the adapter names (`revision` is the adapter repository's, not the base's)
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    model = AutoModelForImageClassification.from_pretrained(name_or_path, revision=revision, **labels, **kwargs)
+    model = AutoModelForImageClassification.from_pretrained(
+        adapter["base_model_name_or_path"], revision=adapter.get("revision"), **labels, **kwargs
+    )
+    adapter_hub = {k: v for k, v in hub.items() if k != "local_files_only"}
+    model.load_adapter(name_or_path, local_files_only=kwargs.get("local_files_only", False),
+                       adapter_kwargs={"revision": revision, **adapter_hub})  # fmt: skip
     return model.eval()
+
+
+def _adapter_file(name_or_path: str, filename: str, revision: str | None, hub: dict) -> str:
+    if os.path.isdir(name_or_path):
+        return os.path.join(name_or_path, filename)
+    from transformers.utils import cached_file
+
+    return cached_file(name_or_path, filename, revision=revision, **hub)
 
 
 def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:

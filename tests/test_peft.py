@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import predict  # noqa: E402
+import push_backbone  # noqa: E402
 import pytest
 import run_classification  # noqa: E402
 import torch
@@ -146,14 +147,25 @@ def test_any_peft_config_trains_and_saves_its_adapter(tmp_path):
         ('["LORA"]', r"must be a JSON object with a peft_type \(e.g. LORA\), got list"),
         ('{"peft_type": "NO_SUCH"}', r"names peft_type 'NO_SUCH'; PEFT knows \[.*'LORA'"),
         ('{"peft_type": "LORA", "rank_of_doom": 3}', r"is not one PEFT accepts"),
+        ('{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}', r"is PROMPT_TUNING, a prompt-learning method "
+         r"of PEFT's for language models; visual prompts on this backbone are --method vptm and --method vpt"),
     ],
-)
+)  # fmt: skip
 def test_bad_peft_config_files_are_refused_by_name(tmp_path, content, message):
     path = tmp_path / ("missing.json" if content is None else "config.json")
     if content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_peft_config(path)
+
+
+def test_a_saved_adapter_config_trains_and_one_module_to_save_is_a_list(tmp_path):
+    """PEFT's own adapter_config.json says inference_mode true (nothing would train) and may name one module."""
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "inference_mode": True,
+                                "modules_to_save": "classifier"}))  # fmt: skip
+    config = read_peft_config(path)
+    assert config.inference_mode is False and list(config.modules_to_save) == ["classifier"]
 
 
 def test_a_peft_config_that_does_not_fit_the_backbone_fails_before_training(tmp_path):
@@ -218,7 +230,6 @@ def test_vptm_lora_saves_lora_and_task_tensors_and_reloads_to_equal_logits(vptm_
     vptm_lora.save_pretrained(tmp_path)  # the adapter: LoRA tensors and the trained task
     names = tensor_names(tmp_path / "adapter_model.safetensors")
     assert all("lora_" in n or ".task." in n for n in names) and any(".task." in n for n in names)
-    assert not any("backbone.beit.layers.0.attention.q_proj.base_layer" in n for n in names)
     assert tensor_names(tmp_path / "model.safetensors") == ["prompt_embeddings.prompts", "verbalizer.logit_scale",
                                                             "verbalizer.projection.weight",
                                                             "verbalizer.prototypes"]  # fmt: skip
@@ -226,6 +237,27 @@ def test_vptm_lora_saves_lora_and_task_tensors_and_reloads_to_equal_logits(vptm_
                    AutoModelForImageClassification.from_pretrained(tmp_path)):  # fmt: skip
         with torch.no_grad():
             assert torch.equal(loaded(pixel_values=pixel_values).logits, expected)
+    # a loaded one saves as it was loaded (prompt checkpoint of the original task, and the adapter), and reloads
+    loaded.save_pretrained(tmp_path / "again")
+    assert tensor_names(tmp_path / "again" / "adapter_model.safetensors") == names
+    assert tensor_names(tmp_path / "again" / "model.safetensors") == tensor_names(tmp_path / "model.safetensors")
+    with torch.no_grad():
+        again = VPTMForImageClassification.from_pretrained(tmp_path / "again")(pixel_values=pixel_values).logits
+    assert torch.equal(again, expected)
+
+
+def test_a_plain_checkpoint_saved_over_a_vptm_lora_one_drops_its_adapter(vptm_lora, backbone_dir, pixel_values,
+                                                                          tmp_path):  # fmt: skip
+    move_adapter(vptm_lora)
+    vptm_lora.get_base_model().save_pretrained(tmp_path)
+    vptm_lora.save_pretrained(tmp_path)
+    plain = VPTMForImageClassification.from_backbone(backbone_dir, id2label=LABELS, prompt_length=2).eval()
+    plain.save_pretrained(tmp_path)  # the same folder: the adapter there is no longer this checkpoint's
+    assert not os.path.exists(tmp_path / "adapter_config.json")
+    assert not os.path.exists(tmp_path / "adapter_model.safetensors")
+    with torch.no_grad():
+        reloaded = VPTMForImageClassification.from_pretrained(tmp_path)(pixel_values=pixel_values).logits
+        assert torch.equal(reloaded, plain(pixel_values=pixel_values).logits)
 
 
 def test_vptm_lora_refuses_another_backbone_and_needs_peft(vptm_lora, tmp_path, monkeypatch):
@@ -242,6 +274,12 @@ def test_vptm_lora_refuses_another_backbone_and_needs_peft(vptm_lora, tmp_path, 
     monkeypatch.setattr("modeling_vptm.modeling_vptm.is_peft_available", lambda: False)
     with pytest.raises(ImportError, match=r"holds a PEFT adapter \(adapter_config.json\), which needs PEFT"):
         VPTMForImageClassification.from_pretrained(tmp_path / "copy")
+    # the same from the Hub (its cache, offline)
+    hub = FakeHub(monkeypatch, tmp_path / "remote")
+    shutil.copytree(tmp_path / "copy", tmp_path / "remote" / "me" / "task")
+    hub.lay_out_cache(tmp_path / "hf", "me/task", "c" * 40)
+    with pytest.raises(ImportError, match=r"me/task holds a PEFT adapter \(adapter_config.json\), which needs PEFT"):
+        VPTMForImageClassification.from_pretrained("me/task", cache_dir=str(tmp_path / "hf" / "hub"))
 
 
 def test_vptm_lora_method_runs_saves_and_reloads(tmp_path):
@@ -266,15 +304,68 @@ def test_apply_peft_adds_the_head_and_refuses_by_name(backbone_dir):
         lora_config(r=0)
 
 
-def test_pushed_lora_adapter_names_the_hub_backbone(tmp_path, monkeypatch):
-    FakeHub(monkeypatch, tmp_path / "remote")
-    run(tmp_path / "out", "--method", "lora", "--push_to_hub", "true", "--hub_model_id", "vptm-tests/lora",
-        "--backbone_hub_id", "vptm-tests/tiny-beit", "--backbone_hub_revision", "a" * 40)  # fmt: skip
-    remote = tmp_path / "remote" / "vptm-tests/lora"
-    assert sorted(os.listdir(remote)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                          "labels.json", "preprocessor_config.json"]  # fmt: skip
+LOAD_PUSHED = r"""
+import json, sys
+import torch
+from modeling_vptm.peft_methods import load_classifier
+
+model = load_classifier(sys.argv[1], revision=sys.argv[2])
+with torch.no_grad():
+    print(json.dumps(model(torch.load(sys.argv[3])).logits.tolist()))
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "vptm_lora"])
+def test_pushed_adapter_loads_by_repo_id_at_its_commit(tmp_path, monkeypatch, method):
+    """Pushed on a pushed backbone, then read back by repo id at the pushed commit, offline, in a fresh process: the
+    base the adapter names (the backbone at its own revision for lora, the VPTM checkpoint beside it for vptm_lora)."""
+    hub = FakeHub(monkeypatch, tmp_path / "remote")
+    backbone_commit = push_backbone.main(["--backbone", SHIPPED_BACKBONE, "--repo_id", "vptm-tests/tiny-beit"])
+    repo = f"vptm-tests/{method}"
+    results = run(tmp_path / "out", "--method", method, "--push_to_hub", "true", "--hub_model_id", repo,
+                  "--backbone_hub_id", "vptm-tests/tiny-beit", "--backbone_hub_revision", backbone_commit)  # fmt: skip
+    remote = tmp_path / "remote" / repo
     adapter = json.load(open(remote / "adapter_config.json"))
-    assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("vptm-tests/tiny-beit", "a" * 40)
+    if method == "lora":
+        assert sorted(os.listdir(remote)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                              "labels.json", "preprocessor_config.json"]  # fmt: skip
+        assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("vptm-tests/tiny-beit", backbone_commit)
+        assert "load_peft_classifier" in open(remote / "README.md").read()
+    else:  # the adapter's base is the VPTM checkpoint in the same repository, which names the Hub backbone
+        assert adapter["base_model_name_or_path"] == repo and "config.json" in os.listdir(remote)
+        assert json.load(open(remote / "config.json"))["backbone_name_or_path"] == "vptm-tests/tiny-beit"
     metadata = card_metadata(remote)
     assert metadata["library_name"] == "peft" and metadata["base_model"] == "vptm-tests/tiny-beit"
-    assert "load_peft_classifier" in open(remote / "README.md").read()
+
+    hub.lay_out_cache(tmp_path / "hf", "vptm-tests/tiny-beit", backbone_commit)
+    hub.lay_out_cache(tmp_path / "hf", repo, results["pushed_commit"])
+    pixels = shipped_pixels()
+    torch.save(pixels, tmp_path / "pixels.pt")
+    (tmp_path / "load.py").write_text(LOAD_PUSHED)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "mod"),
+               PYTHONPATH=REPO_ROOT)  # fmt: skip
+    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), repo, results["pushed_commit"],
+                             str(tmp_path / "pixels.pt")], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = load_classifier(str(tmp_path / "out"))(pixel_values=pixels).logits
+    assert torch.equal(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected)
+
+
+def test_lora_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
+    args = ["--method", "lora", "--num_train_epochs", "2", "--save_total_limit", "5"]
+    run(tmp_path / "full", *args)
+    first = min((d for d in os.listdir(tmp_path / "full") if d.startswith("checkpoint-")),
+                key=lambda d: int(d.split("-")[1]))  # fmt: skip
+    assert "adapter_model.safetensors" in os.listdir(tmp_path / "full" / first)  # a checkpoint is the adapter
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / first, tmp_path / "resumed" / first)
+    shutil.copy(tmp_path / "full" / run_classification.RUN_ARGS_FILE, tmp_path / "resumed")
+    resumed = run(tmp_path / "resumed", *args)
+    assert resumed["resumed_from"] == str(tmp_path / "resumed" / first)
+    with safe_open(str(tmp_path / "full" / "adapter_model.safetensors"), "pt") as a:
+        with safe_open(str(tmp_path / "resumed" / "adapter_model.safetensors"), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-5, rtol=1e-4)
