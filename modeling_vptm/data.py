@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import struct
 import uuid
@@ -21,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import IMAGE_EXTENSIONS, is_image_file
+
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = [
@@ -224,6 +229,67 @@ def digits_dataset(train_per_class: int = 50, seed: int = 0):
         )
 
     return DatasetDict(train=split(train), test=split(test))
+
+
+# ------------------------------------------------------------------------------------ your own data, checked
+def carve_validation(dataset, fraction: float, seed: int = 0, label: str = "label") -> dict:
+    """`dataset`'s train minus a stratified, seeded validation split of `fraction` of it: a dict with train and
+    validation (choose hyperparameters on it, never on the test images)."""
+    from datasets import ClassLabel
+
+    train = dataset["train"]
+    if label not in train.column_names:
+        raise ValueError(f"column {label!r} not found in the dataset; its columns are {train.column_names}")
+    if not isinstance(train.features[label], ClassLabel):
+        train = train.class_encode_column(label)
+    split = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=label)
+    return {"train": split["train"], "validation": split["test"]}
+
+
+def check_image_folders(train_dir: str, validation_dir: str | None = None, skip_unreadable: bool = False) -> set[str]:
+    """Refuses image folders (one sub-folder per class) with no images, or a training folder with one class;
+    unreadable files fail, or with `skip_unreadable` are returned (absolute paths) to be skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    unreadable: set[str] = set()
+    for folder in filter(None, (train_dir, validation_dir)):
+        if not os.path.isdir(folder):
+            raise ValueError(f"image folder {folder} does not exist")
+        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        images = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names if is_image_file(f)]
+        if not images:
+            raise ValueError(f"image folder {folder} holds no images (looked for {list(IMAGE_EXTENSIONS)})")
+        if folder == train_dir and len(classes) < 2:
+            raise ValueError(
+                f"image folder {folder} must hold one sub-folder per class and at least 2 classes, found {classes}"
+            )
+        bad = []
+        for path in images:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except (OSError, UnidentifiedImageError, SyntaxError):
+                bad.append(path)
+        if bad and not skip_unreadable:
+            raise ValueError(
+                f"{len(bad)} unreadable image file(s) in {folder}, e.g. {bad[:3]}; fix or remove them, or pass "
+                "--skip_unreadable_images to skip them"
+            )
+        for path in bad:
+            logger.warning("skipping unreadable image %s", path)
+        unreadable.update(os.path.abspath(p) for p in bad)
+    return unreadable
+
+
+def drop_images(dataset, paths: set[str]):
+    """Removes the rows whose image file is in `paths` (undecoded column, so bad files are never opened)."""
+    from datasets import Image
+
+    for split in list(dataset):
+        raw = dataset[split].cast_column("image", Image(decode=False))
+        keep = [i for i, v in enumerate(raw["image"]) if os.path.abspath(v["path"] or "") not in paths]
+        dataset[split] = raw.select(keep).cast_column("image", Image())
+    return dataset
 
 
 def to_pixel_values(images: np.ndarray):

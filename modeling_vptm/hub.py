@@ -8,6 +8,7 @@ the backbone's fingerprint, so a Hub copy with other weights is refused, never s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from .model_card import LICENSE, is_hub_id
 from .prompted_backbone import backbone_fingerprint
 
 
+ADAPTER = "adapter_config.json"
 # what a backbone folder may hold: the MIM model, its image processor, and the project's own extras
 BACKBONE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "visual_tokenizer.safetensors",
                   "evaluation.json", "pretrain_summary.json")  # fmt: skip
@@ -110,3 +112,69 @@ def point_at_hub_backbone(folder: str, hub_id: str, hub_revision: str | None) ->
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def point_adapter_at(folder: str | os.PathLike, base_model: str, revision: str | None = None) -> None:
+    """Rewrites the adapter config in `folder` (a staging copy) to name `base_model` (a Hub id) as its base."""
+    path = os.path.join(folder, ADAPTER)
+    with open(path) as f:
+        config = json.load(f)
+    config.update(base_model_name_or_path=base_model, revision=revision)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def push_folder(
+    folder: str, repo_id: str, token: str | None, files: list[str], private: bool | None = None,
+    revision: str | None = None,
+) -> str:  # fmt: skip
+    """Uploads exactly `files` of `folder` (the prompt checkpoint, code, processor and card) to `repo_id`, on the
+    branch `revision` (created if needed) of a repository created `private` if it does not exist yet."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, allow_patterns=files, revision=revision,
+        commit_message="Upload VPTM prompt checkpoint",
+    )  # fmt: skip
+    return getattr(commit, "oid", None) or "main"
+
+
+def push_checkpoint(
+    out: str, card, token: str | None = None, private: bool | None = None, revision: str | None = None,
+    backbone_hub_id: str | None = None, backbone_hub_revision: str | None = None,
+) -> dict:  # fmt: skip
+    """Pushes a trained folder (`card`: its `model_card.CardInfo`, naming the method and the repository) to the Hub:
+    the checkpoint, code, processor and labels, then the card that pins the commit holding them (the run's own
+    records stay local). When it was trained on a local or packaged backbone, what is pushed names the backbone's Hub
+    copy `backbone_hub_id` instead (pushed with `push_backbone`): the prompt checkpoint's config, or the adapter's
+    base. Returns the files and the commit."""
+    from .model_card import prompt_checkpoint_card
+    from .training import RUN_ARGS_FILE
+
+    files = sorted(
+        f for f in os.listdir(out) if os.path.isfile(os.path.join(out, f)) and f != RUN_ARGS_FILE
+        and not f.endswith("_results.json") and not f.startswith(("training_args", "trainer_state"))
+    )  # fmt: skip
+    hub = {"private": private, "revision": revision}
+    if backbone_hub_id:
+        card = dataclasses.replace(card, backbone=backbone_hub_id, backbone_revision=backbone_hub_revision)
+    with tempfile.TemporaryDirectory(prefix="vptm-push-") as staging:
+        for name in files:
+            shutil.copy(os.path.join(out, name), os.path.join(staging, name))
+        if backbone_hub_id and os.path.isfile(os.path.join(staging, "config.json")):
+            point_at_hub_backbone(staging, backbone_hub_id, backbone_hub_revision)
+        if os.path.isfile(os.path.join(staging, "config.json")) and os.path.isfile(os.path.join(staging, ADAPTER)):
+            point_adapter_at(staging, card.repo_id)  # the adapter's base is the prompt checkpoint beside it
+        elif backbone_hub_id and os.path.isfile(os.path.join(staging, ADAPTER)):
+            point_adapter_at(staging, backbone_hub_id, backbone_hub_revision)
+        prompt_checkpoint_card(card).save(os.path.join(staging, "README.md"))
+        commit = push_folder(staging, card.repo_id, token, files, **hub)
+        # the card's loading snippet pins the commit that holds these files; a second commit adds that card
+        prompt_checkpoint_card(dataclasses.replace(card, revision=commit)).save(os.path.join(staging, "README.md"))
+        push_folder(staging, card.repo_id, token, ["README.md"], **hub)
+    return {"pushed_files": files, "pushed_commit": commit}

@@ -228,17 +228,6 @@ def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) ->
     return AutoModelForImageClassification.from_pretrained(name_or_path, revision=revision, **kwargs)
 
 
-def point_adapter_at(folder: str | os.PathLike, base_model: str, revision: str | None = None) -> None:
-    """Rewrites the adapter config in `folder` (a staging copy) to name `base_model` (a Hub id) as its base."""
-    path = os.path.join(folder, ADAPTER_CONFIG)
-    with open(path) as f:
-        config = json.load(f)
-    config.update(base_model_name_or_path=base_model, revision=revision)
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 __all__ = [
     "LORA_DEFAULTS",
     "apply_peft",

@@ -654,7 +654,7 @@ def test_gpu_defaults_fill_only_the_flags_not_given(tmp_path, monkeypatch):
         assert gpu_defaults({"use_cpu"}) == {}
     # the defaults are parsed as if given, so that what TrainingArguments derives from them follows (bf16 -> mixed
     # precision), from the command line and from a JSON file alike; a given flag wins
-    monkeypatch.setattr(run_classification, "gpu_defaults", lambda given: {
+    monkeypatch.setattr("modeling_vptm.training_args.gpu_defaults", lambda given: {
         k: v for k, v in {"bf16": True, "dataloader_num_workers": 2}.items() if k not in given})  # fmt: skip
     args = run_classification.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "true"])[2]
     assert args.bf16 and args.mixed_precision == "bf16" and args.dataloader_num_workers == 2
