@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from modeling_vptm.checkpoint_io import check_local_folder
+from modeling_vptm.checkpoint_io import CheckpointNotFoundError, check_loadable
 from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
 from modeling_vptm.peft_methods import load_classifier
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.trust_remote_code:
         import modeling_vptm  # noqa: F401  (registers the VPTM classes with the Auto classes)
 
-    check_local_folder(args.model, "prompt checkpoint")  # a mistyped folder fails now, not after Hub retries
+    # a mistyped folder, or a name the Hub does not have, fails now in one line, not after a minute of Hub retries
+    check_loadable(args.model, "prompt checkpoint", revision=args.revision)
     # a prompt checkpoint, full weights, or a PEFT classifier (its labels and adapter on the base model it names)
     model = load_classifier(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code).to(
         args.device
@@ -72,4 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointNotFoundError as error:  # a name that is neither a folder nor on the Hub: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -50,7 +50,7 @@ from transformers import (
 
 import modeling_vptm
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: F401
-from modeling_vptm.checkpoint_io import resolve_backbone_path
+from modeling_vptm.checkpoint_io import CheckpointNotFoundError, resolve_backbone_path
 from modeling_vptm.evaluation import compute_metrics
 from modeling_vptm.hub import push_checkpoint
 from modeling_vptm.image_batches import collate
@@ -402,4 +402,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointNotFoundError as error:  # a name that is neither a folder nor on the Hub: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from modeling_vptm.checkpoint_io import resolve_backbone_path
+from modeling_vptm.checkpoint_io import CheckpointNotFoundError, resolve_backbone_path
 from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
 from modeling_vptm.serving import MultiTaskVPTM
 
@@ -69,4 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointNotFoundError as error:  # a name that is neither a folder nor on the Hub: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -27,6 +27,58 @@ FIT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_
 
 
 # ---------------------------------------------------------------------------------------------- names and paths
+class CheckpointNotFoundError(FileNotFoundError):
+    """A name that is neither an existing local folder nor a model the Hub has (or could be asked for); its message
+    is one line that says both."""
+
+
+# seconds the Hub is given to say whether it has a model, once, before any download with its retries is tried
+HUB_PROBE_TIMEOUT_S = 5.0
+# files that make a Hub snapshot in the cache a model: a config, or a PEFT adapter's
+MODEL_FILES = ("config.json", "adapter_config.json")
+
+
+def check_loadable(
+    name_or_path: str | os.PathLike, what: str, revision: str | None = None, token: str | bool | None = None,
+    cache_dir: str | None = None, local_files_only: bool = False, **_other_hub_kwargs,
+) -> None:  # fmt: skip
+    """Refuses, within seconds and in one line (`CheckpointNotFoundError`), a name that is neither an existing local
+    folder nor a model the Hub has: a name meant as a folder at once (`check_local_folder`), a Hub id not in the
+    cache when offline, else after one question to the Hub (`HUB_PROBE_TIMEOUT_S`, no retries). Without this, a
+    download would retry for a minute and end in a traceback about connecting to the Hub. `what` names the thing."""
+    path = os.fspath(name_or_path)
+    if path.startswith(SHIPPED_PREFIX) or os.path.isdir(path):
+        return
+    check_local_folder(path, what)
+    from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    for name in MODEL_FILES:
+        if isinstance(try_to_load_from_cache(path, name, cache_dir=cache_dir, revision=revision), str):
+            return  # in the Hub cache: it loads offline
+    at = f" at revision {revision!r}" if revision else ""
+
+    def not_found(detail: str) -> CheckpointNotFoundError:
+        return CheckpointNotFoundError(
+            f"cannot load the {what} {path!r}{at}: no such local folder, and it could not be found on the Hub: "
+            f"{detail}"
+        )
+
+    if is_offline_mode() or local_files_only:
+        why = "offline (HF_HUB_OFFLINE)" if is_offline_mode() else "with local_files_only"
+        raise not_found(f"{why} this Hub id is not in the cache; download it first with `hf download {path}` while "
+                        "online, or pass a local folder")  # fmt: skip
+    try:
+        HfApi(token=token).model_info(path, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+    except RevisionNotFoundError as error:
+        raise not_found("it has no such revision") from error
+    except RepositoryNotFoundError as error:
+        raise not_found("no such model there (or it is private or gated: pass a token)") from error
+    except Exception as error:  # the HTTP client's own errors: no network, DNS, timeout, proxy
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise not_found(f"the Hub did not answer (offline? {reason})") from error
+
+
 def check_local_folder(name_or_path: str | os.PathLike, what: str) -> None:
     """Refuses at once a name meant as a local folder that does not exist, instead of trying it as a Hub id.
 
@@ -49,7 +101,7 @@ def check_local_folder(name_or_path: str | os.PathLike, what: str) -> None:
         or (parent != "" and os.path.isdir(os.path.expanduser(parent)))
     )
     if looks_local:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{what} folder {path!r} not found (looked in {os.path.abspath(os.path.expanduser(path))}); expected an "
             "existing folder holding config.json, or a Hub id 'org/name'"
         )
@@ -100,7 +152,7 @@ def load_mim_backbone(name_or_path: str, revision: str | None = None, **hub_kwar
     from transformers import AutoConfig
 
     path = resolve_backbone_path(name_or_path)
-    check_local_folder(path, "backbone")
+    check_loadable(path, "backbone", revision, **hub_kwargs)
     try:
         backbone_config = AutoConfig.from_pretrained(path, revision=revision, **hub_kwargs)
     except OSError as error:
@@ -141,7 +193,7 @@ def backbone_config_fields(backbone_config, backbone_name_or_path: str, revision
 def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **hub_kwargs):
     """The config of a prompt checkpoint (folder or Hub id); a missing folder is refused at once, and a Hub id that
     cannot be loaded is explained in one line."""
-    check_local_folder(checkpoint, "prompt checkpoint")
+    check_loadable(checkpoint, "prompt checkpoint", **hub_kwargs)
     try:
         return config_class.from_pretrained(checkpoint, **hub_kwargs)
     except OSError as error:

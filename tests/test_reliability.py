@@ -394,3 +394,76 @@ def test_packaged_backbone_without_the_package_names_an_install_that_works(monke
     with pytest.raises(OSError, match=message):
         resolve_backbone_path("vptm:tiny-beit-fashion-mnist")
     assert resolve_backbone_path("me/backbone") == "me/backbone"  # anything else is passed through
+
+
+# ------------------------------------------------------------------------------------- a name the Hub cannot give
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # the loopback discard port: nothing listens, a connection is refused at once
+NOT_FOUND = (r"^cannot load the {what} '{name}': no such local folder, and it could not be found on the Hub: the Hub "
+             r"did not answer \(offline\? ")  # fmt: skip
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """Online mode, with the Hub at an address nothing answers on, and an empty Hub cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)  # no runs/ here: 'runs/no-such-run' reads as a Hub id
+    return {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": UNREACHABLE_HUB, "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_a_name_that_is_neither_a_folder_nor_on_the_hub_fails_fast_in_one_line(unreachable_hub, backbone_dir):
+    import time
+
+    from modeling_vptm.checkpoint_io import CheckpointNotFoundError
+    from modeling_vptm.serving import MultiTaskVPTM
+
+    calls = {
+        "prompt checkpoint": lambda: VPTMForImageClassification.from_pretrained("runs/no-such-run"),
+        "backbone": lambda: VPTMForImageClassification.from_backbone("runs/no-such-run", num_labels=2),
+    }
+    server = MultiTaskVPTM(backbone_dir)
+    for what, call in [*calls.items(), ("prompt checkpoint", lambda: server.add_task("mine", "runs/no-such-run"))]:
+        start = time.perf_counter()
+        with pytest.raises(CheckpointNotFoundError, match=NOT_FOUND.format(what=what, name="runs/no-such-run")) as e:
+            call()
+        assert time.perf_counter() - start < 10 and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("script", ["predict", "serve_batch", "run_classification"])
+def test_the_scripts_answer_a_name_not_found_in_one_line_without_a_traceback(unreachable_hub, tmp_path, script):
+    import subprocess
+    import sys
+    import time
+
+    argv = {
+        "predict": ["--model", "runs/no-such-run", "image.png"],
+        "serve_batch": ["--backbone", "runs/no-such-run", "--task", "a=runs/x", "--input", "a=image.png"],
+        "run_classification": ["--model_name_or_path", "runs/no-such-run", "--output_dir", str(tmp_path / "out")],
+    }[script]
+    what = "prompt checkpoint" if script == "predict" else "backbone"
+    env = dict(os.environ, **unreachable_hub, PYTHONPATH=REPO_ROOT)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "examples", f"{script}.py"), *argv],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert time.perf_counter() - start < 30  # the interpreter and imports included; the lookup itself is seconds
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match("error: " + NOT_FOUND[1:].format(what=what, name="runs/no-such-run"), last), last
+
+
+def test_the_endpoint_handler_names_a_backbone_it_cannot_find(unreachable_hub, tmp_path):
+    import json
+    import time
+
+    from modeling_vptm.checkpoint_io import CheckpointNotFoundError
+    from modeling_vptm.endpoint import ENDPOINT_CONFIG, EndpointHandler
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / ENDPOINT_CONFIG).write_text(json.dumps({"tasks": {"a": "task"}, "backbone": "no-org/no-such-beit"}))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointNotFoundError, match=NOT_FOUND.format(what="backbone", name="no-org/no-such-beit")):
+        EndpointHandler(str(tmp_path))
+    assert time.perf_counter() - start < 10
