@@ -72,16 +72,21 @@ VARIANT_BASE = {
 }
 # PEFT's LoRA as a baseline (`--method lora`) and on top of VPTM (`vptm_lora`), on the current augmentation defaults
 # (no flips): rank, learning rate and target modules; LoRA's alpha is twice its rank throughout, its usual ratio.
-ATTENTION_AND_MLP = "q_proj,k_proj,v_proj,o_proj,intermediate.dense,output.dense"
+# BEiT's modules in transformers 5: the attention's four projections, the MLP's two layers
+ATTENTION = "q_proj,k_proj,v_proj,o_proj"
+ATTENTION_AND_MLP = f"{ATTENTION},fc1,fc2"
 PEFT_CANDIDATES = {
     **{
         f"lora_r{r}_lr{lr}": dict(method="lora", lora_r=r, lora_alpha=2 * r, learning_rate=lr, augment_flip="false")
         for r, lr in ((8, "1e-3"), (8, "3e-3"), (8, "1e-2"), (32, "3e-3"))
     },
-    "lora_r8_lr3e-3_attention_mlp": dict(
-        method="lora", lora_r=8, lora_alpha=16, learning_rate="3e-3", lora_target_modules=ATTENTION_AND_MLP,
-        augment_flip="false",
-    ),
+    **{
+        f"lora_r8_lr3e-3_{name}": dict(
+            method="lora", lora_r=8, lora_alpha=16, learning_rate="3e-3", lora_target_modules=targets,
+            augment_flip="false",
+        )
+        for name, targets in (("attention", ATTENTION), ("attention_mlp", ATTENTION_AND_MLP))
+    },
     **{
         f"vptm_lora_r8_lr{lr}": dict(
             method="vptm_lora", lora_r=8, lora_alpha=16, learning_rate=lr, augment_flip="false"
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     for method in ("lora", "vptm_lora"):
         ran = {k: v for k, v in summary.items() if k in PEFT_CANDIDATES and PEFT_CANDIDATES[k]["method"] == method}
         if ran:
-            peft_chosen[method] = max(ran, key=lambda k: ran[k]["mean"])
+            # the best mean; of equal ones, the one with fewer trainable parameters
+            peft_chosen[method] = max(ran, key=lambda k: (round(ran[k]["mean"], 6), -ran[k]["trainable_parameters"]))
     results = {
         "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
         "candidates": summary, "chosen": chosen, "chosen_locations": locations, "chosen_peft": peft_chosen,

@@ -146,12 +146,30 @@ def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT conf
     if missing:
         logger.info("%s: the head %s added to modules_to_save", source, missing)
         peft_config.modules_to_save = saved + missing
+    # the names a target can match, as the model has them before PEFT wraps any
+    linear = sorted({".".join(n.split(".")[-2:]) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     try:
         peft_model = peft.get_peft_model(model, peft_config)
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) not in ("", "None") else type(error).__name__
         raise ValueError(f"{source} ({kind}) cannot be applied to {type(model).__name__}: {reason}") from error
+    check_every_target_matched(peft_model, peft_config, source, kind, linear)
     return peft_model
+
+
+def check_every_target_matched(peft_model, peft_config, source: str, kind: str, linear: list[str]) -> None:
+    """PEFT applies a list of target modules as soon as one name matches; a misspelt name (or one of another
+    architecture's, such as BERT's `intermediate.dense`) would leave those modules silently untouched."""
+    targets = getattr(peft_config, "target_modules", None)
+    if not isinstance(targets, (list, tuple, set)):
+        return  # a regular expression, or all-linear: PEFT resolves it
+    adapted = list(getattr(peft_model, "targeted_module_names", []))
+    unmatched = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in adapted))
+    if unmatched:
+        raise ValueError(
+            f"{source} ({kind}): target modules {unmatched} match no module of "
+            f"{type(peft_model.get_base_model()).__name__}; its linear layers end in {linear}"
+        )
 
 
 def save_labels(folder: str | os.PathLike, id2label: dict[int, str]) -> None:

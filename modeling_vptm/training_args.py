@@ -95,7 +95,7 @@ class ModelArguments:
     lora_target_modules: str = field(
         default=",".join(LORA_DEFAULTS["target_modules"]),
         metadata={"help": "Backbone modules LoRA adapts, comma-separated (BEiT's attention: q_proj, k_proj, v_proj, "
-                  "o_proj; its MLP: intermediate.dense, output.dense)."},
+                  "o_proj; its MLP: fc1, fc2); a name that matches no module is refused."},
     )  # fmt: skip
     peft_config: str | None = field(
         default=None,

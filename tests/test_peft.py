@@ -300,6 +300,14 @@ def test_apply_peft_adds_the_head_and_refuses_by_name(backbone_dir):
     assert wrapped.peft_config["default"].modules_to_save == ["classifier"]
     with pytest.raises(ValueError, match=r"test config \(LORA\) cannot be applied to BeitForImageClassification"):
         apply_peft(classifier_from_mim(backbone_dir, LABELS), lora_config(target_modules=["nope"]), "test config")
+    # PEFT itself applies a list as soon as one name matches: a name of another architecture's is refused here
+    bert_names = lora_config(target_modules=["q_proj", "intermediate.dense"])
+    with pytest.raises(
+        ValueError,
+        match=r"test config \(LORA\): target modules \['intermediate.dense'\] match no "
+        r"module of BeitForImageClassification; its linear layers end in \[.*'mlp.fc1', 'mlp.fc2'\]",
+    ):
+        apply_peft(classifier_from_mim(backbone_dir, LABELS), bert_names, "test config")  # fmt: skip
     with pytest.raises(ValueError, match=r"LoRA's rank must be >= 1, got r=0"):
         lora_config(r=0)
 
