@@ -203,7 +203,7 @@ def add_adapter(model, model_args: ModelArguments):
     if model_args.method == "peft":
         config, source = read_peft_config(model_args.peft_config), f"--peft_config {model_args.peft_config}"
     else:
-        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        targets = model_args.lora_targets()
         config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
         source = f"--method {model_args.method} (LoRA on {targets})"
     return apply_peft(model, config, source, base_revision=revision)

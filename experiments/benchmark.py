@@ -9,10 +9,10 @@ backbone's; random weights, speed does not depend on them):
 * a mixed batch over 8 tasks (`MultiTaskVPTM`) against a batch of one task, same size, and that one task through
   the server against the model's own forward;
 * prompt-checkpoint bytes against backbone bytes;
-* with PEFT installed, its LoRA beside them (rank 8 on the attention's query and value, a linear head): training
-  images/s and peak memory, inference with the adapter unmerged and merged (`merge_and_unload`), adapter bytes, and
-  a batch over 8 LoRA tasks, each its own adapter, both ways PEFT offers: one forward with `adapter_names` (PEFT's
-  mixed-adapter batches) and one forward per task after `set_adapter`;
+* with PEFT installed, its LoRA beside them (`--method lora`'s defaults: rank 8 on the attention and the MLP, a
+  linear head): training images/s and peak memory, inference with the adapter unmerged and merged
+  (`merge_and_unload`), adapter bytes, and a batch over 8 LoRA tasks, each its own adapter, both ways PEFT offers:
+  one forward with `adapter_names` (PEFT's mixed-adapter batches) and one forward per task after `set_adapter`;
 * for each inference and serving call, the device operations it dispatches (`ops`: every aten operation that
   computes, views excluded), counted on any device: where a small model runs at the speed the GPU can be handed
   kernels (the tiny layout), time follows this count more than the arithmetic.
@@ -163,16 +163,17 @@ LORA_TASKS = ["default", *(f"task{t}" for t in range(1, 8))]  # PEFT names the f
 
 
 def lora_classifier(beit_config, adapters: int = 1) -> nn.Module:
-    """`BeitForImageClassification` under PEFT's LoRA (the package's defaults, a trained head per adapter), with
+    """`BeitForImageClassification` under PEFT's LoRA (`--method lora`'s defaults, a trained head per adapter), with
     `adapters` adapters (`LORA_TASKS`), the first active. LoRA's B starts at zero: every adapter is moved off
     it, so that each one changes the outputs."""
     from transformers import BeitForImageClassification
 
-    from modeling_vptm.peft_methods import apply_peft, lora_config
+    from modeling_vptm.peft_methods import METHOD_LORA_TARGETS, apply_peft, lora_config
 
-    model = apply_peft(BeitForImageClassification(beit_config), lora_config(), "the benchmark's LoRA")
+    config = lora_config(target_modules=METHOD_LORA_TARGETS["lora"], modules_to_save=["classifier"])
+    model = apply_peft(BeitForImageClassification(beit_config), config, "the benchmark's LoRA")
     for name in LORA_TASKS[1:adapters]:
-        model.add_adapter(name, lora_config(modules_to_save=["classifier"]))
+        model.add_adapter(name, config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

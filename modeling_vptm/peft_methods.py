@@ -35,11 +35,15 @@ logger = logging.getLogger(__name__)
 PEFT_INSTALL = 'pip install "vptm[peft]" (or pip install peft)'
 LABELS_FILE = "labels.json"
 ADAPTER_CONFIG = "adapter_config.json"
-# BEiT's attention projections in transformers 5 (`BeitAttention`): the query and value ones, LoRA's classic targets
-ATTENTION_PROJECTIONS = ("q_proj", "v_proj")
-# LoRA's defaults for `--method lora` and `vptm_lora`, chosen on validation data carved from the training images
-# (experiments/select_defaults.py, its lora_* candidates; docs/results.md)
-LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ATTENTION_PROJECTIONS}
+# BEiT's linear layers in transformers 5: the attention's query and value projections (LoRA's classic targets), all
+# four of its projections, and those with the MLP's two layers
+QUERY_VALUE = ("q_proj", "v_proj")
+ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+# LoRA's rank, alpha and dropout for `lora_config` and the script's PEFT methods; the targets are each method's,
+# chosen on validation data carved from the training images (experiments/select_defaults.py; docs/results.md):
+# rank 8 everywhere, attention and MLP for the LoRA baseline, query and value inside VPTM
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": QUERY_VALUE}
+METHOD_LORA_TARGETS = {"lora": ATTENTION_AND_MLP, "vptm_lora": QUERY_VALUE}
 
 
 def require_peft(what: str):
@@ -248,6 +252,7 @@ def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) ->
 
 __all__ = [
     "LORA_DEFAULTS",
+    "METHOD_LORA_TARGETS",
     "apply_peft",
     "classifier_from_mim",
     "is_peft_folder",

@@ -30,7 +30,7 @@ from .configuration_vptm import (
 )
 from .evaluation import DEFAULT_METRICS
 from .hub import require_portable_backbone
-from .peft_methods import LORA_DEFAULTS, require_peft
+from .peft_methods import LORA_DEFAULTS, METHOD_LORA_TARGETS, require_peft
 
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,11 @@ class ModelArguments:
         default=LORA_DEFAULTS["lora_alpha"], metadata={"help": "LoRA's scaling numerator: updates x alpha / r."}
     )
     lora_dropout: float = field(default=LORA_DEFAULTS["lora_dropout"], metadata={"help": "Dropout on LoRA's input."})
-    lora_target_modules: str = field(
-        default=",".join(LORA_DEFAULTS["target_modules"]),
+    lora_target_modules: str | None = field(
+        default=None,
         metadata={"help": "Backbone modules LoRA adapts, comma-separated (BEiT's attention: q_proj, k_proj, v_proj, "
-                  "o_proj; its MLP: fc1, fc2); a name that matches no module is refused."},
+                  "o_proj; its MLP: fc1, fc2); a name that matches no module is refused. Default: each method's best "
+                  "on validation, all six for lora, q_proj,v_proj for vptm_lora."},
     )  # fmt: skip
     peft_config: str | None = field(
         default=None,
@@ -179,6 +180,12 @@ class ModelArguments:
             require_peft(f"--method {self.method}")
         if self.method == "peft" and not self.peft_config:
             raise ValueError("--method peft trains the PEFT config --peft_config FILE.json, and none was given")
+
+    def lora_targets(self) -> list[str]:
+        """`--lora_target_modules` as a list; when not given, the method's own default (`METHOD_LORA_TARGETS`)."""
+        if self.lora_target_modules is None:
+            return list(METHOD_LORA_TARGETS.get(self.method, LORA_DEFAULTS["target_modules"]))
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
     def prompt_layer_list(self) -> str | list[int]:
         """`--prompt_layers` as VPTMConfig takes it: a preset location ("deep", "first_half", ...) or block indices;

@@ -363,10 +363,10 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     # PEFT's LoRA beside VPTM: training, inference unmerged and merged, 8 adapters in one batch both ways PEFT offers
     assert {"lora", "infer_lora", "infer_lora_merged", "lora_one_task", "lora_eight_tasks_adapter_names",
             "lora_eight_tasks_set_adapter"} <= set(rows)  # fmt: skip
-    assert rows["lora"]["trainable"] == 6 * 2 * 8 * (128 + 128) + 100 * 128 + 100
+    assert rows["lora"]["trainable"] == 6 * 8 * (4 * (128 + 128) + 2 * (128 + 512)) + 100 * 128 + 100
     assert ops["infer_beit"] == rows["infer_lora_merged"]["ops"] < rows["infer_lora"]["ops"]  # merged: plain BEiT
     assert rows["lora_one_task"]["ops"] < rows["lora_eight_tasks_adapter_names"]["ops"]
-    assert rows["checkpoint"]["lora_adapter_bytes"] > 4 * (6 * 2 * 8 * 256)
+    assert rows["checkpoint"]["lora_adapter_bytes"] > 4 * 6 * 8 * (4 * 256 + 2 * 640)
     assert {"lora_train_vs_vptm", "lora_merged_infer_vs_vptm", "lora_mixed_8_adapter_names_vs_one",
             "lora_mixed_8_set_adapter_vs_one"} <= set(results["archs"]["tiny"]["ratios"])  # fmt: skip
     assert results["plot"] and (tmp_path / "benchmark.png").stat().st_size > 1000
@@ -439,10 +439,13 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     methods = results["methods"]
     assert set(methods) == {"linear", "full", "vpt_shallow", "vpt_deep", "vptm_shallow", "vptm_deep",
                             "vptm_first_half", "lora", "vptm_lora", "raw_pixel_logreg"}  # fmt: skip
-    # LoRA (rank 8, query and value of 6 blocks) and a 10-class head; VPTM + LoRA adds VPTM's default task to it
-    lora = 6 * 2 * 8 * (128 + 128)
+    # LoRA of rank 8 on the attention (4 x 128 -> 128) and the MLP (128 -> 512 -> 128) of 6 blocks and a 10-class
+    # head; VPTM + LoRA: rank 8 on query and value, and VPTM's default task
+    lora = 6 * 8 * (4 * (128 + 128) + 2 * (128 + 512))
     assert methods["lora"]["trainable_parameters"] == lora + 128 * 10 + 10
-    assert methods["vptm_lora"]["trainable_parameters"] == lora + methods["vptm_first_half"]["trainable_parameters"]
+    query_value = 6 * 2 * 8 * (128 + 128)
+    assert (methods["vptm_lora"]["trainable_parameters"]
+            == query_value + methods["vptm_first_half"]["trainable_parameters"])  # fmt: skip
     assert methods["vptm_deep"]["trainable_parameters"] > methods["vpt_deep"]["trainable_parameters"]
     # VPTM's default location is the first half of the blocks (3 of 6 prompted), VPT's every block
     assert (

@@ -72,12 +72,15 @@ def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "preprocessor_config.json"} <= files
     assert "config.json" not in files and "model.safetensors" not in files  # an adapter, not a model
     adapter = json.load(open(tmp_path / "adapter_config.json"))
-    assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    # --method lora's targets, chosen on validation: the attention's four projections and the MLP's two layers
+    assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    )
     assert adapter["modules_to_save"] == ["classifier"]
     assert os.path.samefile(adapter["base_model_name_or_path"], shipped_backbone_path(SHIPPED_BACKBONE))
     names = tensor_names(tmp_path / "adapter_model.safetensors")
     assert all("lora_" in n or ".classifier." in n for n in names), names  # LoRA tensors and the head, nothing else
-    assert sum("lora_A" in n for n in names) == 12  # q and v in each of the 6 blocks
+    assert sum("lora_A" in n for n in names) == 36  # six layers in each of the 6 blocks
     assert results["checkpoint_bytes"] == os.path.getsize(tmp_path / "adapter_model.safetensors")
     metadata = card_metadata(tmp_path)
     assert metadata["library_name"] == "peft" and {"lora", "peft"} <= set(metadata["tags"])
@@ -288,6 +291,7 @@ def test_vptm_lora_method_runs_saves_and_reloads(tmp_path):
     assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= files
     adapter = json.load(open(tmp_path / "adapter_config.json"))
     assert adapter["r"] == 2 and adapter["modules_to_save"] == ["task"]
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]  # vptm_lora's own default
     assert card_metadata(tmp_path)["library_name"] == "peft"
     rescored = run_classification.main(["--output_dir", str(tmp_path), *TINY, "--method", "vptm_lora",
                                         "--prompt_length", "2", "--lora_r", "2", "--do_train", "false"])  # fmt: skip
