@@ -15,6 +15,10 @@ from collections.abc import Callable
 
 import torch
 from transformers import BeitForMaskedImageModeling
+from transformers.utils import is_peft_available
+from transformers.utils import logging as hf_logging
+
+from .prompted_backbone import backbone_fingerprint
 
 
 # Name of the single weights file of a prompt checkpoint (not "adapter_model.safetensors": with peft installed
@@ -385,3 +389,117 @@ def remove_stale_adapter(folder: str) -> None:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             os.remove(path)
+
+
+# ------------------------------------------------------------------------- building, loading and saving the model
+def config_on_backbone(config_class, backbone_name_or_path: str, labels: dict, hub: dict, fields: dict):
+    """The config of fresh prompts on a BEiT MIM backbone, and the loaded backbone: its architecture, where it loads
+    from, its weights' fingerprint, `labels` (`num_labels`, `id2label`, `label2id`, any of them) and `fields`."""
+    num_labels, id2label, label2id = labels.get("num_labels"), labels.get("id2label"), labels.get("label2id")
+    if id2label is not None:
+        id2label = {int(k): v for k, v in id2label.items()}
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} labels")
+        num_labels = len(id2label)
+        label2id = label2id or {v: k for k, v in id2label.items()}
+    if num_labels is None or num_labels < 1:
+        raise ValueError(f"from_backbone needs the labels: num_labels >= 1 or id2label, got num_labels={num_labels}")
+    mim = load_mim_backbone(backbone_name_or_path, **hub)
+    config = config_class(
+        **backbone_config_fields(mim.config, backbone_name_or_path, hub.get("revision"), **fields),
+        id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
+        label2id=label2id or {f"LABEL_{i}": i for i in range(num_labels)},
+    )
+    config.backbone_fingerprint = backbone_fingerprint(mim.state_dict())
+    return config, mim
+
+
+HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder", "proxies")
+
+
+def backbone_hub_kwargs(hub: dict) -> dict:
+    """The Hub arguments of a checkpoint's load that apply to its backbone too (not its revision or subfolder)."""
+    return {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only", "proxies")}
+
+
+def prompt_checkpoint_options(name: str, checkpoint, hub: dict, kwargs: dict, model_args: tuple) -> dict:
+    """What `from_pretrained` does beyond building a prompt checkpoint's model: the device, the loading info, a PEFT
+    adapter to load; any other argument is refused by name rather than silently dropped."""
+    device = resolve_device_map(kwargs.pop("device_map", None))
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    # Passed by the Auto classes and pipelines; they change nothing for a prompt checkpoint (only safetensors is
+    # ever read). Names with a leading underscore are transformers' own.
+    for key in ("trust_remote_code", "code_revision"):
+        kwargs.pop(key, None)
+    if kwargs.get("use_safetensors") in (None, True):
+        kwargs.pop("use_safetensors", None)
+    adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
+    adapter = adapter_kwargs.pop("_adapter_model_path", None) or find_adapter(checkpoint, hub, is_peft_available())
+    unsupported = sorted(k for k in kwargs if not k.startswith("_"))
+    if unsupported or model_args:
+        raise TypeError(
+            f"{name}.from_pretrained cannot honour {unsupported or list(model_args)} for a prompt checkpoint; it "
+            "takes config, revision, cache_dir, token, local_files_only, force_download, subfolder, dtype, "
+            "attn_implementation, device_map and output_loading_info"
+        )
+    return {"device": device, "output_loading_info": output_loading_info, "adapter": adapter,
+            "adapter_kwargs": {**backbone_hub_kwargs(hub), **adapter_kwargs, **hub}}  # fmt: skip
+
+
+def load_prompt_checkpoint(model_class, checkpoint, config, hub: dict, attn_implementation: str | None = None):
+    """A model of `model_class` from a prompt checkpoint: the frozen backbone its config names (refused unless its
+    weights and shapes are the ones the prompts were trained on), then the task tensors (refused unless they are
+    exactly the task's)."""
+    task_tensors = read_task_tensors(checkpoint, **hub)
+    mim = load_mim_backbone(
+        config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub_kwargs(hub)
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    source = f"the prompt checkpoint {checkpoint}"
+    check_fits_backbone(config, backbone_fingerprint(mim.state_dict()), mim.config, source)
+    model = model_class(config)
+    model.backbone.load_mim_weights(mim)
+    model.task.load_checkpoint_tensors(task_tensors, source)
+    return model
+
+
+def write_prompt_checkpoint(model: torch.nn.Module, save_directory, save: Callable[[str], None]) -> None:
+    """Writes a prompt checkpoint atomically: `save(folder)` writes config, code files and task tensors into a
+    temporary folder that then replaces `save_directory`'s files. The saved config maps the Auto classes to the saved
+    code files (the model's own config is left as it was). An adapter loaded on the model is written beside it; a
+    stale one from an earlier save there is removed."""
+    config, adapter = model.config, adapter_kind(model)
+    had_auto_map, previous = "auto_map" in config.__dict__, config.__dict__.get("auto_map")
+    # _auto_class adds the AutoModelForImageClassification entry; the other two are set here
+    config.auto_map = {**(previous or {}), "AutoConfig": "configuration_vptm.VPTMConfig",
+                       "AutoModel": "modeling_vptm.VPTMForImageClassification"}  # fmt: skip
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one small file: a "Writing model shards" bar per Trainer save is noise
+    peft_loaded = getattr(model, "_hf_peft_config_loaded", False)
+
+    def write(folder: str) -> None:
+        if adapter == "loaded":  # the adapter beside the prompt checkpoint, as it was loaded
+            write_adapter(model, folder)
+        # transformers would save only the loaded adapter's tensors (and rename the task's by the adapter's key
+        # mapping); the prompt checkpoint holds the original task, by its own names
+        model._hf_peft_config_loaded = False
+        conversions = model.__dict__.pop("_weight_conversions", None)
+        try:
+            save(folder)
+        finally:
+            if conversions is not None:
+                model._weight_conversions = conversions
+
+    try:
+        write_atomically(save_directory, write)
+        if adapter is None:
+            remove_stale_adapter(save_directory)
+    finally:
+        model._hf_peft_config_loaded = peft_loaded
+        if bar:
+            hf_logging.enable_progress_bar()
+        if had_auto_map:
+            config.auto_map = previous
+        else:
+            del config.auto_map

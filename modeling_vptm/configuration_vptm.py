@@ -182,24 +182,7 @@ class VPTMConfig(BeitConfig):
         choice("extra_token_bias", EXTRA_TOKEN_BIASES)
         choice("classifier", CLASSIFIERS)
         choice("head_input", HEAD_INPUTS)
-        if isinstance(self.prompt_layers, str):
-            choice("prompt_layers", PROMPT_LAYER_PRESETS)
-        elif not isinstance(self.prompt_layers, (list, tuple)):
-            raise ValueError(
-                f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a list of block indices, "
-                f"got {self.prompt_layers!r}"
-            )
-        else:
-            layers = list(self.prompt_layers)
-            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)]
-            bad += [i for i in layers if isinstance(i, int) and not 0 <= i < self.num_hidden_layers]
-            if not layers or bad or len(set(layers)) != len(layers):
-                raise ValueError(
-                    f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a non-empty list of "
-                    f"distinct block indices in [0, {self.num_hidden_layers}) (num_hidden_layers="
-                    f"{self.num_hidden_layers}), got {self.prompt_layers!r}"
-                )
-            self.prompt_layers = sorted(layers)
+        self._check_prompt_layers()
         num_patches = self.num_patches
         if self.mask_token_position is not None and not (
             isinstance(self.mask_token_position, int) and 0 <= self.mask_token_position < num_patches
@@ -226,6 +209,30 @@ class VPTMConfig(BeitConfig):
                 f"VPTMConfig.classifier={self.classifier!r} reads the backbone's mask token, so use_mask_token must "
                 "be True (a BEiT masked-image-modeling checkpoint), got use_mask_token=False"
             )
+
+    def _check_prompt_layers(self) -> None:
+        """`prompt_layers`: a preset name, or distinct block indices in range (kept sorted)."""
+        if isinstance(self.prompt_layers, str):
+            if self.prompt_layers not in PROMPT_LAYER_PRESETS:
+                raise ValueError(
+                    f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)}, got {self.prompt_layers!r}"
+                )
+        elif not isinstance(self.prompt_layers, (list, tuple)):
+            raise ValueError(
+                f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a list of block indices, "
+                f"got {self.prompt_layers!r}"
+            )
+        else:
+            layers = list(self.prompt_layers)
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)]
+            bad += [i for i in layers if isinstance(i, int) and not 0 <= i < self.num_hidden_layers]
+            if not layers or bad or len(set(layers)) != len(layers):
+                raise ValueError(
+                    f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a non-empty list of "
+                    f"distinct block indices in [0, {self.num_hidden_layers}) (num_hidden_layers="
+                    f"{self.num_hidden_layers}), got {self.prompt_layers!r}"
+                )
+            self.prompt_layers = sorted(layers)
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -54,10 +54,16 @@ class CardInfo:
 
 def prompt_checkpoint_card(info: CardInfo):
     """A `huggingface_hub.ModelCard` for the checkpoint `info` describes."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
+
+    return ModelCard.from_template(card_data(info), template_path=TEMPLATE, **card_texts(info))
+
+
+def card_data(info: CardInfo):
+    """The card's metadata: what the Hub indexes (library, base model and relation, datasets, eval results)."""
+    from huggingface_hub import EvalResult, ModelCardData
 
     backbone_on_hub = is_hub_id(info.backbone)
-    dataset_on_hub = is_hub_id(info.dataset)
     results = [
         EvalResult(
             task_type="image-classification", task_name="Image Classification", dataset_type=info.dataset,
@@ -66,82 +72,65 @@ def prompt_checkpoint_card(info: CardInfo):
         )
         for name, value in info.metrics.items()
     ]  # fmt: skip
-    data = ModelCardData(
+    tags = ["vptm", "visual-prompt-tuning", info.method.replace("_", "-")]
+    tags += ["peft", "lora"] if info.method in ("lora", "vptm_lora") else []
+    return ModelCardData(
         license=LICENSE,
         library_name="peft" if info.method in PEFT_CARD_METHODS else "transformers",
         pipeline_tag="image-classification",
-        tags=list(
-            dict.fromkeys(
-                ["vptm", "visual-prompt-tuning", info.method.replace("_", "-")]
-                + (["peft", "lora"] if info.method in ("lora", "vptm_lora") else [])
-            )
-        ),
+        tags=list(dict.fromkeys(tags)),
         base_model=info.backbone if backbone_on_hub else None,
         base_model_relation=("finetune" if info.method == "full" else "adapter") if backbone_on_hub else None,
-        datasets=[info.dataset] if dataset_on_hub else None,
+        datasets=[info.dataset] if is_hub_id(info.dataset) else None,
         metrics=list(info.metrics),
         model_name=info.model_name,
         eval_results=results,
     )
+
+
+def card_texts(info: CardInfo) -> dict[str, str]:
+    """The values the card's template fills in."""
     if info.backbone.startswith(SHIPPED_PREFIX):
         where = "packaged with vptm, so it loads offline wherever the package is installed"
-    elif backbone_on_hub:
+    elif is_hub_id(info.backbone):
         where = f"Hub repository, revision `{info.backbone_revision or 'main'}`"
     else:
         where = "a local folder: share it on the Hub and retrain, or others cannot load this checkpoint"
+    adapter = info.method in ("lora", "peft")
+    check = "the adapter is trained for exactly those weights" if adapter else "loading checks its fingerprint"
+    return dict(
+        model_name=info.model_name, method=info.method, method_title=METHOD_TITLES.get(info.method, info.method),
+        backbone=info.backbone, backbone_where=where, contents=card_contents(info),
+        metric_header=" | ".join(METRIC_TITLES.get(name, name) for name in info.metrics),
+        metric_rule="---|" * len(info.metrics),
+        metric_values=" | ".join(f"{value:.4f}" for value in info.metrics.values()),
+        eval_split=info.eval_split, eval_images=f"{info.eval_images:,d}", train_images=f"{info.train_images:,d}",
+        train_seconds=f"{info.train_seconds:.1f}", device=info.device, repo_id=info.repo_id, revision=info.revision,
+        data_note=f"Trained on {info.train_images:,d} images of `{info.dataset}`; accuracy on other data is not "
+        "measured here.",
+        dataset=info.dataset, labels=", ".join(info.labels), trainable=f"{info.trainable_parameters:,d}",
+        total=f"{info.total_parameters:,d}",
+        trainable_percent=f"{100 * info.trainable_parameters / info.total_parameters:.3f}",
+        versions=", ".join(f"{k} {v}" for k, v in info.versions.items()), arguments=info.arguments,
+        backbone_check=f"The prediction depends on the frozen backbone named above: {check}"
+        + ("." if adapter else " and refuses other weights."),
+        use=USE_SNIPPETS["peft" if adapter else "transformers"].format(repo_id=info.repo_id, revision=info.revision),
+    )  # fmt: skip
+
+
+def card_contents(info: CardInfo) -> str:
     if info.method == "full":
-        contents = f"It holds every weight of the fine-tuned BEiT ({info.trainable_parameters:,d} parameters)."
-    elif info.method in ("lora", "peft"):
-        contents = (
+        return f"It holds every weight of the fine-tuned BEiT ({info.trainable_parameters:,d} parameters)."
+    if info.method in ("lora", "peft"):
+        return (
             f"It is a PEFT adapter ({info.trainable_parameters:,d} trainable parameters, {info.checkpoint_bytes:,d} "
             f"bytes): the adapter's tensors and the classification head, on `BeitForImageClassification` built from "
             f"`{info.backbone}`; `labels.json` holds the class names."
         )
-    else:
-        contents = (
-            f"It holds only the task's small tensors ({info.trainable_parameters:,d} trainable parameters, "
-            f"{info.checkpoint_bytes:,d} bytes); the frozen backbone is rebuilt from `{info.backbone}` when this "
-            "model is loaded."
-        )
-    data_note = (
-        f"Trained on {info.train_images:,d} images of `{info.dataset}`; accuracy on other data is not measured here."
-    )
-    return ModelCard.from_template(
-        data,
-        template_path=TEMPLATE,
-        model_name=info.model_name,
-        method=info.method,
-        method_title=METHOD_TITLES.get(info.method, info.method),
-        backbone=info.backbone,
-        backbone_where=where,
-        contents=contents,
-        metric_header=" | ".join(METRIC_TITLES.get(name, name) for name in info.metrics),
-        metric_rule="---|" * len(info.metrics),
-        metric_values=" | ".join(f"{value:.4f}" for value in info.metrics.values()),
-        eval_split=info.eval_split,
-        eval_images=f"{info.eval_images:,d}",
-        train_images=f"{info.train_images:,d}",
-        train_seconds=f"{info.train_seconds:.1f}",
-        device=info.device,
-        repo_id=info.repo_id,
-        revision=info.revision,
-        data_note=data_note,
-        dataset=info.dataset,
-        labels=", ".join(info.labels),
-        trainable=f"{info.trainable_parameters:,d}",
-        total=f"{info.total_parameters:,d}",
-        trainable_percent=f"{100 * info.trainable_parameters / info.total_parameters:.3f}",
-        versions=", ".join(f"{k} {v}" for k, v in info.versions.items()),
-        arguments=info.arguments,
-        backbone_check="The prediction depends on the frozen backbone named above"
-        + (
-            ": the adapter is trained for exactly those weights."
-            if info.method in ("lora", "peft")
-            else ": loading checks its fingerprint and refuses other weights."
-        ),
-        use=USE_SNIPPETS["peft" if info.method in ("lora", "peft") else "transformers"].format(
-            repo_id=info.repo_id, revision=info.revision
-        ),
+    return (
+        f"It holds only the task's small tensors ({info.trainable_parameters:,d} trainable parameters, "
+        f"{info.checkpoint_bytes:,d} bytes); the frozen backbone is rebuilt from `{info.backbone}` when this model is "
+        "loaded."
     )
 
 

@@ -30,25 +30,20 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.beit.modeling_beit import BeitPreTrainedModel
-from transformers.utils import is_peft_available, logging
+from transformers.utils import logging
 
 from .checkpoint_io import (
-    adapter_kind,
-    backbone_config_fields,
-    check_fits_backbone,
+    HUB_ARGUMENTS,
     check_task_tensors,
-    find_adapter,
+    config_on_backbone,
     load_checkpoint_config,
-    load_mim_backbone,
-    read_task_tensors,
-    remove_stale_adapter,
-    resolve_device_map,
-    write_adapter,
-    write_atomically,
+    load_prompt_checkpoint,
+    prompt_checkpoint_options,
+    write_prompt_checkpoint,
 )
 from .configuration_vptm import VPTMConfig
-from .prompted_backbone import BACKBONE_MODULES, PromptedBackbone, PromptedBackboneOutput, backbone_fingerprint
-from .vptm_task import PrototypicalVerbalizer, VPTMPromptEmbeddings, VPTMTask
+from .prompted_backbone import BACKBONE_MODULES, PromptedBackbone, PromptedBackboneOutput
+from .vptm_task import PrototypicalVerbalizer, VPTMPromptEmbeddings, VPTMTask, check_training_batch
 
 
 logger = logging.get_logger(__name__)
@@ -210,7 +205,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             raise ValueError("VPTMForImageClassification needs pixel_values")
         self.backbone.check_pixel_values(pixel_values)
         if labels is not None:
-            self._check_training_batch(pixel_values, labels)
+            check_training_batch(pixel_values, labels, self.num_labels)
         # float64 or float16 images for a float32 model (and the reverse) are cast to the backbone's dtype
         pixel_values = pixel_values.to(self.backbone.dtype)
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -229,23 +224,6 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             readout_attention=readout.readout_attention,
         )
         return output if return_dict else output.to_tuple()
-
-    def _check_training_batch(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> None:
-        # Training on a non-finite image would silently turn the loss (and then the prompts) into NaN. In inference a
-        # non-finite image only gives that image non-finite logits, so it is not checked there (the check would cost
-        # a device sync per batch). In training both checks share one read of the device, and only a failing batch
-        # pays for the details.
-        if labels.shape != pixel_values.shape[:1]:
-            raise ValueError(f"labels must have shape ({pixel_values.shape[0]},), got {tuple(labels.shape)}")
-        finite = torch.isfinite(pixel_values).all()
-        in_range = ((labels >= 0) & (labels < self.num_labels)).all().to(finite.device)
-        if bool(finite & in_range):
-            return
-        if not finite:
-            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"pixel_values hold NaN or infinite values (images {bad} of the batch)")
-        bad = labels[(labels < 0) | (labels >= self.num_labels)]
-        raise ValueError(f"labels must be in [0, {self.num_labels}), got {bad.unique().tolist()}")
 
     @torch.no_grad()
     def initialize_prototypes(self, batches, max_batches: int | None = None) -> None:
@@ -289,25 +267,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
     ) -> VPTMForImageClassification:
         """Loads a BEiT MIM checkpoint (Hub id, local folder or `vptm:<shipped name>`), freezes it and adds fresh
         prompts and a fresh verbalizer. `vptm_config_fields` are `VPTMConfig` fields (prompt_length, ...)."""
-        if id2label is not None:
-            id2label = {int(k): v for k, v in id2label.items()}
-            if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} labels")
-            num_labels = len(id2label)
-            label2id = label2id or {v: k for k, v in id2label.items()}
-        if num_labels is None or num_labels < 1:
-            raise ValueError(
-                f"from_backbone needs the labels: num_labels >= 1 or id2label, got num_labels={num_labels}"
-            )
         hub = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
-        mim = load_mim_backbone(backbone_name_or_path, **hub)
-        fields = backbone_config_fields(mim.config, backbone_name_or_path, revision, **vptm_config_fields)
-        config = VPTMConfig(
-            **fields,
-            id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)},
-            label2id=label2id or {f"LABEL_{i}": i for i in range(num_labels)},
-        )
-        config.backbone_fingerprint = backbone_fingerprint(mim.state_dict())
+        labels = {"num_labels": num_labels, "id2label": id2label, "label2id": label2id}
+        config, mim = config_on_backbone(VPTMConfig, backbone_name_or_path, labels, hub, vptm_config_fields)
         model = cls(config)
         model.backbone.load_mim_weights(mim)
         if model.task.trainable_mask_token is not None:  # trained from the pre-trained one
@@ -328,11 +290,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         config = kwargs.pop("config", None)
         if config is not None and getattr(config, "model_type", None) != VPTMConfig.model_type:
             raise TypeError(f"{cls.__name__}.from_pretrained needs config=VPTMConfig, got {type(config).__name__}")
-        hub = {
-            k: kwargs.pop(k)
-            for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder", "proxies")
-            if k in kwargs
-        }
+        hub = {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         attn_implementation = kwargs.pop("attn_implementation", None)
         if config is None:
@@ -351,46 +309,18 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             loaded = model[0] if isinstance(model, tuple) else model
             loaded.backbone.freeze()
             return model
-        device_map = kwargs.pop("device_map", None)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        # Passed by the Auto classes and pipelines; they change nothing for a prompt checkpoint (only safetensors is
-        # ever read, and there is no PEFT adapter to load). Names with a leading underscore are transformers' own.
-        for key in ("trust_remote_code", "code_revision"):
-            kwargs.pop(key, None)
-        if kwargs.get("use_safetensors") in (None, True):
-            kwargs.pop("use_safetensors", None)
-        adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
-        adapter = adapter_kwargs.pop("_adapter_model_path", None) or find_adapter(
-            pretrained_model_name_or_path, hub, is_peft_available()
-        )
-        unsupported = sorted(k for k in kwargs if not k.startswith("_"))
-        if unsupported or model_args:
-            raise TypeError(
-                f"{cls.__name__}.from_pretrained cannot honour {unsupported or list(model_args)} for a prompt "
-                "checkpoint; it takes config, revision, cache_dir, token, local_files_only, force_download, "
-                "subfolder, dtype, attn_implementation, device_map and output_loading_info"
-            )
-        device = resolve_device_map(device_map)
-        task_tensors = read_task_tensors(pretrained_model_name_or_path, **hub)
-        backbone_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only", "proxies")}
-        mim = load_mim_backbone(config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub)
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        source = f"the prompt checkpoint {pretrained_model_name_or_path}"
-        check_fits_backbone(config, backbone_fingerprint(mim.state_dict()), mim.config, source)
-        model = cls(config)
-        model.backbone.load_mim_weights(mim)
-        model.task.load_checkpoint_tensors(task_tensors, source)
+        options = prompt_checkpoint_options(cls.__name__, pretrained_model_name_or_path, hub, kwargs, model_args)
+        model = load_prompt_checkpoint(cls, pretrained_model_name_or_path, config, hub, attn_implementation)
         if dtype == "auto":  # the dtype the checkpoint was saved in
             dtype = config.dtype
         if dtype is not None:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        if device is not None:
-            model = model.to(device)
-        if adapter is not None:  # a PEFT adapter on this model (e.g. LoRA in the backbone and the trained task)
-            model.load_adapter(adapter, adapter_kwargs={**backbone_hub, **adapter_kwargs, **hub})
+        if options["device"] is not None:
+            model = model.to(options["device"])
+        if options["adapter"] is not None:  # a PEFT adapter on this model (LoRA in the backbone, the trained task)
+            model.load_adapter(options["adapter"], adapter_kwargs=options["adapter_kwargs"])
         model.eval()
-        if output_loading_info:  # every tensor came from the backbone or the checkpoint, checked above
+        if options["output_loading_info"]:  # every tensor came from the backbone or the checkpoint, checked
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
@@ -409,47 +339,15 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         if state_dict is not None:  # e.g. Trainer's (synced) values: the model's names, or a prompt checkpoint's
             task = {k.removeprefix("task."): v for k, v in state_dict.items() if not k.startswith("backbone.")}
             check_task_tensors(task, self.task_state_dict(), "the state_dict given to save_pretrained")
-        adapter = adapter_kind(self)
         if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # named after the folder, not the staging one
             kwargs["repo_id"] = os.path.basename(os.path.abspath(save_directory))
-        # The saved config maps the Auto classes to the saved code files (_auto_class adds the
-        # AutoModelForImageClassification entry, the other two are set here); the model's own config is left as it was.
-        had_auto_map = "auto_map" in self.config.__dict__
-        previous = self.config.__dict__.get("auto_map")
-        auto_map = dict(previous or {})
-        auto_map.update(
-            AutoConfig="configuration_vptm.VPTMConfig", AutoModel="modeling_vptm.VPTMForImageClassification"
+        write_prompt_checkpoint(
+            self,
+            save_directory,
+            lambda folder: super(VPTMForImageClassification, self).save_pretrained(
+                folder, *args, state_dict=task, **kwargs
+            ),
         )
-        self.config.auto_map = auto_map
-        bar = logging.is_progress_bar_enabled()
-        logging.disable_progress_bar()  # one small file: a "Writing model shards" bar per Trainer save is noise
-        peft_loaded = getattr(self, "_hf_peft_config_loaded", False)
-
-        def write(folder: str) -> None:
-            if adapter == "loaded":  # the adapter beside the prompt checkpoint, as it was loaded
-                write_adapter(self, folder)
-            # transformers would save only the loaded adapter's tensors (and rename the task's by the adapter's
-            # key mapping); the prompt checkpoint holds the original task, by its own names
-            self._hf_peft_config_loaded = False
-            conversions = self.__dict__.pop("_weight_conversions", None)
-            try:
-                super(VPTMForImageClassification, self).save_pretrained(folder, *args, state_dict=task, **kwargs)
-            finally:
-                if conversions is not None:
-                    self._weight_conversions = conversions
-
-        try:
-            write_atomically(save_directory, write)
-            if adapter is None:
-                remove_stale_adapter(save_directory)
-        finally:
-            self._hf_peft_config_loaded = peft_loaded
-            if bar:
-                logging.enable_progress_bar()
-            if had_auto_map:
-                self.config.auto_map = previous
-            else:
-                del self.config.auto_map
 
 
 def _checkpoint_names_to_module_names(module, state_dict, prefix, *args) -> None:

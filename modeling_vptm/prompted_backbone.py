@@ -145,15 +145,7 @@ class PromptedBackbone(nn.Module):
         tensors (nothing is left random)."""
         source = mim.state_dict()
         own = self.state_dict()
-        missing = sorted(set(own) - set(source))
-        if missing:
-            raise ValueError(f"the backbone checkpoint lacks {len(missing)} tensors VPTM needs, e.g. {missing[:5]}")
-        for name, tensor in own.items():
-            if tensor.shape != source[name].shape:
-                raise ValueError(
-                    f"backbone tensor {name} has shape {tuple(source[name].shape)} in the checkpoint but "
-                    f"{tuple(tensor.shape)} in this model's config"
-                )
+        check_backbone_tensors(own, source)
         with torch.no_grad():
             for name, tensor in own.items():
                 tensor.copy_(source[name])
@@ -189,28 +181,7 @@ class PromptedBackbone(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ inputs
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """Refuses what the backbone cannot read, naming what it expected: not a 4-d float tensor, another
-        channel count or image size, an empty batch."""
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(f"pixel_values must be a tensor (batch, channels, height, width), got {shape}")
-        if pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must have {self.config.num_channels} channels (the backbone's num_channels), got "
-                f"{pixel_values.shape[1]} in shape {tuple(pixel_values.shape)}"
-            )
-        height, width = pixel_values.shape[2:]
-        expected = self.config.image_size
-        expected = tuple(expected) if isinstance(expected, (list, tuple)) else (expected, expected)
-        if (height, width) != expected:
-            raise ValueError(
-                f"pixel_values must be {expected[0]}x{expected[1]} (the backbone's image_size), got {height}x{width}; "
-                "resize with the backbone's image processor"
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values is an empty batch (batch size 0)")
+        check_pixel_values(pixel_values, self.config)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(
@@ -301,12 +272,7 @@ class PromptedBackbone(nn.Module):
         block. Hidden states and attention are returned in the documented order.
         """
         prompted, num_prompts = layout.prompted_layers, layout.prompt_length
-        num_extra_before = 1 if layout.mask_token == "append" else 0
-        mode = layout.extra_token_bias
-        biases_before = None
-        if prompted and prompted[0] > 0:
-            biases_before = self.position_biases(window, num_extra_before, mode)
-        biases_after = self.position_biases(window, num_extra_before + num_prompts, mode, leading=num_prompts)
+        biases_before, biases_after = self.layout_biases(layout, window)
         all_hidden = (hidden,) if output_hidden_states else None
         # gradient_checkpointing_enable() flags each BeitLayer and gives it its checkpoint function; the layers never
         # checkpoint themselves here because the frozen backbone stays in eval mode, so this loop honours the flags.
@@ -362,6 +328,15 @@ class PromptedBackbone(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------- position biases
+    def layout_biases(self, layout: SequenceLayout, window: tuple[int, int]) -> tuple[BlockBiases | None, BlockBiases]:
+        """The biases of the blocks before the first prompted one (None when there are none) and from it on."""
+        num_extra_before = 1 if layout.mask_token == "append" else 0
+        mode, num_prompts = layout.extra_token_bias, layout.prompt_length
+        before = None
+        if layout.prompted_layers and layout.prompted_layers[0] > 0:
+            before = self.position_biases(window, num_extra_before, mode)
+        return before, self.position_biases(window, num_extra_before + num_prompts, mode, leading=num_prompts)
+
     def position_biases(self, window: tuple[int, int], num_extra: int, mode: str, leading: int = 0) -> BlockBiases:
         """Per-block attention bias, `(1, heads, L, L)` each, for a `window` patch grid with `num_extra` added tokens,
         `leading` of them before CLS (see `extend_relative_position_bias`).
@@ -371,14 +346,14 @@ class PromptedBackbone(nn.Module):
         of being interpolated, gathered and extended again for every batch, and so are the rows of them that
         partial blocks read. Trainable tables (and compilation) are never cached.
         """
-        tables = [module.relative_position_bias_table for module in self._bias_modules()]
+        tables = [module.relative_position_bias_table for module in bias_modules(self.beit)]
         key = None
         if not torch.compiler.is_compiling() and not any(table.requires_grad for table in tables):
             key = (window, num_extra, mode, leading, torch.is_inference_mode_enabled())
             key += tuple((table.device, table.dtype, table.data_ptr(), table._version) for table in tables)
             if key in self._bias_cache:
                 return self._bias_cache[key]
-        biases = self._compute_position_biases(window, num_extra, mode, leading)
+        biases = compute_position_biases(self.beit, window, num_extra, mode, leading)
         biases = BlockBiases(biases, keep_rows=key is not None)
         if key is not None:
             if len(self._bias_cache) >= BIAS_CACHE_SIZE:
@@ -390,28 +365,6 @@ class PromptedBackbone(nn.Module):
         # .to(), .half(), .cuda() move or convert the tables; the kept biases would be stale copies holding memory
         self._bias_cache = {}
         return super()._apply(fn, *args, **kwargs)
-
-    def _bias_modules(self) -> list[nn.Module]:
-        modules = [self.beit.shared_position_bias] if self.beit.shared_position_bias is not None else []
-        return modules + [l.relative_position_bias for l in self.beit.layers if l.relative_position_bias is not None]
-
-    def _compute_position_biases(
-        self, window: tuple[int, int], num_extra: int, mode: str, leading: int
-    ) -> list[torch.Tensor | None]:
-        num_tokens = 1 + window[0] * window[1]
-        shared = None
-        if self.beit.shared_position_bias is not None:
-            shared = self.beit.shared_position_bias(window, dim_size=num_tokens)  # (1, heads, 1 + N, 1 + N)
-            shared = extend_relative_position_bias(shared, num_extra, mode, leading)  # extended once for all blocks
-        biases = []
-        for layer in self.beit.layers:
-            bias = shared
-            if layer.relative_position_bias is not None:
-                own = layer.relative_position_bias(window, dim_size=num_tokens)
-                own = extend_relative_position_bias(own, num_extra, mode, leading)
-                bias = own if bias is None else bias + own
-            biases.append(bias)
-        return biases
 
 
 class BlockBiases:
@@ -447,6 +400,71 @@ class BlockBiases:
         if self.keep_rows:
             self._rows[key] = rows
         return rows
+
+
+def check_backbone_tensors(own: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
+    """Refuses a checkpoint `source` that lacks a tensor of the backbone `own` or has one of another shape."""
+    missing = sorted(set(own) - set(source))
+    if missing:
+        raise ValueError(f"the backbone checkpoint lacks {len(missing)} tensors VPTM needs, e.g. {missing[:5]}")
+    for name, tensor in own.items():
+        if tensor.shape != source[name].shape:
+            raise ValueError(
+                f"backbone tensor {name} has shape {tuple(source[name].shape)} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model's config"
+            )
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: BeitConfig) -> None:
+    """Refuses what a backbone of `config` cannot read, naming what it expected: not a 4-d float tensor, another
+    channel count or image size, an empty batch."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a tensor (batch, channels, height, width), got {shape}")
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"pixel_values must have {config.num_channels} channels (the backbone's num_channels), got "
+            f"{pixel_values.shape[1]} in shape {tuple(pixel_values.shape)}"
+        )
+    height, width = pixel_values.shape[2:]
+    expected = config.image_size
+    expected = tuple(expected) if isinstance(expected, (list, tuple)) else (expected, expected)
+    if (height, width) != expected:
+        raise ValueError(
+            f"pixel_values must be {expected[0]}x{expected[1]} (the backbone's image_size), got {height}x{width}; "
+            "resize with the backbone's image processor"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values is an empty batch (batch size 0)")
+
+
+def bias_modules(beit: BeitModel) -> list[nn.Module]:
+    """`beit`'s relative position bias modules: the shared one and each block's own."""
+    modules = [beit.shared_position_bias] if beit.shared_position_bias is not None else []
+    return modules + [l.relative_position_bias for l in beit.layers if l.relative_position_bias is not None]
+
+
+def compute_position_biases(
+    beit: BeitModel, window: tuple[int, int], num_extra: int, mode: str, leading: int
+) -> list[torch.Tensor | None]:
+    """Each block's attention bias for a `window` patch grid with `num_extra` added tokens (`PromptedBackbone.
+    position_biases` keeps them)."""
+    num_tokens = 1 + window[0] * window[1]
+    shared = None
+    if beit.shared_position_bias is not None:
+        shared = beit.shared_position_bias(window, dim_size=num_tokens)  # (1, heads, 1 + N, 1 + N)
+        shared = extend_relative_position_bias(shared, num_extra, mode, leading)  # extended once for all blocks
+    biases = []
+    for layer in beit.layers:
+        bias = shared
+        if layer.relative_position_bias is not None:
+            own = layer.relative_position_bias(window, dim_size=num_tokens)
+            own = extend_relative_position_bias(own, num_extra, mode, leading)
+            bias = own if bias is None else bias + own
+        biases.append(bias)
+    return biases
 
 
 def extend_relative_position_bias(bias: torch.Tensor, num_extra: int, mode: str, leading: int = 0) -> torch.Tensor:

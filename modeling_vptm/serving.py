@@ -147,6 +147,14 @@ class MultiTaskVPTM(nn.Module):
                 )
         return out
 
+    def _look_up(self, tasks: list[str]) -> dict[str, VPTMTask]:
+        """The tasks a call runs with, by name, each once, looked up together."""
+        try:
+            return {name: self.tasks[name] for name in dict.fromkeys(tasks)}
+        except KeyError:
+            unknown = sorted({name for name in tasks if name not in self.tasks})
+            raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}") from None
+
     def _task_runs(
         self, pixel_values: torch.Tensor, tasks: list[str], output_readout_attention: bool = False
     ) -> Iterator[tuple[HeadGroup, PromptedBackboneOutput, torch.Tensor]]:
@@ -164,11 +172,7 @@ class MultiTaskVPTM(nn.Module):
         """
         if len(tasks) != len(pixel_values):
             raise ValueError(f"one task per image: got {len(tasks)} task names for {len(pixel_values)} images")
-        try:
-            chosen = {name: self.tasks[name] for name in dict.fromkeys(tasks)}  # the tasks this call runs with
-        except KeyError:
-            unknown = sorted({name for name in tasks if name not in self.tasks})
-            raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}") from None
+        chosen = self._look_up(tasks)
         self.backbone.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.backbone.dtype)
         passes = plan_passes(chosen, tasks)

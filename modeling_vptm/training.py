@@ -151,14 +151,7 @@ def search_hyperparameters(
         raise ImportError(
             "--hp_search_trials needs optuna: pip install optuna (or the package's hpo extra)"
         ) from error
-    metric = training_args.metric_for_best_model or "accuracy"
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    known = ["eval_loss", *(f"eval_{name}" for name in metric_names)]
-    if metric not in known:
-        raise ValueError(f"--metric_for_best_model {metric} is not computed; it must be one of {known}")
-    maximize = (
-        training_args.greater_is_better if training_args.greater_is_better is not None else metric != "eval_loss"
-    )
+    metric, maximize = search_objective(training_args, metric_names)
     low, high = learning_rates
 
     def space(trial) -> dict:
@@ -247,6 +240,18 @@ def run_arguments(model_args, data_args, training_args) -> dict:
                  "per_device_train_batch_size", "weight_decay", "seed", "lr_scheduler_type", "warmup_steps",
                  "max_steps", "hp_search_trials", "metric_for_best_model")})  # fmt: skip
     return {k: v for k, v in sorted(args.items()) if k not in ignore and not k.startswith("_")}
+
+
+def search_objective(training_args, metric_names: Sequence[str]) -> tuple[str, bool]:
+    """The metric a search scores trials by (`metric_for_best_model`, default accuracy) and whether it maximises."""
+    metric = training_args.metric_for_best_model or "accuracy"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    known = ["eval_loss", *(f"eval_{name}" for name in metric_names)]
+    if metric not in known:
+        raise ValueError(f"--metric_for_best_model {metric} is not computed; it must be one of {known}")
+    if training_args.greater_is_better is not None:
+        return metric, training_args.greater_is_better
+    return metric, metric != "eval_loss"
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -315,3 +315,21 @@ def instance_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temp
 
 
 __all__ = ["PrototypicalVerbalizer", "TaskHeadOutput", "VPTMPromptEmbeddings", "VPTMTask"]
+
+
+def check_training_batch(pixel_values: torch.Tensor, labels: torch.Tensor, num_labels: int) -> None:
+    """Refuses a training batch whose labels are misshapen or out of `[0, num_labels)`, or whose images are not
+    finite (training on them would silently turn the loss, then the prompts, into NaN). In inference a non-finite
+    image only gives that image non-finite logits, so it is not checked there (the check would cost a device sync
+    per batch). Both checks share one read of the device, and only a failing batch pays for the details."""
+    if labels.shape != pixel_values.shape[:1]:
+        raise ValueError(f"labels must have shape ({pixel_values.shape[0]},), got {tuple(labels.shape)}")
+    finite = torch.isfinite(pixel_values).all()
+    in_range = ((labels >= 0) & (labels < num_labels)).all().to(finite.device)
+    if bool(finite & in_range):
+        return
+    if not finite:
+        bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"pixel_values hold NaN or infinite values (images {bad} of the batch)")
+    bad = labels[(labels < 0) | (labels >= num_labels)]
+    raise ValueError(f"labels must be in [0, {num_labels}), got {bad.unique().tolist()}")

@@ -26,6 +26,7 @@ from modeling_vptm import (
     VPTMForImageClassification,
     extend_relative_position_bias,
 )
+from modeling_vptm.prompted_backbone import bias_modules
 
 
 def vptm_config(**fields) -> VPTMConfig:
@@ -207,7 +208,9 @@ def test_training_and_serving_never_wait_for_the_device(fields, monkeypatch):
         pixels = torch.zeros(4, 3, 20, 20, dtype=torch.uint8)
         labels = torch.tensor([0, 0, 1, 1])
         other = VPTMTask(config)
-    monkeypatch.setattr(model, "_check_training_batch", lambda pixel_values, labels: None)
+    monkeypatch.setattr(
+        "modeling_vptm.modeling_vptm.check_training_batch", lambda pixel_values, labels, num_labels: None
+    )
     pixel_values = ImageBatchTransform([0.5] * 3, [0.25] * 3, crop_scale=0.5, shift=2, flip=True)(pixels, train=True)
     out = model(pixel_values, labels=labels)
     out.loss.backward()
@@ -440,7 +443,7 @@ def test_cached_position_biases_follow_the_bias_tables(pixel_values, per_block):
         use_relative_position_bias=per_block, use_shared_relative_position_bias=not per_block, prompt_layers="deep"
     )
     model = VPTMForImageClassification(config).eval()
-    tables = [module.relative_position_bias_table for module in model.backbone._bias_modules()]
+    tables = [module.relative_position_bias_table for module in bias_modules(model.backbone.beit)]
 
     def fresh_logits():
         model.backbone._bias_cache.clear()

@@ -373,7 +373,7 @@ def test_export_refuses_what_it_cannot_export(checkpoints, backbone_dir, tmp_pat
 # ----------------------------------------------------------------------------------------- committed results
 def test_committed_parity_and_speed_tables_are_what_the_scripts_write():
     """benchmarks/onnx-parity and benchmarks/onnx-cpu-2core hold what experiments/onnx_parity.py and
-    experiments/benchmark_onnx.py wrote: the tables follow from the JSON, and the JSON covers what the README claims
+    experiments/benchmark_onnx.py wrote: the tables follow from the JSON, and the JSON covers what docs/speed.md claims
     (every read-out and VPT, both graphs, both architectures, within the tolerance)."""
     import benchmark_onnx
     import onnx_parity
@@ -393,8 +393,8 @@ def test_committed_parity_and_speed_tables_are_what_the_scripts_write():
     assert set(speed["archs"]) == {"tiny", "base"} and all(
         a["max_abs_error"] <= TOLERANCE for a in speed["archs"].values()
     )
-    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
-    for arch, name in (("tiny", "shipped tiny"), ("base", "BEiT-base-shaped")):  # the README's rows, as the table's
+    readme = open(os.path.join(REPO_ROOT, "docs", "speed.md")).read()
+    for arch, name in (("tiny", "shipped tiny"), ("base", "BEiT-base-shaped")):  # the published rows, as the table's
         row = speed["archs"][arch]
         ratio = benchmark_onnx.speedups(row)
         images_per_s = {step: timing["images_per_s"] for step, timing in row["timings"].items()}

@@ -91,11 +91,14 @@ def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path):
 
     base = BeitForImageClassification.from_pretrained(shipped_backbone_path(SHIPPED_BACKBONE), id2label=id2label)
     by_peft = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    by_auto_peft = peft.AutoPeftModel.from_pretrained(str(tmp_path), **labels).eval()  # the base class it recorded
     ours = load_peft_classifier(str(tmp_path))
     pixels = shipped_pixels()
     with torch.no_grad():
         expected = by_peft(pixel_values=pixels).logits
         assert torch.equal(ours(pixel_values=pixels).logits, expected)
+        assert torch.equal(by_auto_peft(pixel_values=pixels).logits, expected)
     assert ours.config.id2label == id2label and len(id2label) == 10
 
     # scoring the saved adapter again gives the accuracy the run reported

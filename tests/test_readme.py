@@ -91,6 +91,20 @@ def test_hub_block_runs_against_a_local_hub_cache(tmp_path):
         torch.testing.assert_close(torch.tensor(json.loads(logits)), local(pixel_values).logits)
 
 
+def test_notebook_training_block_trains_evaluates_and_saves(tmp_path, monkeypatch, capsys):
+    """The Training section's notebook block, as written but for its length: 2 steps instead of 30 epochs."""
+    monkeypatch.chdir(tmp_path)
+    block = python_blocks("Training")[0]
+    assert "num_train_epochs=30" in block and "VPTMTrainer(" in block
+    block = block.replace("num_train_epochs=30", "max_steps=2, use_cpu=True, disable_tqdm=True")
+    exec(compile(block, "README.md notebook training", "exec"), {"__name__": "__readme__"})
+    accuracy = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= accuracy <= 1.0
+    saved = set(os.listdir(tmp_path / "runs" / "notebook"))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_vptm.py"} <= saved
+    assert os.path.getsize(tmp_path / "runs" / "notebook" / "model.safetensors") < 60_000  # the task, as stated
+
+
 def test_serving_block_runs_on_two_saved_tasks(tmp_path, monkeypatch):
     import torch
     from transformers import AutoImageProcessor
