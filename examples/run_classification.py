@@ -34,7 +34,6 @@ Arguments can also come from one JSON file: `python run_classification.py args.j
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -42,27 +41,18 @@ import sys
 import time
 
 import torch
-from transformers import (
-    AutoImageProcessor,
-    Trainer,
-    set_seed,
-)
+from transformers import AutoImageProcessor, set_seed
 
 import modeling_vptm
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: F401
 from modeling_vptm.checkpoint_io import CheckpointNotFoundError, resolve_backbone_path
+from modeling_vptm.data import load_data
 from modeling_vptm.evaluation import compute_metrics
 from modeling_vptm.hub import push_checkpoint
 from modeling_vptm.image_batches import collate
+from modeling_vptm.methods import add_adapter, build_model, save_final_model
 from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
-from modeling_vptm.peft_methods import (
-    apply_peft,
-    classifier_from_mim,
-    load_classifier,
-    lora_config,
-    read_peft_config,
-    save_labels,
-)
+from modeling_vptm.peft_methods import load_classifier
 from modeling_vptm.training import (
     RUN_ARGS_FILE,
     VPTMTrainer,
@@ -73,7 +63,7 @@ from modeling_vptm.training import (
     run_arguments,
     search_hyperparameters,
 )
-from modeling_vptm.training_args import (  # noqa: F401  (the names the experiments and tests read off this script)
+from modeling_vptm.training_args import (  # noqa: F401  (also read off this script by the tests)
     DEFAULT_PROMPT_LAYERS,
     DIGITS_DATASET,
     FULL_TEST_DATASET,
@@ -91,133 +81,6 @@ from modeling_vptm.training_args import (  # noqa: F401  (the names the experime
 
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int = 0):
-    """train, and validation and/or test, with columns renamed to image/label.
-
-    validation (for model selection: Trainer's eval_dataset) is the dataset's own, or carved from train by
-    --validation_split; test is the dataset's own and is only scored at the end (--do_predict). With neither,
-    --train_val_split of train is held out as validation. Every random choice in here is seeded.
-    """
-    from datasets import DatasetDict, load_dataset
-
-    from modeling_vptm.data import carve_validation, check_image_folders, drop_images, load_local_dataset
-
-    if data_args.train_dir:
-        files = {"train": os.path.join(data_args.train_dir, "**")}
-        if data_args.validation_dir:
-            files["validation"] = os.path.join(data_args.validation_dir, "**")
-        unreadable = check_image_folders(data_args.train_dir, data_args.validation_dir,
-                                         data_args.skip_unreadable_images)  # fmt: skip
-        dataset = load_local_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
-        if unreadable:
-            dataset = drop_images(dataset, unreadable)
-            logger.warning("skipped %d unreadable image(s)", len(unreadable))
-    elif data_args.dataset_name == SHIPPED_DATASET:
-        from modeling_vptm.data import shipped_dataset
-
-        dataset = shipped_dataset()
-    elif data_args.dataset_name == FULL_TEST_DATASET:
-        from datasets import DatasetDict
-
-        from modeling_vptm.data import fashion_mnist_dataset, shipped_dataset
-
-        test = fashion_mnist_dataset("test", cache_dir=model_args.cache_dir)
-        dataset = DatasetDict(train=shipped_dataset()["train"], test=test)
-    elif data_args.dataset_name == DIGITS_DATASET:
-        from modeling_vptm.data import digits_dataset
-
-        dataset = digits_dataset()
-    elif data_args.dataset_name:
-        dataset = load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )  # fmt: skip
-    else:
-        raise ValueError(
-            f"no dataset given: pass --dataset_name (a Hub dataset, or {SHIPPED_DATASET} for the shipped "
-            "Fashion-MNIST subset) or --train_dir (an image folder with one sub-folder per class)"
-        )
-    if "train" not in dataset:
-        raise ValueError(f"the dataset has no 'train' split; it has {sorted(dataset)}")
-    if data_args.validation_split:  # model selection on a carved split, whatever validation split the data has
-        carved = carve_validation(dataset, data_args.validation_split, data_args.validation_split_seed,
-                                  data_args.label_column_name)  # fmt: skip
-        dataset = DatasetDict(carved, **({"test": dataset["test"]} if "test" in dataset else {}))
-    elif "validation" not in dataset and "test" not in dataset:  # nothing held out: hold out part of train
-        split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
-        dataset = DatasetDict(train=split["train"], validation=split["test"])
-    elif data_args.train_val_split != TRAIN_VAL_SPLIT:
-        logger.warning(
-            "--train_val_split is ignored: the dataset has its own %s split (carve a validation split from train "
-            "with --validation_split)",
-            " and ".join(s for s in ("validation", "test") if s in dataset),
-        )
-    for name in (data_args.image_column_name, data_args.label_column_name):
-        if name not in dataset["train"].column_names:
-            raise ValueError(
-                f"column {name!r} not found in the dataset; its columns are {dataset['train'].column_names}. Pass "
-                "--image_column_name / --label_column_name"
-            )
-    dataset = dataset.rename_columns(
-        {c: n for c, n in ((data_args.image_column_name, "image"), (data_args.label_column_name, "label")) if c != n}
-    )
-    dataset = DatasetDict({name: dataset[name] for name in SPLITS if name in dataset})
-    if data_args.max_train_samples is not None:
-        count = min(data_args.max_train_samples, len(dataset["train"]))
-        dataset["train"] = dataset["train"].shuffle(seed=seed).select(range(count))
-    for name in ("validation", "test"):  # a random subset: the first rows of an image folder are one class
-        if data_args.max_eval_samples is not None and name in dataset:
-            count = min(data_args.max_eval_samples, len(dataset[name]))
-            dataset[name] = dataset[name].shuffle(seed=seed).select(range(count))
-    return dataset
-
-
-# --------------------------------------------------------------------------------------------------------- model
-def build_model(model_args: ModelArguments, id2label: dict[int, str]):
-    """The method's model, untrained; the PEFT methods' before their adapter is added (`add_adapter`)."""
-    hub = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir, "token": model_args.token}
-    if model_args.method in ("full", "lora", "peft"):
-        return classifier_from_mim(model_args.model_name_or_path, id2label, **hub)  # refuses non-MIM checkpoints
-    config_fields = {f.name for f in dataclasses.fields(VPTMConfig)}  # the script's other arguments stay out
-    fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name in config_fields}
-    fields["prompt_layers"] = model_args.prompt_layer_list()
-    if model_args.method not in ("vptm", "vptm_lora"):
-        fields["classifier"] = "linear_cls"
-    if model_args.method == "linear":
-        fields["prompt_length"] = 0
-    return VPTMForImageClassification.from_backbone(
-        model_args.model_name_or_path, id2label=id2label, revision=model_args.model_revision,
-        cache_dir=model_args.cache_dir, token=model_args.token, **fields,
-    )  # fmt: skip
-
-
-def add_adapter(model, model_args: ModelArguments):
-    """The PEFT methods' model: PEFT's adapter (with the head in its modules_to_save) on the built model."""
-    if model_args.method not in PEFT_METHODS:
-        return model
-    # the base of lora and peft is the backbone (at its revision); vptm_lora's, the VPTM checkpoint saved beside it
-    revision = None if model_args.method == "vptm_lora" else model_args.model_revision
-    if model_args.method == "peft":
-        config, source = read_peft_config(model_args.peft_config), f"--peft_config {model_args.peft_config}"
-    else:
-        targets = model_args.lora_targets()
-        config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
-        source = f"--method {model_args.method} (LoRA on {targets})"
-    return apply_peft(model, config, source, base_revision=revision)
-
-
-def save_final_model(trainer: Trainer, model_args: ModelArguments, id2label: dict[int, str]) -> None:
-    """The trained model in output_dir: a prompt checkpoint, full weights, or a PEFT adapter (and what loading it
-    needs: the labels of a PEFT classifier, the VPTM base of vptm_lora)."""
-    if model_args.method == "vptm_lora" and trainer.is_world_process_zero():
-        # first the VPTM prompt checkpoint the adapter goes on (its original task), then the adapter beside it
-        trainer.model.get_base_model().save_pretrained(trainer.args.output_dir)
-    trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
-    if model_args.method in ("lora", "peft") and trainer.is_world_process_zero():
-        save_labels(trainer.args.output_dir, id2label)
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:

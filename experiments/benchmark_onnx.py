@@ -27,8 +27,7 @@ import time
 
 import numpy as np
 import torch
-from benchmark import measure_side_by_side
-from onnx_parity import make_backbone
+from measuring import make_backbone, measure_side_by_side
 
 from modeling_vptm import VPTMForImageClassification, shipped_backbone_path
 from modeling_vptm.onnx_export import export_backbone_graph, export_task_graph

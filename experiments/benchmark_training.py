@@ -34,9 +34,12 @@ import time
 
 import numpy as np
 import torch
-from benchmark import ARCHS, COMMON, measure, training_step
 from example_scripts import run_classification
+from measuring import ARCHS, COMMON, measure, training_step
 from transformers import TrainerCallback
+
+from modeling_vptm.methods import build_model
+from modeling_vptm.training_args import parse_arguments
 
 
 METHODS = ("vptm", "vpt", "linear", "full")
@@ -112,8 +115,8 @@ def make_backbone(folder: str, arch: str) -> None:
 
 def model_images_per_s(argv: list[str], batch: int, steps: int, warmup: int) -> tuple[float, float, int]:
     """The model `run_classification.py` builds for `argv`, timed on its own training step (median step time)."""
-    model_args, _, _ = run_classification.parse_arguments(argv)
-    model = run_classification.build_model(model_args, {i: f"class{i}" for i in range(NUM_CLASSES)})
+    model_args, _, _ = parse_arguments(argv)
+    model = build_model(model_args, {i: f"class{i}" for i in range(NUM_CLASSES)})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = model.config.image_size
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": batch,
         "steps": steps,
         "warmup_steps": warmup,
-        "dataloader_num_workers": run_classification.parse_arguments(["--output_dir", args.output_dir, *common])[
+        "dataloader_num_workers": parse_arguments(["--output_dir", args.output_dir, *common])[
             2
         ].dataloader_num_workers,
         "trainer_arguments": common,

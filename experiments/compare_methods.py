@@ -26,7 +26,10 @@ import time
 
 from example_scripts import run_classification
 
+from modeling_vptm import SHIPPED_BACKBONE
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
+from modeling_vptm.data import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET, load_data
+from modeling_vptm.training_args import DEFAULT_PROMPT_LAYERS, DataTrainingArguments, ModelArguments
 
 
 # cheapest first, so an interrupted comparison has the prompt methods; each preset names what it changes from its
@@ -65,15 +68,15 @@ ABLATIONS = {
     "class_mean_prototypes": dict(DEEP, prototype_init="class_mean"),  # on the default read-out
 }
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
-TRANSFER = {"dataset": run_classification.DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
+TRANSFER = {"dataset": DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
 TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half", "lora", "vptm_lora")
 # what a run gets unless set (the method is always named)
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(run_classification.ModelArguments) if f.name != "method"}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.name != "method"}
 
 
 def defaults(method: str) -> dict:
     """What a run of `method` gets unless set: the script's defaults, with the method's own prompt location."""
-    return dict(DEFAULTS, prompt_layers=run_classification.DEFAULT_PROMPT_LAYERS.get(method))
+    return dict(DEFAULTS, prompt_layers=DEFAULT_PROMPT_LAYERS.get(method))
 
 
 def has_full_test_set() -> bool:
@@ -137,9 +140,9 @@ def raw_pixel_baseline(args, dataset: str | None = None) -> dict:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    data = run_classification.load_data(
-        run_classification.DataTrainingArguments(dataset_name=dataset or args.dataset),
-        run_classification.ModelArguments(),
+    data = load_data(
+        DataTrainingArguments(dataset_name=dataset or args.dataset),
+        ModelArguments(),
     )
 
     def arrays(split, limit):
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 1
     full_test = has_full_test_set()
-    args.dataset = run_classification.FULL_TEST_DATASET if full_test else run_classification.SHIPPED_DATASET
+    args.dataset = FULL_TEST_DATASET if full_test else SHIPPED_DATASET
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     previous = os.path.join(args.output_dir, "results.json")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluation": "10,000 official test images" if full_test else
         "the 3,000 shipped test images (dataset-fashion-mnist not installed)",
         "epochs": args.epochs, "seeds": args.seeds, "quick": args.quick,
-        "backbone": args.backbone or run_classification.SHIPPED_BACKBONE,
+        "backbone": args.backbone or SHIPPED_BACKBONE,
     })  # fmt: skip
     if "methods" in args.sections:
         results.setdefault("methods", {}).update({

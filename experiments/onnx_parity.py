@@ -25,8 +25,9 @@ import tempfile
 import time
 
 import torch
+from measuring import make_backbone
 
-from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path
+from modeling_vptm import VPTMForImageClassification, shipped_backbone_path
 from modeling_vptm.onnx_export import (
     backbone_graph_parity,
     export_backbone_graph,
@@ -41,30 +42,6 @@ TASKS = {
     **{f"vptm-{h}": dict(head_input=h) for h in ("hidden", "logits", "normalized_logits", "probs", "ensemble")},
     "vpt": dict(classifier="linear_cls"),
 }
-BASE = dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-            intermediate_size=3072, vocab_size=8192, use_mask_token=True, use_shared_relative_position_bias=True,
-            use_relative_position_bias=False, layer_scale_init_value=0.1, drop_path_rate=0.0)  # fmt: skip
-
-
-def make_backbone(arch: str, folder: str) -> str:
-    """The backbone's name or folder (with an image processor)."""
-    if arch == "shipped":
-        return SHIPPED_BACKBONE
-    from transformers import BeitConfig, BeitForMaskedImageModeling, BeitImageProcessor
-
-    torch.manual_seed(0)
-    model = BeitForMaskedImageModeling(BeitConfig(**BASE)).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # BEiT initialises these to zero; parity must cover them
-        table = model.beit.shared_position_bias.relative_position_bias_table
-        table.copy_(torch.randn(table.shape, generator=generator) * 0.5)
-        for token in (model.beit.embeddings.cls_token, model.beit.embeddings.mask_token):
-            token.copy_(torch.randn(token.shape, generator=generator) * 0.02)
-    model.save_pretrained(folder)
-    BeitImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
-        folder
-    )
-    return folder
 
 
 def make_tasks(backbone: str, processor_folder: str, root: str) -> dict[str, str]:

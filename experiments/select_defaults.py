@@ -21,6 +21,7 @@ import time
 
 from example_scripts import run_classification
 
+from modeling_vptm import SHIPPED_BACKBONE
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB
 
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "split_seeds": args.split_seeds, "fraction": args.fraction, "epochs": args.epochs, "quick": args.quick,
         "candidates": summary, "chosen": chosen, "chosen_locations": locations, "chosen_peft": peft_chosen,
         "seconds": round(time.perf_counter() - start, 1),
-        "backbone": args.backbone or run_classification.SHIPPED_BACKBONE,
+        "backbone": args.backbone or SHIPPED_BACKBONE,
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "selection.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -28,6 +28,7 @@ from .configuration_vptm import (
     PROMPT_LAYER_PRESETS,
     VPTMConfig,
 )
+from .data import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET, SPLITS, TRAIN_VAL_SPLIT  # noqa: F401
 from .evaluation import DEFAULT_METRICS
 from .hub import require_portable_backbone
 from .peft_methods import LORA_DEFAULTS, METHOD_LORA_TARGETS, require_peft
@@ -37,13 +38,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("vptm", "vpt", "linear", "full", "lora", "peft", "vptm_lora")
 PEFT_METHODS = ("lora", "peft", "vptm_lora")
-SHIPPED_DATASET = "vptm:fashion-mnist-1k"
-# the shipped 1,000 training images, evaluated on the 10,000 official test images (Debian dataset-fashion-mnist)
-FULL_TEST_DATASET = "vptm:fashion-mnist-1k-test10k"
-# a transfer task: scikit-learn's 8x8 handwritten digits, 50 training images per digit, the other 1,297 for test
-DIGITS_DATASET = "vptm:digits"
-SPLITS = ("train", "validation", "test")
-TRAIN_VAL_SPLIT = 0.15
 
 # lora's and vptm_lora's chosen on validation (experiments/select_defaults.py); peft takes lora's
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3, "lora": 3e-3, "peft": 3e-3,

@@ -393,7 +393,7 @@ def test_benchmark_training_quick_mode_reports_trainer_and_model_rates(tmp_path)
 def test_benchmark_times_compared_steps_in_interleaved_rounds():
     import time
 
-    import benchmark
+    import measuring
 
     calls = []
 
@@ -404,7 +404,7 @@ def test_benchmark_times_compared_steps_in_interleaved_rounds():
 
         return run
 
-    rows = benchmark.measure_side_by_side({"a": step("a", 0.0), "b": step("b", 0.03)}, "cpu", 6, steps=3, warmup=1)
+    rows = measuring.measure_side_by_side({"a": step("a", 0.0), "b": step("b", 0.03)}, "cpu", 6, steps=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then rounds that alternate
     assert rows["b"]["step_ms"] >= 30 and rows["a"]["step_ms"] < rows["b"]["step_ms"]
     assert rows["b"]["images_per_s"] == pytest.approx(6 / (rows["b"]["step_ms"] / 1e3), rel=0.01)
