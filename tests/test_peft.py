@@ -277,7 +277,7 @@ def test_vptm_lora_refuses_another_backbone_and_needs_peft(vptm_lora, tmp_path, 
     with pytest.raises(ValueError, match=r"fingerprint"):
         VPTMForImageClassification.from_pretrained(tmp_path / "task")
     shutil.copytree(tmp_path / "task", tmp_path / "copy")
-    monkeypatch.setattr("modeling_vptm.modeling_vptm.is_peft_available", lambda: False)
+    monkeypatch.setattr("modeling_vptm.checkpoint_io.is_peft_available", lambda: False)
     with pytest.raises(ImportError, match=r"holds a PEFT adapter \(adapter_config.json\), which needs PEFT"):
         VPTMForImageClassification.from_pretrained(tmp_path / "copy")
     # the same from the Hub (its cache, offline)

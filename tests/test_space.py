@@ -213,7 +213,8 @@ def test_a_mistyped_task_folder_is_refused_at_once_not_tried_on_the_hub(space, t
     monkeypatch.setattr("transformers.utils.hub.hf_hub_download", no_hub, raising=False)
     service = app.DemoService(space["backbone"], {"vptm-a": space["tasks"]["vptm-a"], "typo": "runs/vtpm"})
     assert service.task_names == ["vptm-a"]
-    assert service.refused["typo"].startswith("FileNotFoundError: prompt checkpoint folder 'runs/vtpm' not found")
+    refused = service.refused["typo"]
+    assert refused.startswith("CheckpointNotFoundError: prompt checkpoint folder 'runs/vtpm' not found")
 
 
 def test_tasks_come_from_flags_or_the_environment():
