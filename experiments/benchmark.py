@@ -175,6 +175,11 @@ def lora_mixed_batch(arch, beit_config, x, device, dtype, batch, steps, warmup) 
         "lora_eight_tasks_adapter_names": lambda: model(pixel_values=inputs, adapter_names=names).logits,
         "lora_eight_tasks_set_adapter": per_task_forwards,
     }
+    return calls_with_ops(compared, arch, device, batch, steps, warmup)
+
+
+def calls_with_ops(compared: dict, arch: str, device: str, batch: int, steps: int, warmup: int) -> dict:
+    """No-grad calls timed side by side, each with the device operations it dispatches."""
     with torch.no_grad():
         result = measure_side_by_side(compared, device, batch, steps, warmup)
     for name, row in result.items():
@@ -211,12 +216,7 @@ def mixed_batch(arch, model, x, device, dtype, batch, steps, warmup) -> dict:
         "serve_one_task": lambda: server(inputs, single),
         "serve_eight_tasks": lambda: server(inputs, mixed),
     }
-    with torch.no_grad():
-        result = measure_side_by_side(compared, device, batch, steps, warmup)
-    for name, row in result.items():
-        result[name] = dict(row, ops=dispatched_ops(compared[name]))
-        print(f"[{arch}] {name}: {result[name]}", flush=True)
-    return result
+    return calls_with_ops(compared, arch, device, batch, steps, warmup)
 
 
 def checkpoint_bytes(model: VPTMForImageClassification) -> dict:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import time
@@ -38,11 +39,12 @@ from example_scripts import run_classification
 from measuring import ARCHS, COMMON, measure, training_step
 from transformers import TrainerCallback
 
-from modeling_vptm.methods import build_model
+from modeling_vptm.methods import add_adapter, build_model
 from modeling_vptm.training_args import parse_arguments
 
 
-METHODS = ("vptm", "vpt", "linear", "full")
+# PEFT's LoRA too where PEFT is installed (the peft extra)
+METHODS = ("vptm", "vpt", "linear", "full") + (("lora",) if importlib.util.find_spec("peft") else ())
 NUM_CLASSES = 10
 
 
@@ -116,7 +118,7 @@ def make_backbone(folder: str, arch: str) -> None:
 def model_images_per_s(argv: list[str], batch: int, steps: int, warmup: int) -> tuple[float, float, int]:
     """The model `run_classification.py` builds for `argv`, timed on its own training step (median step time)."""
     model_args, _, _ = parse_arguments(argv)
-    model = build_model(model_args, {i: f"class{i}" for i in range(NUM_CLASSES)})
+    model = add_adapter(build_model(model_args, {i: f"class{i}" for i in range(NUM_CLASSES)}), model_args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = model.config.image_size

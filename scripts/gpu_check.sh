@@ -11,9 +11,12 @@
 # needs pyarrow >= 24 and huggingface_hub >= 1.31), then $WHEELS/floor the project's declared floor, which .ci/floors
 # tests (datasets 4.0: pyarrow >= 15). A set is kept when datasets writes and reads a parquet file with it.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d wheels datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
+#       --platform manylinux2014_x86_64 -d wheels datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 \
+#       peft==0.21.2
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d wheels/floor datasets==4.0.0 evaluate==0.4.6 dill==0.3.8 multiprocess==0.70.16
+#       --platform manylinux2014_x86_64 -d wheels/floor datasets==4.0.0 evaluate==0.4.6 dill==0.3.8 multiprocess==0.70.16 \
+#       peft==0.20.0
+# (peft, for LoRA's row of the training-path benchmark, which leaves it out where peft does not import)
 #
 #   WHEELS=wheels OUT=/tmp/gpu-check bash scripts/gpu_check.sh
 #   QUICK=1 OUT=/tmp/gpu-check-quick bash scripts/gpu_check.sh     # small everything: checks the script, on a CPU too
