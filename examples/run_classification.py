@@ -12,7 +12,7 @@ the same backbone, data pipeline and schedule, so their numbers compare:
 * `lora`: PEFT's LoRA in the frozen backbone's attention and a fresh linear head (`BeitForImageClassification`);
 * `peft`: any PEFT config of yours (`--peft_config FILE.json`: LoRA, LoHa, IA3, BOFT, ...) the same way;
 * `vptm_lora`: VPTM with PEFT's LoRA in its backbone's attention, trained together
-  (`modeling_vptm/peft_methods.py`; the PEFT methods need `pip install "vptm[peft]"`).
+  (`modeling_vptm/peft_methods.py`; the PEFT methods need peft: `pip install -e ".[peft]"`).
 
     # the main job: VPTM on the shipped backbone and the shipped 1,000-image Fashion-MNIST subset (offline)
     python examples/run_classification.py --output_dir runs/vptm

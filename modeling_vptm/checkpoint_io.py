@@ -352,15 +352,31 @@ def find_adapter(checkpoint, hub: dict, peft_available: bool) -> str | None:
     if found and not peft_available:
         raise ImportError(
             f"the prompt checkpoint {checkpoint} holds a PEFT adapter ({ADAPTER_CONFIG}), which needs PEFT: "
-            'pip install "vptm[peft]" (or pip install peft)'
+            'pip install peft (the peft extra: pip install -e ".[peft]" in a checkout)'
         )
     return str(checkpoint) if found else None
 
 
+# set on a model whose adapter `load_adapter_beside` loaded from its checkpoint: saving it writes the adapter back
+ADAPTER_LOADED = "_vptm_adapter_loaded"
+
+
+def load_adapter_beside(model: torch.nn.Module, adapter: str, adapter_kwargs: dict) -> None:
+    """Loads the PEFT adapter saved beside a prompt checkpoint onto `model`, in place, with PEFT's own loading
+    (transformers' `load_adapter` left a `modules_to_save` copy at its initial values in some releases, 5.17 among
+    them: other logits, no error). Only reached for a checkpoint holding an adapter, which needs PEFT."""
+    import peft
+
+    hub = {k: v for k, v in adapter_kwargs.items() if k in ("revision", "cache_dir", "token", "subfolder", "proxies",
+                                                             "local_files_only", "force_download")}  # fmt: skip
+    peft.PeftModel.from_pretrained(model, adapter, **hub)  # injects into `model` itself; the wrapper is not kept
+    setattr(model, ADAPTER_LOADED, True)
+
+
 def adapter_kind(model: torch.nn.Module) -> str | None:
-    """How a PEFT adapter sits on `model`: "loaded" (by transformers' `load_adapter`, as `from_pretrained` does for a
-    checkpoint holding one), "wrapped" (inside a `peft.PeftModel`, which saves the adapter itself), or None."""
-    if getattr(model, "_hf_peft_config_loaded", False):
+    """How a PEFT adapter sits on `model`: "loaded" (from its checkpoint, by `from_pretrained`; or by transformers'
+    `load_adapter`), "wrapped" (inside a `peft.PeftModel`, which saves the adapter itself), or None."""
+    if getattr(model, ADAPTER_LOADED, False) or getattr(model, "_hf_peft_config_loaded", False):
         return "loaded"
     if any(hasattr(module, "base_layer") or hasattr(module, "original_module") for module in model.modules()):
         return "wrapped"

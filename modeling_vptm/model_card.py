@@ -153,7 +153,7 @@ imported (`import modeling_vptm`), the same calls work without `trust_remote_cod
     "peft": """```python
 from transformers import pipeline
 
-from modeling_vptm.peft_methods import load_peft_classifier  # pip install "vptm[peft]"
+from modeling_vptm.peft_methods import load_peft_classifier  # the vptm package, and peft
 
 model = load_peft_classifier("{repo_id}", revision="{revision}")  # the base model, its labels, then the adapter
 classifier = pipeline("image-classification", model=model, image_processor="{repo_id}")

@@ -36,6 +36,7 @@ from .checkpoint_io import (
     HUB_ARGUMENTS,
     check_task_tensors,
     config_on_backbone,
+    load_adapter_beside,
     load_checkpoint_config,
     load_prompt_checkpoint,
     prompt_checkpoint_options,
@@ -318,7 +319,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         if options["device"] is not None:
             model = model.to(options["device"])
         if options["adapter"] is not None:  # a PEFT adapter on this model (LoRA in the backbone, the trained task)
-            model.load_adapter(options["adapter"], adapter_kwargs=options["adapter_kwargs"])
+            load_adapter_beside(model, options["adapter"], options["adapter_kwargs"])
         model.eval()
         if options["output_loading_info"]:  # every tensor came from the backbone or the checkpoint, checked
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}

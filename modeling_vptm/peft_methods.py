@@ -14,7 +14,8 @@ register itself there. It meets PEFT users two ways:
   rebuilds the backbone and checks its fingerprint) and the adapter (LoRA tensors and the trained task); loading the
   folder loads both (`VPTMForImageClassification.from_pretrained`).
 
-Nothing in the core package imports this module; it needs `pip install "vptm[peft]"`.
+Nothing in the core package imports this module; it needs PEFT (`pip install peft`, or the `peft` extra:
+`pip install -e ".[peft]"` in a checkout).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .checkpoint_io import load_mim_backbone
 
 logger = logging.getLogger(__name__)
 
-PEFT_INSTALL = 'pip install "vptm[peft]" (or pip install peft)'
+PEFT_INSTALL = 'pip install peft (the peft extra: pip install -e ".[peft]" in a checkout)'
 LABELS_FILE = "labels.json"
 ADAPTER_CONFIG = "adapter_config.json"
 # BEiT's linear layers in transformers 5: the attention's query and value projections (LoRA's classic targets), all
@@ -207,7 +208,6 @@ def load_peft_classifier(name_or_path: str, revision: str | None = None, **kwarg
     """A PEFT classifier saved by this package (folder or Hub id), loaded the transformers way: the base model its
     adapter names, built with the saved labels, then the adapter (LoRA tensors and head) on it. The result is a
     transformers model (what `pipeline("image-classification", model=...)` takes), in eval mode."""
-    require_peft(f"the PEFT classifier {name_or_path}")
     from transformers import AutoModelForImageClassification
 
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
@@ -221,12 +221,14 @@ def load_peft_classifier(name_or_path: str, revision: str | None = None, **kwarg
         adapter = json.load(f)
     # the base at the revision the adapter names (`revision` is the adapter repository's, not the base's)
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
     model = AutoModelForImageClassification.from_pretrained(
-        adapter["base_model_name_or_path"], revision=adapter.get("revision"), **labels, **kwargs
+        adapter["base_model_name_or_path"], revision=adapter.get("revision"), **labels, **base_kwargs
     )
-    adapter_hub = {k: v for k, v in hub.items() if k != "local_files_only"}
-    model.load_adapter(name_or_path, local_files_only=kwargs.get("local_files_only", False),
-                       adapter_kwargs={"revision": revision, **adapter_hub})  # fmt: skip
+    # PEFT's own loading, into the model itself (transformers' `load_adapter` left the head in `modules_to_save` at
+    # its initial values in some releases, 5.17 among them: other logits, no error)
+    peft = require_peft(f"the PEFT classifier {name_or_path}")
+    peft.PeftModel.from_pretrained(model, name_or_path, revision=revision, **hub)
     return model.eval()
 
 

@@ -282,7 +282,10 @@ class VPTMTrainingArguments(TrainingArguments):
 
     learning_rate: float = field(
         default=DEFAULT_LEARNING_RATES["vptm"],
-        metadata={"help": "Peak learning rate. When not given: 1e-2 for vptm, vpt and linear, 1e-3 for full."},
+        metadata={
+            "help": "Peak learning rate. When not given: 1e-2 for vptm, vpt, linear and vptm_lora, 1e-3 for "
+            "full, 3e-3 for lora and peft."
+        },
     )
     push_to_hub: bool = field(
         default=False,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU figures in one call (issue 18): the gpu-marked tests (CUDA against CPU, bf16 training, mixed-task
+# The project's GPU figures in one call: the gpu-marked tests (CUDA against CPU, bf16 training, mixed-task
 # serving, torch.compile against eager), experiments/benchmark.py --compile on the BEiT-base layout (batch 128) and on
 # the tiny one, and experiments/benchmark_training.py (run_classification.py's Trainer against the model's own step).
 # Meant to finish in under 8 minutes on one H200; each step has its own time limit, so one slow step cannot take the
@@ -87,7 +87,7 @@ if [ "$QUICK" = 1 ]; then
   step benchmark_tiny 300 $PY experiments/benchmark.py --quick --arch tiny --output_dir "$WORK/benchmark-tiny"
   step benchmark_training 300 $PY experiments/benchmark_training.py --quick --output_dir "$WORK/benchmark_training"
 else
-  # the headline figure first: the training path against the model (issue 18, section 2)
+  # the headline figure first: the training path against the model
   step benchmark_training 150 $PY experiments/benchmark_training.py --output_dir "$WORK/benchmark_training"
   step benchmark_base 120 $PY experiments/benchmark.py --arch base --batch 128 --compile --output_dir "$WORK/benchmark-base"
   step gpu_tests 150 $PY -m pytest -o addopts= -q -m gpu tests/test_cuda.py
