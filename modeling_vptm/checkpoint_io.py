@@ -367,8 +367,7 @@ def load_adapter_beside(model: torch.nn.Module, adapter: str, adapter_kwargs: di
     them: other logits, no error). Only reached for a checkpoint holding an adapter, which needs PEFT."""
     import peft
 
-    hub = {k: v for k, v in adapter_kwargs.items() if k in ("revision", "cache_dir", "token", "subfolder", "proxies",
-                                                             "local_files_only", "force_download")}  # fmt: skip
+    hub = {k: v for k, v in adapter_kwargs.items() if k in HUB_ARGUMENTS}
     peft.PeftModel.from_pretrained(model, adapter, **hub)  # injects into `model` itself; the wrapper is not kept
     setattr(model, ADAPTER_LOADED, True)
 

@@ -14,12 +14,11 @@ import os
 import shutil
 import tempfile
 
-from .checkpoint_io import SHIPPED_PREFIX, load_mim_backbone, resolve_backbone_path
+from .checkpoint_io import ADAPTER_CONFIG, SHIPPED_PREFIX, load_mim_backbone, resolve_backbone_path
 from .model_card import LICENSE, is_hub_id
 from .prompted_backbone import backbone_fingerprint
 
 
-ADAPTER = "adapter_config.json"
 # what a backbone folder may hold: the MIM model, its image processor, and the project's own extras
 BACKBONE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "visual_tokenizer.safetensors",
                   "evaluation.json", "pretrain_summary.json")  # fmt: skip
@@ -116,7 +115,7 @@ def point_at_hub_backbone(folder: str, hub_id: str, hub_revision: str | None) ->
 
 def point_adapter_at(folder: str | os.PathLike, base_model: str, revision: str | None = None) -> None:
     """Rewrites the adapter config in `folder` (a staging copy) to name `base_model` (a Hub id) as its base."""
-    path = os.path.join(folder, ADAPTER)
+    path = os.path.join(folder, ADAPTER_CONFIG)
     with open(path) as f:
         config = json.load(f)
     config.update(base_model_name_or_path=base_model, revision=revision)
@@ -166,11 +165,12 @@ def push_checkpoint(
     with tempfile.TemporaryDirectory(prefix="vptm-push-") as staging:
         for name in files:
             shutil.copy(os.path.join(out, name), os.path.join(staging, name))
-        if backbone_hub_id and os.path.isfile(os.path.join(staging, "config.json")):
+        has_config, has_adapter = (name in files for name in ("config.json", ADAPTER_CONFIG))
+        if backbone_hub_id and has_config:
             point_at_hub_backbone(staging, backbone_hub_id, backbone_hub_revision)
-        if os.path.isfile(os.path.join(staging, "config.json")) and os.path.isfile(os.path.join(staging, ADAPTER)):
+        if has_config and has_adapter:
             point_adapter_at(staging, card.repo_id)  # the adapter's base is the prompt checkpoint beside it
-        elif backbone_hub_id and os.path.isfile(os.path.join(staging, ADAPTER)):
+        elif backbone_hub_id and has_adapter:
             point_adapter_at(staging, backbone_hub_id, backbone_hub_revision)
         prompt_checkpoint_card(card).save(os.path.join(staging, "README.md"))
         commit = push_folder(staging, card.repo_id, token, files, **hub)

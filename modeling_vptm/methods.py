@@ -11,14 +11,22 @@ from transformers import Trainer
 
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import VPTMForImageClassification
-from .peft_methods import apply_peft, classifier_from_mim, lora_config, read_peft_config, save_labels
-from .training_args import PEFT_METHODS, ModelArguments
+from .peft_methods import (
+    PEFT_CLASSIFIER_METHODS,
+    PEFT_METHODS,
+    apply_peft,
+    classifier_from_mim,
+    lora_config,
+    read_peft_config,
+    save_labels,
+)
+from .training_args import ModelArguments
 
 
 def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     """The method's model, untrained; the PEFT methods' before their adapter is added (`add_adapter`)."""
     hub = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir, "token": model_args.token}
-    if model_args.method in ("full", "lora", "peft"):
+    if model_args.method in ("full", *PEFT_CLASSIFIER_METHODS):
         return classifier_from_mim(model_args.model_name_or_path, id2label, **hub)  # refuses non-MIM checkpoints
     config_fields = {f.name for f in dataclasses.fields(VPTMConfig)}  # the script's other arguments stay out
     fields = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name in config_fields}
@@ -55,7 +63,7 @@ def save_final_model(trainer: Trainer, model_args: ModelArguments, id2label: dic
         # first the VPTM prompt checkpoint the adapter goes on (its original task), then the adapter beside it
         trainer.model.get_base_model().save_pretrained(trainer.args.output_dir)
     trainer.save_model()  # prompt-only for vptm/vpt/linear (VPTMForImageClassification.save_pretrained)
-    if model_args.method in ("lora", "peft") and trainer.is_world_process_zero():
+    if model_args.method in PEFT_CLASSIFIER_METHODS and trainer.is_world_process_zero():
         save_labels(trainer.args.output_dir, id2label)
 
 

@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass, field
 
 from .checkpoint_io import SHIPPED_PREFIX
+from .peft_methods import PEFT_CLASSIFIER_METHODS, PEFT_METHODS
 
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "prompt_checkpoint_card.md")
 METHOD_TITLES = {"vptm": "VPTM", "vpt": "VPT", "linear": "linear-probe", "full": "fully fine-tuned", "lora": "LoRA",
                  "peft": "PEFT", "vptm_lora": "VPTM + LoRA"}  # fmt: skip
-# methods whose checkpoint is a PEFT adapter: loaded by PEFT (library_name: peft)
-PEFT_CARD_METHODS = ("lora", "peft", "vptm_lora")
+
 METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall"}
 LICENSE = "mit"  # the license vptm is released under; change the card's if your data or backbone need another
 
@@ -76,7 +76,7 @@ def card_data(info: CardInfo):
     tags += ["peft", "lora"] if info.method in ("lora", "vptm_lora") else []
     return ModelCardData(
         license=LICENSE,
-        library_name="peft" if info.method in PEFT_CARD_METHODS else "transformers",
+        library_name="peft" if info.method in PEFT_METHODS else "transformers",
         pipeline_tag="image-classification",
         tags=list(dict.fromkeys(tags)),
         base_model=info.backbone if backbone_on_hub else None,
@@ -96,7 +96,7 @@ def card_texts(info: CardInfo) -> dict[str, str]:
         where = f"Hub repository, revision `{info.backbone_revision or 'main'}`"
     else:
         where = "a local folder: share it on the Hub and retrain, or others cannot load this checkpoint"
-    adapter = info.method in ("lora", "peft")
+    adapter = info.method in PEFT_CLASSIFIER_METHODS
     check = "the adapter is trained for exactly those weights" if adapter else "loading checks its fingerprint"
     return dict(
         model_name=info.model_name, method=info.method, method_title=METHOD_TITLES.get(info.method, info.method),
@@ -121,7 +121,7 @@ def card_texts(info: CardInfo) -> dict[str, str]:
 def card_contents(info: CardInfo) -> str:
     if info.method == "full":
         return f"It holds every weight of the fine-tuned BEiT ({info.trainable_parameters:,d} parameters)."
-    if info.method in ("lora", "peft"):
+    if info.method in PEFT_CLASSIFIER_METHODS:
         return (
             f"It is a PEFT adapter ({info.trainable_parameters:,d} trainable parameters, {info.checkpoint_bytes:,d} "
             f"bytes): the adapter's tensors and the classification head, on `BeitForImageClassification` built from "

@@ -28,14 +28,17 @@ import os
 import torch
 from transformers import BeitForImageClassification, PreTrainedModel
 
-from .checkpoint_io import load_mim_backbone
+from .checkpoint_io import ADAPTER_CONFIG, load_mim_backbone
 
 
 logger = logging.getLogger(__name__)
 
 PEFT_INSTALL = 'pip install peft (the peft extra: pip install -e ".[peft]" in a checkout)'
 LABELS_FILE = "labels.json"
-ADAPTER_CONFIG = "adapter_config.json"
+# the script's methods that train a PEFT adapter, and those of them whose base is `BeitForImageClassification` (a
+# PEFT classifier: adapter, head and labels.json, no config.json); vptm_lora's base is a VPTM prompt checkpoint
+PEFT_METHODS = ("lora", "peft", "vptm_lora")
+PEFT_CLASSIFIER_METHODS = ("lora", "peft")
 # BEiT's linear layers in transformers 5: the attention's query and value projections (LoRA's classic targets), all
 # four of its projections, and those with the MLP's two layers
 QUERY_VALUE = ("q_proj", "v_proj")
@@ -183,61 +186,55 @@ def save_labels(folder: str | os.PathLike, id2label: dict[int, str]) -> None:
         f.write("\n")
 
 
-def is_peft_folder(folder: str | os.PathLike) -> bool:
-    """A local folder holding a PEFT adapter."""
-    return os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))
+def repo_file(name_or_path: str, filename: str, revision: str | None = None, **hub_kwargs) -> str | None:
+    """The path of `filename` in a folder or Hub repository (downloaded into the cache), or None when it has none."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        return path if os.path.isfile(path) else None
+    from transformers.utils import cached_file
+
+    return cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **hub_kwargs)  # fmt: skip
 
 
 def read_labels(name_or_path: str, revision: str | None = None, **hub_kwargs) -> dict[int, str] | None:
     """`id2label` of a PEFT classifier (folder or Hub id), or None when it has no `labels.json`."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, LABELS_FILE)
-        path = path if os.path.isfile(path) else None
-    else:
-        from transformers.utils import cached_file
-
-        path = cached_file(name_or_path, LABELS_FILE, revision=revision, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub_kwargs)  # fmt: skip
+    path = repo_file(name_or_path, LABELS_FILE, revision, **hub_kwargs)
     if path is None:
         return None
     with open(path) as f:
         return {int(k): v for k, v in json.load(f)["id2label"].items()}
 
 
-def load_peft_classifier(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:
-    """A PEFT classifier saved by this package (folder or Hub id), loaded the transformers way: the base model its
-    adapter names, built with the saved labels, then the adapter (LoRA tensors and head) on it. The result is a
-    transformers model (what `pipeline("image-classification", model=...)` takes), in eval mode."""
+def load_peft_classifier(
+    name_or_path: str, revision: str | None = None, id2label: dict[int, str] | None = None, **kwargs
+) -> PreTrainedModel:
+    """A PEFT classifier saved by this package (folder or Hub id): the base model its adapter names, at the revision
+    it names, built with the saved labels (`id2label` when already read), then the adapter (its tensors and the head)
+    on it. The result is a transformers model (what `pipeline("image-classification", model=...)` takes), in eval
+    mode."""
     from transformers import AutoModelForImageClassification
 
+    peft = require_peft(f"the PEFT classifier {name_or_path}")
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
-    id2label = read_labels(name_or_path, revision=revision, **hub)
-    if id2label is None:
+    id2label = id2label or read_labels(name_or_path, revision=revision, **hub)
+    config_path = repo_file(name_or_path, ADAPTER_CONFIG, revision, **hub)
+    if id2label is None or config_path is None:
         raise ValueError(
-            f"{name_or_path} holds no {LABELS_FILE}: it is not a PEFT classifier saved by vptm (load a PEFT adapter "
-            "of your own with peft.PeftModel.from_pretrained on its base model)"
+            f"{name_or_path} holds no {LABELS_FILE} and {ADAPTER_CONFIG}: it is not a PEFT classifier saved by vptm "
+            "(load a PEFT adapter of your own with peft.PeftModel.from_pretrained on its base model)"
         )
-    with open(_adapter_file(name_or_path, ADAPTER_CONFIG, revision, hub)) as f:
+    with open(config_path) as f:
         adapter = json.load(f)
-    # the base at the revision the adapter names (`revision` is the adapter repository's, not the base's)
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
+    base_kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
     model = AutoModelForImageClassification.from_pretrained(
         adapter["base_model_name_or_path"], revision=adapter.get("revision"), **labels, **base_kwargs
     )
     # PEFT's own loading, into the model itself (transformers' `load_adapter` left the head in `modules_to_save` at
     # its initial values in some releases, 5.17 among them: other logits, no error)
-    peft = require_peft(f"the PEFT classifier {name_or_path}")
     peft.PeftModel.from_pretrained(model, name_or_path, revision=revision, **hub)
     return model.eval()
-
-
-def _adapter_file(name_or_path: str, filename: str, revision: str | None, hub: dict) -> str:
-    if os.path.isdir(name_or_path):
-        return os.path.join(name_or_path, filename)
-    from transformers.utils import cached_file
-
-    return cached_file(name_or_path, filename, revision=revision, **hub)
 
 
 def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:
@@ -247,8 +244,9 @@ def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) ->
     from transformers import AutoModelForImageClassification
 
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
-    if read_labels(name_or_path, revision=revision, **hub) is not None:
-        return load_peft_classifier(name_or_path, revision=revision, **kwargs)
+    id2label = read_labels(name_or_path, revision=revision, **hub)
+    if id2label is not None:
+        return load_peft_classifier(name_or_path, revision=revision, id2label=id2label, **kwargs)
     return AutoModelForImageClassification.from_pretrained(name_or_path, revision=revision, **kwargs)
 
 
@@ -257,7 +255,6 @@ __all__ = [
     "METHOD_LORA_TARGETS",
     "apply_peft",
     "classifier_from_mim",
-    "is_peft_folder",
     "load_classifier",
     "load_peft_classifier",
     "lora_config",

@@ -31,13 +31,12 @@ from .configuration_vptm import (
 from .data import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET, SPLITS, TRAIN_VAL_SPLIT  # noqa: F401
 from .evaluation import DEFAULT_METRICS
 from .hub import require_portable_backbone
-from .peft_methods import LORA_DEFAULTS, METHOD_LORA_TARGETS, require_peft
+from .peft_methods import LORA_DEFAULTS, METHOD_LORA_TARGETS, PEFT_METHODS, require_peft
 
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("vptm", "vpt", "linear", "full", "lora", "peft", "vptm_lora")
-PEFT_METHODS = ("lora", "peft", "vptm_lora")
 
 # lora's and vptm_lora's chosen on validation (experiments/select_defaults.py); peft takes lora's
 DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3, "lora": 3e-3, "peft": 3e-3,
