@@ -448,8 +448,11 @@ def prompt_checkpoint_options(name: str, checkpoint, hub: dict, kwargs: dict, mo
         kwargs.pop(key, None)
     if kwargs.get("use_safetensors") in (None, True):
         kwargs.pop("use_safetensors", None)
-    adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
-    adapter = adapter_kwargs.pop("_adapter_model_path", None) or find_adapter(checkpoint, hub, is_peft_available())
+    passed = kwargs.pop("adapter_kwargs", None)
+    adapter_kwargs = dict(passed or {})
+    adapter = adapter_kwargs.pop("_adapter_model_path", None)
+    if passed is None:  # the Auto classes pass what they found (with PEFT installed); otherwise it is looked for here
+        adapter = find_adapter(checkpoint, hub, is_peft_available())
     unsupported = sorted(k for k in kwargs if not k.startswith("_"))
     if unsupported or model_args:
         raise TypeError(
