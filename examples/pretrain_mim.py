@@ -14,6 +14,9 @@ training images (``modeling_vptm.tokenizer``). Labels of the training set are ne
     # encoder starts from the first backbone's weights with a fresh MIM head
     python examples/pretrain_mim.py --output_dir runs/tiny-beit-v2 --teacher vptm:tiny-beit-fashion-mnist \
         --init_from vptm:tiny-beit-fashion-mnist --num_train_epochs 8 --learning_rate 5e-4
+    # third generation: tokens of a VQ-KD tokenizer distilled from a contrastive teacher (examples/train_vqkd.py)
+    python examples/pretrain_mim.py --output_dir runs/tiny-beit-v3 --tokenizer_from runs/vqkd \
+        --init_from vptm:tiny-beit-fashion-mnist --num_train_epochs 6 --learning_rate 5e-4
 
 Resumable: rerunning with the same ``--output_dir`` continues from its last checkpoint (the tokenizer saved
 there is reused, not refitted). Arguments can also come from one JSON file: ``python pretrain_mim.py args.json``.
@@ -42,12 +45,13 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_vptm.checkpoint_io import give_default_permissions, resolve_backbone_path
-from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_pixel_values
+from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageTensorDataset, load_fashion_mnist
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, TokenizingMIMModel
 from modeling_vptm.tokenizer import (
     TOKENIZER_FILE,
     PatchKMeansTokenizer,
     TeacherFeatureTokenizer,
+    VQKDTokenizer,
     load_visual_tokenizer,
 )
 
@@ -86,24 +90,18 @@ class BackboneArguments:
             "id or vptm: name); the codebook is fitted by spherical k-means on the training images."
         },
     )
+    tokenizer_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use the visual tokenizer saved in this folder (a VQ-KD tokenizer from examples/train_vqkd.py, or "
+            "any backbone's) instead of fitting one; its vocabulary must be --vocab_size."
+        },
+    )
     teacher_layer: int = field(default=-1, metadata={"help": "Which of the teacher's hidden states is tokenised."})
     init_from: str | None = field(
         default=None,
         metadata={"help": "Start the encoder from this backbone's weights; the MIM head is always fresh."},
     )
-
-
-class ImageTensorDataset(torch.utils.data.Dataset):
-    """``uint8`` images ``(N, H, W)`` served as normalised 3-channel ``pixel_values``, as the image processor makes."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.pixel_values = to_pixel_values(images)  # (N, 3, H, W)
-
-    def __len__(self) -> int:
-        return len(self.pixel_values)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[index]}
 
 
 def build_image_processor(image_size: int) -> BeitImageProcessor:
@@ -140,6 +138,8 @@ def build_config(args: BackboneArguments) -> BeitConfig:
 
 
 def _requested_tokenizer(args: BackboneArguments) -> dict:
+    if args.tokenizer_from is not None:
+        return _saved_tokenizer(load_visual_tokenizer(args.tokenizer_from))
     if args.teacher is not None:
         return {"kind": "teacher_features", "teacher": args.teacher, "layer": args.teacher_layer,
                 "vocab_size": args.vocab_size}  # fmt: skip
@@ -147,7 +147,9 @@ def _requested_tokenizer(args: BackboneArguments) -> dict:
             "token_context": args.token_context}  # fmt: skip
 
 
-def _saved_tokenizer(tokenizer: PatchKMeansTokenizer | TeacherFeatureTokenizer) -> dict:
+def _saved_tokenizer(tokenizer: PatchKMeansTokenizer | TeacherFeatureTokenizer | VQKDTokenizer) -> dict:
+    if isinstance(tokenizer, VQKDTokenizer):
+        return {"kind": "vqkd", **tokenizer.settings}
     if isinstance(tokenizer, TeacherFeatureTokenizer):
         return {"kind": "teacher_features", "teacher": tokenizer.teacher_name, "layer": tokenizer.layer,
                 "vocab_size": tokenizer.vocab_size}  # fmt: skip
@@ -157,7 +159,7 @@ def _saved_tokenizer(tokenizer: PatchKMeansTokenizer | TeacherFeatureTokenizer) 
 
 def fit_or_load_tokenizer(
     args: BackboneArguments, images: np.ndarray, output_dir: str, seed: int
-) -> PatchKMeansTokenizer | TeacherFeatureTokenizer:
+) -> PatchKMeansTokenizer | TeacherFeatureTokenizer | VQKDTokenizer:
     if os.path.isfile(os.path.join(output_dir, TOKENIZER_FILE)):  # a resumed run: never refit, never mix
         saved = load_visual_tokenizer(output_dir)
         expected, found = _requested_tokenizer(args), _saved_tokenizer(saved)
@@ -168,6 +170,15 @@ def fit_or_load_tokenizer(
             )
         logger.info("Reusing the tokenizer saved in %s", output_dir)
         return saved
+    if args.tokenizer_from is not None:  # trained elsewhere: used as it is
+        tokenizer = load_visual_tokenizer(args.tokenizer_from)
+        if tokenizer.vocab_size != args.vocab_size or tokenizer.patch_size != args.patch_size:
+            raise ValueError(
+                f"the tokenizer in {args.tokenizer_from} has vocab_size {tokenizer.vocab_size} and patch_size "
+                f"{tokenizer.patch_size}; this run asks for vocab_size {args.vocab_size}, patch_size {args.patch_size}"
+            )
+        tokenizer.save_pretrained(output_dir)
+        return tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.teacher is not None:
         teacher = BeitForMaskedImageModeling.from_pretrained(resolve_backbone_path(args.teacher))

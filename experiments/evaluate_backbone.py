@@ -11,6 +11,10 @@ Figures (all on the 10,000 official test images unless ``--max_test_samples`` sa
   cross-validation on the 1,000 training images only.
 
     python experiments/evaluate_backbone.py --backbone modeling_vptm/shipped/tiny-beit-fashion-mnist --output eval.json
+    python experiments/evaluate_backbone.py --teacher runs/teacher --output teacher_eval.json  # linear probe only
+
+Also reported for a backbone: its tokenizer's codebook usage on the 60,000 training images (codes used,
+perplexity, share of the commonest code).
 
 Needs scikit-learn (the ``examples`` extra).
 """
@@ -28,7 +32,8 @@ import torch
 
 from modeling_vptm.data import balanced_subset, load_fashion_mnist, to_pixel_values
 from modeling_vptm.masking import BlockMaskGenerator
-from modeling_vptm.tokenizer import load_visual_tokenizer
+from modeling_vptm.teacher import ContrastiveTeacher
+from modeling_vptm.tokenizer import codebook_usage, load_visual_tokenizer
 
 
 @torch.no_grad()
@@ -48,12 +53,16 @@ def mim_accuracy(model, tokenizer, pixel_values, batch_size, seed, majority_toke
     return {"mim_accuracy": correct / total, "majority_token_accuracy": majority / total, "masked_patches": total}
 
 
+def backbone_features(model):
+    """The probe's features of a MIM backbone: mean final patch state after the MIM head's layer norm."""
+    return lambda x: model.layernorm(model.beit(x).last_hidden_state[:, 1:]).mean(1)
+
+
 @torch.no_grad()
-def features(model, pixel_values, batch_size, device) -> np.ndarray:
+def features(extract, pixel_values, batch_size, device) -> np.ndarray:
     out = []
     for start in range(0, len(pixel_values), batch_size):
-        hidden = model.beit(pixel_values[start : start + batch_size].to(device)).last_hidden_state
-        out.append(model.layernorm(hidden[:, 1:]).mean(1).float().cpu())  # (batch, hidden)
+        out.append(extract(pixel_values[start : start + batch_size].to(device)).float().cpu())  # (batch, dim)
     return torch.cat(out).numpy()
 
 
@@ -68,9 +77,22 @@ def probe(train_x, train_y, test_x, test_y, c_grid, seed) -> dict[str, float]:
     return {"accuracy": float(search.score(scaler.transform(test_x), test_y)), "C": search.best_params_["C"]}
 
 
+def token_figures(model, tokenizer, train_pixels, test_pixels, args, device) -> dict:
+    """MIM accuracy on the test images beside the majority-token baseline, and the codebook's usage on the
+    (unaugmented) training patches."""
+    tokens = torch.cat([tokenizer.encode(train_pixels[s : s + 5000].to(device)).cpu()
+                        for s in range(0, len(train_pixels), 5000)])  # fmt: skip
+    usage = codebook_usage(tokens, tokenizer.vocab_size)
+    majority_token = int(torch.bincount(tokens.flatten(), minlength=tokenizer.vocab_size).argmax())
+    figures = mim_accuracy(model, tokenizer, test_pixels, args.batch_size, args.seed, majority_token, device)
+    return {**figures, **{f"codebook_{k}": v for k, v in usage.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", required=True, help="Folder of a BeitForMaskedImageModeling + tokenizer.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--backbone", help="Folder of a BeitForMaskedImageModeling + tokenizer.")
+    which.add_argument("--teacher", help="Folder of a contrastive teacher (linear probe of its mean patch feature).")
     parser.add_argument("--data_dir", default=None, help="Folder of the Fashion-MNIST IDX files.")
     parser.add_argument("--max_test_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=500)
@@ -82,28 +104,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    model = BeitForMaskedImageModeling.from_pretrained(args.backbone).to(device).eval()
-    tokenizer = load_visual_tokenizer(args.backbone).to(device)
     train_images, train_labels = load_fashion_mnist("train", args.data_dir)
     test_images, test_labels = load_fashion_mnist("test", args.data_dir)
     if args.max_test_samples:
         test_images, test_labels = test_images[: args.max_test_samples], test_labels[: args.max_test_samples]
-    test_pixels = to_pixel_values(test_images)
-
-    # most frequent token over (unaugmented) training patches
-    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
-    train_pixels = to_pixel_values(train_images)
-    for s in range(0, len(train_pixels), 5000):
-        counts += torch.bincount(
-            tokenizer.encode(train_pixels[s : s + 5000].to(device)).flatten().cpu(), minlength=tokenizer.vocab_size
-        )
-    majority_token = int(counts.argmax())
-    result = {"backbone": args.backbone, "test_images": len(test_images)}
-    result.update(mim_accuracy(model, tokenizer, test_pixels, args.batch_size, args.seed, majority_token, device))
+    test_pixels, train_pixels = to_pixel_values(test_images), to_pixel_values(train_images)
+    if args.teacher:
+        teacher = ContrastiveTeacher.from_pretrained(args.teacher).to(device)
+        result, extract = {"teacher": args.teacher, "test_images": len(test_images)}, teacher.image_features
+    else:
+        model = BeitForMaskedImageModeling.from_pretrained(args.backbone).to(device).eval()
+        tokenizer = load_visual_tokenizer(args.backbone).to(device)
+        result = {"backbone": args.backbone, "test_images": len(test_images)}
+        result.update(token_figures(model, tokenizer, train_pixels, test_pixels, args, device))
+        extract = backbone_features(model)
 
     subset = balanced_subset(train_labels, per_class=100, seed=0)
-    train_x = features(model, train_pixels[subset], args.batch_size, device)
-    test_x = features(model, test_pixels, args.batch_size, device)
+    train_x = features(extract, train_pixels[subset], args.batch_size, device)
+    test_x = features(extract, test_pixels, args.batch_size, device)
     c_grid = [0.001, 0.01, 0.1, 1.0, 10.0]
     lp = probe(train_x, train_labels[subset], test_x, test_labels, c_grid, args.seed)
     result["linear_probe_accuracy"], result["linear_probe_C"] = lp["accuracy"], lp["C"]

@@ -397,3 +397,17 @@ def to_pixel_values(images: np.ndarray):
 
     pixels = (torch.tensor(images, dtype=torch.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     return pixels[:, None].expand(-1, 3, -1, -1)
+
+
+class ImageTensorDataset:
+    """``uint8`` images ``(N, H, W)`` as a map-style dataset of ``{"pixel_values": (3, H, W)}`` (normalised as the
+    image processor makes them), for the pre-training scripts' Trainer."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.pixel_values = to_pixel_values(images)  # (N, 3, H, W)
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixel_values[index]}

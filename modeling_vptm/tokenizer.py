@@ -16,12 +16,17 @@ recomputed from any batch, and is saved as one safetensors file beside the backb
 frozen *teacher's* contextual patch features instead of pixels, so that a token names what a patch is part of
 rather than how bright it is. The codebook is L2-normalised and fitted by spherical k-means (VQ-KD's normalised
 codebook and k-means initialisation, without its learned encoder and decoder). :func:`load_visual_tokenizer`
-reads either kind from a backbone folder.
+reads any kind from a backbone folder.
+
+:class:`VQKDTokenizer` is the third generation, BEiT v2's VQ-KD itself: a learned encoder, a cosine codebook and a
+decoder trained to reconstruct the patch features of a semantic teacher trained here without labels
+(:mod:`modeling_vptm.teacher`). :func:`codebook_usage` reports how evenly a tokenizer uses its codes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -297,7 +302,144 @@ class TeacherFeatureTokenizer(nn.Module):
         return tokenizer
 
 
-def load_visual_tokenizer(directory: str | os.PathLike) -> PatchKMeansTokenizer | TeacherFeatureTokenizer:
+class VQKDTokenizer(nn.Module):
+    """BEiT v2's vector-quantised knowledge distillation (VQ-KD) at small scale: ``(batch, C, H, W)`` -> tokens.
+
+    An encoder over the image gives one vector per patch, projected to ``code_dim`` and L2-normalised; its token is
+    the code of highest cosine similarity in an L2-normalised codebook of ``vocab_size`` codes. In training a decoder
+    reconstructs a frozen teacher's patch features from the chosen codes (cosine loss), so the codes keep what the
+    teacher knows, not what the pixels look like. The codebook is updated by exponential moving averages of the
+    vectors assigned to each code (``decay``) and the encoder learns through the straight-through estimator with a
+    commitment loss; a code that has gone unused (moving-average share of the assignments under
+    ``1 / (vocab_size * 32)``) is restarted on a random encoder vector of the batch, so the whole codebook stays alive.
+    The teacher is needed to train only: a trained tokenizer is its encoder and codebook, saved in one file.
+
+    Args:
+        patch_size: the backbone's patch size (a power of two >= 2).
+        vocab_size: number of codes (the backbone's ``vocab_size``).
+        code_dim: dimension of the codes (low, as in BEiT v2: lookups compare directions, not details).
+        width, hidden_dim: sizes of the encoder (the teacher's convolutional layout) and of the decoder.
+        target_dim: dimension of the teacher's patch features.
+        decay: of the codebook's moving averages.
+        commitment: weight of the commitment loss.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 4,
+        vocab_size: int = 512,
+        code_dim: int = 32,
+        width: int = 32,
+        hidden_dim: int = 96,
+        target_dim: int = 96,
+        decay: float = 0.99,
+        commitment: float = 0.25,
+    ) -> None:
+        super().__init__()
+        from .teacher import patch_encoder  # the teacher module imports masking, which imports this one
+
+        if vocab_size < 2 or code_dim < 1 or not 0.0 <= decay < 1.0:
+            raise ValueError(
+                f"expected vocab_size >= 2, code_dim >= 1 and decay in [0, 1), got vocab_size={vocab_size}, "
+                f"code_dim={code_dim}, decay={decay}"
+            )
+        self.settings = {"patch_size": patch_size, "vocab_size": vocab_size, "code_dim": code_dim, "width": width,
+                         "hidden_dim": hidden_dim, "target_dim": target_dim, "decay": decay,
+                         "commitment": commitment}  # fmt: skip
+        self.patch_size, self.vocab_size, self.decay, self.commitment = patch_size, vocab_size, decay, commitment
+        self.encoder = nn.Sequential(patch_encoder(patch_size, width, hidden_dim), nn.Conv2d(hidden_dim, code_dim, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(code_dim, hidden_dim, 1), nn.GELU(), nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1), nn.GELU(),
+            nn.Conv2d(hidden_dim, target_dim, 1),
+        )  # fmt: skip
+        codebook = F.normalize(torch.randn(vocab_size, code_dim, generator=torch.Generator().manual_seed(0)), dim=1)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("ema_count", torch.full((vocab_size,), 1.0 / vocab_size))  # share of assignments
+        self.register_buffer("ema_sum", codebook.clone())
+
+    def codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised encoder vectors, ``(batch, num_patches, code_dim)``, raster order."""
+        if pixel_values.ndim != 4:
+            raise ValueError(f"expected pixel_values of shape (batch, channels, height, width), got "
+                             f"{tuple(pixel_values.shape)}")  # fmt: skip
+        z = self.encoder(pixel_values.float().mean(1, keepdim=True))
+        return F.normalize(z.flatten(2).transpose(1, 2), dim=-1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Index of the most cosine-similar codebook entry for each L2-normalised vector ``(..., code_dim)``."""
+        return (codes @ self.codebook.T).argmax(-1)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(batch, num_patches)``, ``int64``; always with the encoder's frozen statistics (eval mode),
+        in float32, so a token never depends on the batch or the precision it came with."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.autocast(pixel_values.device.type, enabled=False):
+                return self.lookup(self.codes(pixel_values))
+        finally:
+            self.train(was_training)
+
+    def forward(self, pixel_values: torch.Tensor, target_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Distillation loss against the teacher's patch features ``(batch, num_patches, target_dim)``; in training
+        mode it also updates the codebook."""
+        codes = self.codes(pixel_values)  # (batch, patches, code_dim)
+        ids = self.lookup(codes.detach())
+        quantized = self.codebook[ids]
+        if self.training:
+            self._update_codebook(codes.detach().flatten(0, 1), ids.flatten())
+        straight = codes + (quantized - codes).detach()  # the decoder's gradient reaches the encoder unchanged
+        batch, patches, dim = straight.shape
+        side = int(math.isqrt(patches))
+        grid = straight.transpose(1, 2).reshape(batch, dim, side, patches // side)
+        decoded = self.decoder(grid).flatten(2).transpose(1, 2)
+        reconstruction = 1 - F.cosine_similarity(decoded, target_features.float(), dim=-1).mean()
+        commitment = (codes - quantized.detach()).pow(2).sum(-1).mean()
+        return {"loss": reconstruction + self.commitment * commitment, "tokens": ids}
+
+    @torch.no_grad()
+    def _update_codebook(self, codes: torch.Tensor, ids: torch.Tensor) -> None:
+        counts = torch.bincount(ids, minlength=self.vocab_size).to(codes.dtype)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, codes)
+        self.ema_count.mul_(self.decay).add_(counts / len(ids), alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.codebook.copy_(F.normalize(self.ema_sum, dim=1))
+        dead = self.ema_count < 1.0 / (self.vocab_size * 32)
+        if dead.any():  # restart dead codes on vectors of this batch
+            pick = torch.randint(len(codes), (int(dead.sum()),), device=codes.device)
+            self.codebook[dead] = codes[pick]
+            self.ema_sum[dead] = codes[pick]
+            self.ema_count[dead] = 1.0 / self.vocab_size
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"kind": "vqkd", **self.settings}
+        save_file(tensors, os.path.join(directory, TOKENIZER_FILE), metadata={"config": json.dumps(meta)})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> VQKDTokenizer:
+        path, meta = _read_meta(directory)
+        if meta.pop("kind", None) != "vqkd":
+            raise ValueError(f"{path} is not a VQ-KD tokenizer (metadata {meta})")
+        tokenizer = cls(**meta)
+        tokenizer.load_state_dict(load_file(path))  # strict: another layout is refused, never half-loaded
+        return tokenizer.eval()
+
+
+def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """How a tokenizer uses its codebook on ``tokens`` (any shape): codes used, perplexity of the token
+    distribution (``vocab_size`` when uniform, 1 when one code takes all) and the share of the commonest code."""
+    counts = torch.bincount(tokens.flatten().cpu(), minlength=vocab_size).double()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {"used_codes": int((counts > 0).sum()), "perplexity": float(entropy.exp()), "top_share": float(probs.max())}
+
+
+def load_visual_tokenizer(
+    directory: str | os.PathLike,
+) -> PatchKMeansTokenizer | TeacherFeatureTokenizer | VQKDTokenizer:
     """The visual tokenizer saved in a backbone folder, of whichever kind it is."""
     _, meta = _read_meta(directory)
     kind = meta.get("kind", "pixel_kmeans")
@@ -305,6 +447,8 @@ def load_visual_tokenizer(directory: str | os.PathLike) -> PatchKMeansTokenizer 
         return TeacherFeatureTokenizer.from_pretrained(directory)
     if kind == "pixel_kmeans":
         return PatchKMeansTokenizer.from_pretrained(directory)
+    if kind == "vqkd":
+        return VQKDTokenizer.from_pretrained(directory)
     raise ValueError(
-        f"unknown visual tokenizer kind {kind!r} in {directory}; expected pixel_kmeans or teacher_features"
+        f"unknown visual tokenizer kind {kind!r} in {directory}; expected pixel_kmeans, teacher_features or vqkd"
     )
