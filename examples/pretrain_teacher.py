@@ -41,6 +41,9 @@ class TeacherArguments:
     temperature: float = 0.2
     min_scale: float = field(default=0.35, metadata={"help": "Smallest random crop, as a fraction of the area."})
     jitter: float = field(default=0.4, metadata={"help": "Brightness and contrast jitter."})
+    init_from: str | None = field(
+        default=None, metadata={"help": "Continue from the teacher saved in this folder (its layout, not the flags')."}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     images, _ = load_fashion_mnist("train", args.data_dir)  # labels are never used
     if args.max_train_samples is not None:
         images = images[: args.max_train_samples]
-    teacher = ContrastiveTeacher(args.patch_size, args.width, args.feature_dim, args.projection_dim, args.temperature)
+    if args.init_from is not None:
+        teacher = ContrastiveTeacher.from_pretrained(args.init_from).train()
+    else:
+        sizes = (args.patch_size, args.width, args.feature_dim, args.projection_dim)
+        teacher = ContrastiveTeacher(*sizes, temperature=args.temperature)
     trainer = Trainer(
         model=teacher,
         args=training_args,
