@@ -12,19 +12,18 @@ linear probe, and ``examples/train_vqkd.py --teacher DIR`` distils visual tokens
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_vptm.checkpoint_io import give_default_permissions
 from modeling_vptm.data import ImageTensorDataset, load_fashion_mnist
 from modeling_vptm.teacher import ContrastiveTeacher, TwoViewCollator
+from modeling_vptm.training import write_run_summary
 
 
 logger = logging.getLogger(__name__)
@@ -83,11 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": training_args.num_train_epochs,
             "train_images": len(images),
             "parameters": sum(p.numel() for p in teacher.encoder.parameters()),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
             "teacher_args": asdict(args),
         }
-        with open(os.path.join(training_args.output_dir, "teacher_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        summary = write_run_summary(training_args.output_dir, "teacher_summary.json", summary)
         logger.info("Teacher summary: %s", summary)
     return summary
 

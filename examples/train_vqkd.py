@@ -11,7 +11,6 @@ training images); ``examples/pretrain_mim.py --tokenizer_from DIR`` pre-trains a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ from modeling_vptm.data import ImageTensorDataset, load_fashion_mnist
 from modeling_vptm.masking import random_shift_flip
 from modeling_vptm.teacher import ContrastiveTeacher
 from modeling_vptm.tokenizer import VQKDTokenizer, codebook_usage
+from modeling_vptm.training import write_run_summary
 
 
 logger = logging.getLogger(__name__)
@@ -97,11 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
             "train_seconds": round(time.perf_counter() - start, 1),
             "epochs": training_args.num_train_epochs,
             "codebook_usage": codebook_usage(tokens, args.vocab_size),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
             "vqkd_args": asdict(args),
         }
-        with open(os.path.join(training_args.output_dir, "tokenizer_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        summary = write_run_summary(training_args.output_dir, "tokenizer_summary.json", summary)
         logger.info("Tokenizer summary: %s", summary)
     return summary
 

@@ -271,3 +271,16 @@ __all__ = [
     "run_arguments",
     "search_hyperparameters",
 ]
+
+
+def write_run_summary(output_dir: str, file_name: str, summary: dict) -> dict:
+    """Adds the machine (``device``) to a pre-training run's ``summary`` and writes it as JSON in ``output_dir``."""
+    import json
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    summary = {**summary, "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}"}
+    with open(os.path.join(output_dir, file_name), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
