@@ -14,9 +14,11 @@ training images (``modeling_vptm.tokenizer``). Labels of the training set are ne
     # encoder starts from the first backbone's weights with a fresh MIM head
     python examples/pretrain_mim.py --output_dir runs/tiny-beit-v2 --teacher vptm:tiny-beit-fashion-mnist \
         --init_from vptm:tiny-beit-fashion-mnist --num_train_epochs 8 --learning_rate 5e-4
-    # third generation: tokens of a VQ-KD tokenizer distilled from a contrastive teacher (examples/train_vqkd.py)
+    # third generation (the shipped v3): tokens of a VQ-KD tokenizer distilled from a contrastive teacher
+    # (examples/pretrain_teacher.py, examples/train_vqkd.py), the encoder starting from the second backbone
     python examples/pretrain_mim.py --output_dir runs/tiny-beit-v3 --tokenizer_from runs/vqkd \
-        --init_from vptm:tiny-beit-fashion-mnist --num_train_epochs 6 --learning_rate 5e-4
+        --init_from vptm:tiny-beit-fashion-mnist-v2 --num_train_epochs 6 --per_device_train_batch_size 256 \
+        --learning_rate 5e-4 --warmup_steps 0.05 --weight_decay 0.05 --lr_scheduler_type cosine --seed 0
 
 Resumable: rerunning with the same ``--output_dir`` continues from its last checkpoint (the tokenizer saved
 there is reused, not refitted). Arguments can also come from one JSON file: ``python pretrain_mim.py args.json``.

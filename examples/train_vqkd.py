@@ -5,8 +5,10 @@ semantic teacher (``examples/pretrain_teacher.py``) through a cosine codebook of
 as ``visual_tokenizer.safetensors`` in ``--output_dir`` with ``tokenizer_summary.json`` (codebook usage on the
 training images); ``examples/pretrain_mim.py --tokenizer_from DIR`` pre-trains a backbone on its tokens.
 
-    python examples/train_vqkd.py --teacher runs/teacher --output_dir runs/vqkd --num_train_epochs 3 \
-        --per_device_train_batch_size 256 --learning_rate 2e-3 --warmup_steps 0.05
+    # the tokenizer of the shipped backbone v3
+    python examples/train_vqkd.py --teacher runs/teacher --output_dir runs/vqkd --num_train_epochs 6 \
+        --per_device_train_batch_size 256 --learning_rate 2e-3 --warmup_steps 0.05 --lr_scheduler_type cosine \
+        --save_strategy no --report_to none
 """
 
 from __future__ import annotations

@@ -24,7 +24,13 @@ from modeling_vptm.data import (
     shipped_dataset,
 )
 from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, random_shift_flip
-from modeling_vptm.tokenizer import PatchKMeansTokenizer, TeacherFeatureTokenizer, load_visual_tokenizer
+from modeling_vptm.tokenizer import (
+    PatchKMeansTokenizer,
+    TeacherFeatureTokenizer,
+    VQKDTokenizer,
+    codebook_usage,
+    load_visual_tokenizer,
+)
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
@@ -276,7 +282,15 @@ def test_pretraining_is_deterministic_with_a_seed(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- shipped backbone/data
-@pytest.mark.parametrize("name", ["tiny-beit-fashion-mnist", "tiny-beit-fashion-mnist-v2"])
+# each shipped backbone and the kind of visual tokens it was pre-trained to predict
+SHIPPED_TOKENIZERS = {
+    "tiny-beit-fashion-mnist": PatchKMeansTokenizer,
+    "tiny-beit-fashion-mnist-v2": TeacherFeatureTokenizer,
+    "tiny-beit-fashion-mnist-v3": VQKDTokenizer,
+}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_TOKENIZERS))
 def test_shipped_backbones_load_offline_with_their_config(monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = shipped_backbone_path(name)
@@ -287,12 +301,12 @@ def test_shipped_backbones_load_offline_with_their_config(monkeypatch, name):
     assert (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers) == (28, 4, 128, 6)
     assert config.vocab_size == 512 and config.use_shared_relative_position_bias
     tokenizer = load_visual_tokenizer(path)
-    expected_kind = PatchKMeansTokenizer if name == "tiny-beit-fashion-mnist" else TeacherFeatureTokenizer
-    assert isinstance(tokenizer, expected_kind)
+    assert isinstance(tokenizer, SHIPPED_TOKENIZERS[name])
     assert tokenizer.vocab_size == config.vocab_size and tokenizer.patch_size == config.patch_size
     shipped = os.path.dirname(path)
     backbones = [os.path.join(shipped, d) for d in os.listdir(shipped) if d.startswith("tiny-beit")]
-    assert sum(os.path.getsize(os.path.join(b, f)) for b in backbones for f in os.listdir(b)) <= 10 * 2**20
+    # three 1.26 M-parameter backbones in float32 with their tokenizers: the package stays small to install
+    assert sum(os.path.getsize(os.path.join(b, f)) for b in backbones for f in os.listdir(b)) <= 17 * 2**20
     # the shipped weights and tokenizer still agree: MIM accuracy measured now, on 1,000 of the shipped test images,
     # matches the figure recorded on the 10,000 official ones and stays far above the most-frequent token
     from evaluate_backbone import mim_accuracy
@@ -321,6 +335,23 @@ def test_second_generation_tokens_are_codes_of_the_first_backbones_features():
     expected = (torch.nn.functional.normalize(states, dim=-1) @ tokenizer.centroids.T).argmax(-1)
     assert torch.equal(tokenizer.encode(pixels), expected)
     assert torch.allclose(tokenizer.centroids.norm(dim=-1), torch.ones(512), atol=1e-5)
+
+
+def test_third_generation_tokens_are_vqkd_codes_that_use_the_codebook():
+    tokenizer = load_visual_tokenizer(shipped_backbone_path("tiny-beit-fashion-mnist-v3"))
+    assert tokenizer.vocab_size == 512 and not tokenizer.training
+    torch.testing.assert_close(tokenizer.codebook.norm(dim=-1), torch.ones(512))
+    from modeling_vptm.data import to_pixel_values
+
+    images = np.stack([np.asarray(i) for i in shipped_dataset()["train"]["image"]])
+    pixels = to_pixel_values(images)
+    tokens = tokenizer.encode(pixels)
+    with torch.no_grad():  # a token is the code of highest cosine similarity to the encoder's normalised vector
+        expected = (tokenizer.codes(pixels) @ tokenizer.codebook.T).argmax(-1)
+    assert torch.equal(tokens, expected)
+    # not collapsed onto a few codes: on 1,000 images (49,000 patches) most codes occur, none dominates
+    usage = codebook_usage(tokens, tokenizer.vocab_size)
+    assert usage["used_codes"] > 256 and usage["perplexity"] > 100 and usage["top_share"] < 0.05
 
 
 def test_vptm_on_the_shipped_backbone_names_it_portably(tmp_path):
