@@ -44,7 +44,15 @@ CANDIDATES = {
     ),
     "vptm_ensemble": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY, **DEEP),
     "vptm_ensemble_protoverb": dict(method="vptm", head_input="ensemble", **PROTOVERB, **DEEP),
-}
+    # the token path with the instance term that the hidden-state read-out was chosen with (semantic tokens)
+    **{
+        f"vptm_{head_input}_instance_t0.1": dict(
+            method="vptm", head_input=head_input, prototype_contrastive_weight=0.0, instance_contrastive_weight=0.5,
+            contrastive_temperature=0.1, **DEEP,
+        )
+        for head_input in ("logits", "ensemble")
+    },
+}  # fmt: skip
 REFERENCE = "vpt_deep"
 # The selection trains with shifts of up to 2 pixels and horizontal flips (the script's defaults when it was run;
 # flips are pinned on here so that it reproduces). Each augmentation is measured by turning it off for VPT-deep and
