@@ -41,6 +41,10 @@ METHODS = {
     "vptm_shallow": dict(method="vptm", prompt_layers="shallow"),
     "vptm_deep": dict(method="vptm", prompt_layers="deep"),
     "vptm_first_half": dict(method="vptm"),
+    # the paper's own read-out: the verbalizer on the MIM head's token prediction (alone, or averaged with the
+    # hidden-state verbalizer), everything else as VPTM's defaults
+    "vptm_logits": dict(method="vptm", head_input="logits"),
+    "vptm_ensemble": dict(method="vptm", head_input="ensemble"),
     "full": dict(method="full"),
     # PEFT's LoRA on the same backbone (a linear head), and LoRA inside VPTM's backbone: their defaults chosen on
     # validation (experiments/select_defaults.py)
@@ -69,7 +73,8 @@ ABLATIONS = {
 }
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
 TRANSFER = {"dataset": DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
-TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half", "lora", "vptm_lora")
+TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half", "vptm_logits", "vptm_ensemble", "lora",
+                    "vptm_lora")  # fmt: skip
 # what a run gets unless set (the method is always named)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.name != "method"}
 

@@ -438,7 +438,11 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     results = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--ablations", *ablations])
     methods = results["methods"]
     assert set(methods) == {"linear", "full", "vpt_shallow", "vpt_deep", "vptm_shallow", "vptm_deep",
-                            "vptm_first_half", "lora", "vptm_lora", "raw_pixel_logreg"}  # fmt: skip
+                            "vptm_first_half", "vptm_logits", "vptm_ensemble", "lora", "vptm_lora",
+                            "raw_pixel_logreg"}  # fmt: skip
+    # the token-path rows differ from the default in their read-out only
+    token_path = json.load(open(tmp_path / "vptm_logits-seed0" / "config.json"))
+    assert token_path["head_input"] == "logits" and token_path["prompt_layers"] == "first_half"
     # LoRA of rank 8 on the attention (4 x 128 -> 128) and the MLP (128 -> 512 -> 128) of 6 blocks and a 10-class
     # head; VPTM + LoRA: rank 8 on query and value, and VPTM's default task
     lora = 6 * 8 * (4 * (128 + 128) + 2 * (128 + 512))
@@ -475,8 +479,8 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert list(sweep["points"]) == ["16", "64"]  # quick mode: the first value and the default
     assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_first_half"]["accuracy_mean"]  # the default
     transfer = results["transfer"]
-    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "vptm_first_half", "lora", "vptm_lora",
-                             "raw_pixel_logreg"}  # fmt: skip
+    assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "vptm_first_half", "vptm_logits", "vptm_ensemble",
+                             "lora", "vptm_lora", "raw_pixel_logreg"}  # fmt: skip
     digits = json.load(open(tmp_path / "transfer-vptm_deep-seed0" / "vptm_run_args.json"))
     assert digits["dataset_name"] == "vptm:digits" and digits["augment_flip"] is False
     assert "Transfer task: vptm:digits" in table
@@ -484,7 +488,7 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert [name for name in folders if name.startswith("sweep-")] == [
         "sweep-vpt-prompt_length-1-seed0", "sweep-vptm-prompt_length-1-seed0", "sweep-vptm-prototype_dim-16-seed0"
     ]  # fmt: skip
-    assert len(folders) == 9 + 3 + len(ablations) - len(shared) + 6  # + transfer
+    assert len(folders) == 11 + 3 + len(ablations) - len(shared) + 8  # + transfer
     # --update reruns a part and keeps the other rows
     part = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "ablations", "--ablations",
                                  "verbalizer_on_probs", "--update"])  # fmt: skip
