@@ -28,31 +28,21 @@ from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES as PROTOVERB
 # Every candidate names its read-out, loss weights and prompt location, so that its meaning does not move with the
 # defaults (the verbalizers were chosen with prompts in every block, the default then).
 CROSS_ENTROPY_ONLY = {"prototype_contrastive_weight": 0.0, "instance_contrastive_weight": 0.0}
+# ProtoVerb's instance-instance term alone, at t = 0.1: what the default read-out was chosen with
+INSTANCE_T01 = dict(prototype_contrastive_weight=0.0, instance_contrastive_weight=0.5, contrastive_temperature=0.1)
 DEEP = {"prompt_layers": "deep"}
 CANDIDATES = {
     "vpt_deep": dict(method="vpt", **DEEP),
     "vptm_logits": dict(method="vptm", head_input="logits", **CROSS_ENTROPY_ONLY, **DEEP),
     "vptm_hidden": dict(method="vptm", head_input="hidden", **CROSS_ENTROPY_ONLY, **DEEP),
     "vptm_hidden_protoverb": dict(method="vptm", head_input="hidden", **PROTOVERB, **DEEP),
-    "vptm_hidden_instance_t0.1": dict(
-        method="vptm",
-        head_input="hidden",
-        prototype_contrastive_weight=0.0,
-        instance_contrastive_weight=0.5,
-        contrastive_temperature=0.1,
-        **DEEP,
-    ),
+    "vptm_hidden_instance_t0.1": dict(method="vptm", head_input="hidden", **INSTANCE_T01, **DEEP),
     "vptm_ensemble": dict(method="vptm", head_input="ensemble", **CROSS_ENTROPY_ONLY, **DEEP),
     "vptm_ensemble_protoverb": dict(method="vptm", head_input="ensemble", **PROTOVERB, **DEEP),
-    # the token path with the instance term that the hidden-state read-out was chosen with (semantic tokens)
-    **{
-        f"vptm_{head_input}_instance_t0.1": dict(
-            method="vptm", head_input=head_input, prototype_contrastive_weight=0.0, instance_contrastive_weight=0.5,
-            contrastive_temperature=0.1, **DEEP,
-        )
-        for head_input in ("logits", "ensemble")
-    },
-}  # fmt: skip
+    # the token path with the same term (for backbones whose tokens carry meaning)
+    "vptm_logits_instance_t0.1": dict(method="vptm", head_input="logits", **INSTANCE_T01, **DEEP),
+    "vptm_ensemble_instance_t0.1": dict(method="vptm", head_input="ensemble", **INSTANCE_T01, **DEEP),
+}
 REFERENCE = "vpt_deep"
 # The selection trains with shifts of up to 2 pixels and horizontal flips (the script's defaults when it was run;
 # flips are pinned on here so that it reproduces). Each augmentation is measured by turning it off for VPT-deep and
