@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from modeling_vptm.convert import convert_beit_checkpoint
-from modeling_vptm.hub import push_backbone
+from modeling_vptm.deploy import push_backbone
+from modeling_vptm.pretraining import convert_beit_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,14 +49,14 @@ class ExportArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
-    from modeling_vptm.onnx_export import (
+    from modeling_vptm.deploy.onnx_export import (
         backbone_graph_parity,
         export_backbone_graph,
         export_task_graph,
         load_checkpoint,
-        parse_named_sources,
         task_graph_parity,
     )
+    from modeling_vptm.serving import parse_named_sources
 
     sources = parse_named_sources(args.model)
     hub = {"revision": args.revision} if args.revision else {}

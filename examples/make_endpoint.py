@@ -11,7 +11,7 @@
 
 The default backend, `onnx`, runs on the stock Inference Endpoints container: its handler needs numpy, Pillow and
 onnxruntime only, while the container's toolkit pins transformers 4.51 and does not start under transformers 5 (see
-modeling_vptm/endpoint_requests.py). The repository is loaded with its own handler before it is written out or
+modeling_vptm/standalone/onnx_endpoint.py). The repository is loaded with its own handler before it is written out or
 pushed, so one that would not serve (checkpoints of different backbones, different image processors, not VPTM) is
 refused here, not on the endpoint.
 """
@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from modeling_vptm.endpoint import push_endpoint_repository, write_endpoint_repository
-    from modeling_vptm.onnx_export import parse_named_sources
+    from modeling_vptm.deploy import push_endpoint_repository, write_endpoint_repository
+    from modeling_vptm.serving import parse_named_sources
 
     if bool(args.model) == bool(args.task):
         raise ValueError("give one prompt checkpoint with --model, or several tasks with --task NAME=SOURCE")

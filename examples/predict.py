@@ -14,9 +14,10 @@ import sys
 
 import torch
 
-from modeling_vptm.checkpoint_io import CheckpointNotFoundError, check_loadable
-from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
-from modeling_vptm.peft_methods import load_classifier
+from modeling_vptm.hub_names import CheckpointNotFoundError, check_loadable
+from modeling_vptm.standalone.image_input import list_images, read_rgb
+from modeling_vptm.standalone.predictions import format_top, top_predictions, write_jsonl
+from modeling_vptm.training import load_classifier
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

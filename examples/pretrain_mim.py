@@ -3,7 +3,7 @@
 The recipe is BEiT's (Bao et al., 2021): a ``BeitForMaskedImageModeling`` with a shared relative position bias, no
 absolute position embedding and layer scale sees images whose patches are block-masked (about 40 %), and learns
 to predict the visual token of every masked patch. The tokens come from a k-means tokenizer fitted here on the
-training images (``modeling_vptm.tokenizer``). Labels of the training set are never used.
+training images (``modeling_vptm.pretraining.tokenizers``). Labels of the training set are never used.
 
     # the shipped backbone's recipe (GPU)
     python examples/pretrain_mim.py --output_dir runs/tiny-beit --num_train_epochs 150 \
@@ -46,16 +46,22 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_vptm.checkpoint_io import give_default_permissions, resolve_backbone_path
-from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageTensorDataset, load_fashion_mnist
-from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, TokenizingMIMModel
-from modeling_vptm.tokenizer import (
+from modeling_vptm.atomic_write import give_default_permissions
+from modeling_vptm.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from modeling_vptm.pretraining import (
+    BlockMaskGenerator,
+    ImageTensorDataset,
+    MaskedImageModelingCollator,
+    TokenizingMIMModel,
+)
+from modeling_vptm.pretraining.tokenizers import (
     TOKENIZER_FILE,
     PatchKMeansTokenizer,
     TeacherFeatureTokenizer,
     VQKDTokenizer,
     load_visual_tokenizer,
 )
+from modeling_vptm.shipped import resolve_backbone_path
 
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Trains the semantic teacher of the VQ-KD tokenizer on the Fashion-MNIST training images, without labels (SimCLR).
 
-The teacher (``modeling_vptm.teacher.ContrastiveTeacher``) is a small CNN whose output map has one feature per BEiT
+The teacher (``modeling_vptm.pretraining.ContrastiveTeacher``) is a small CNN whose output map has one feature per BEiT
 patch; contrastive instance discrimination between two augmented views of each image makes those features semantic.
 Saved as ``teacher.safetensors`` in ``--output_dir``; ``experiments/evaluate_backbone.py --teacher DIR`` gives its
 linear probe, and ``examples/train_vqkd.py --teacher DIR`` distils visual tokens from it.
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from modeling_vptm.checkpoint_io import give_default_permissions
-from modeling_vptm.data import ImageTensorDataset, load_fashion_mnist
-from modeling_vptm.teacher import ContrastiveTeacher, TwoViewCollator
+from modeling_vptm.atomic_write import give_default_permissions
+from modeling_vptm.data import load_fashion_mnist
+from modeling_vptm.pretraining import ContrastiveTeacher, ImageTensorDataset, TwoViewCollator
 from modeling_vptm.training import write_run_summary
 
 

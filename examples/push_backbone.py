@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from modeling_vptm.hub import push_backbone
+from modeling_vptm.deploy import push_backbone
 
 
 def main(argv: list[str] | None = None) -> str:

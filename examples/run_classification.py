@@ -12,7 +12,7 @@ the same backbone, data pipeline and schedule, so their numbers compare:
 * `lora`: PEFT's LoRA in the frozen backbone's attention and a fresh linear head (`BeitForImageClassification`);
 * `peft`: any PEFT config of yours (`--peft_config FILE.json`: LoRA, LoHa, IA3, BOFT, ...) the same way;
 * `vptm_lora`: VPTM with PEFT's LoRA in its backbone's attention, trained together
-  (`modeling_vptm/peft_methods.py`; the PEFT methods need peft: `pip install -e ".[peft]"`).
+  (`modeling_vptm/training/peft_methods.py`; the PEFT methods need peft: `pip install -e ".[peft]"`).
 
     # the main job: VPTM on the shipped backbone and the shipped 1,000-image Fashion-MNIST subset (offline)
     python examples/run_classification.py --output_dir runs/vptm
@@ -45,39 +45,30 @@ from transformers import AutoImageProcessor, set_seed
 
 import modeling_vptm
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: F401
-from modeling_vptm.checkpoint_io import CheckpointNotFoundError, resolve_backbone_path
-from modeling_vptm.data import load_data
-from modeling_vptm.evaluation import compute_metrics
-from modeling_vptm.hub import push_checkpoint
-from modeling_vptm.image_batches import collate
-from modeling_vptm.methods import add_adapter, build_model, save_final_model
-from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
-from modeling_vptm.peft_methods import load_classifier
-from modeling_vptm.training import (
+from modeling_vptm.data import SPLITS, collate, load_data
+from modeling_vptm.deploy import CardInfo, prompt_checkpoint_card, push_checkpoint
+from modeling_vptm.hub_names import CheckpointNotFoundError
+from modeling_vptm.modeling_vptm import parameter_counts
+from modeling_vptm.shipped import resolve_backbone_path
+from modeling_vptm.training import (  # noqa: F401  (the argument groups are also read off this script by the tests)
     RUN_ARGS_FILE,
-    VPTMTrainer,
-    check_output_dir,
-    label_names,
-    parameter_counts,
-    prepare_images,
-    run_arguments,
-    search_hyperparameters,
-)
-from modeling_vptm.training_args import (  # noqa: F401  (also read off this script by the tests)
-    DEFAULT_PROMPT_LAYERS,
-    DIGITS_DATASET,
-    FULL_TEST_DATASET,
-    PEFT_METHODS,
-    SHIPPED_DATASET,
-    SPLITS,
-    TRAIN_VAL_SPLIT,
     DataTrainingArguments,
     ModelArguments,
+    VPTMTrainer,
     VPTMTrainingArguments,
-    given_flags,
-    gpu_defaults,
+    add_adapter,
+    build_model,
+    check_output_dir,
+    compute_metrics,
+    label_names,
+    load_classifier,
     parse_arguments,
+    prepare_images,
+    run_arguments,
+    save_final_model,
+    search_hyperparameters,
 )
+from modeling_vptm.training.arguments import PEFT_METHODS, given_flags, gpu_defaults  # noqa: F401
 
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,11 @@ import argparse
 
 import torch
 
-from modeling_vptm.checkpoint_io import CheckpointNotFoundError, resolve_backbone_path
-from modeling_vptm.images import format_top, list_images, read_rgb, top_predictions, write_jsonl
+from modeling_vptm.hub_names import CheckpointNotFoundError
 from modeling_vptm.serving import MultiTaskVPTM
+from modeling_vptm.shipped import resolve_backbone_path
+from modeling_vptm.standalone.image_input import list_images, read_rgb
+from modeling_vptm.standalone.predictions import format_top, top_predictions, write_jsonl
 
 
 def pairs(values: list[str], what: str) -> list[tuple[str, str]]:

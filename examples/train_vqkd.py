@@ -1,6 +1,6 @@
 """Trains a VQ-KD visual tokenizer (BEiT v2's recipe, small) on the Fashion-MNIST training images, without labels.
 
-The tokenizer (``modeling_vptm.tokenizer.VQKDTokenizer``) learns to reconstruct the patch features of a frozen
+The tokenizer (``modeling_vptm.pretraining.VQKDTokenizer``) learns to reconstruct the patch features of a frozen
 semantic teacher (``examples/pretrain_teacher.py``) through a cosine codebook of ``--vocab_size`` codes. It is saved
 as ``visual_tokenizer.safetensors`` in ``--output_dir`` with ``tokenizer_summary.json`` (codebook usage on the
 training images); ``examples/pretrain_mim.py --tokenizer_from DIR`` pre-trains a backbone on its tokens.
@@ -22,11 +22,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from modeling_vptm.checkpoint_io import give_default_permissions
-from modeling_vptm.data import ImageTensorDataset, load_fashion_mnist
-from modeling_vptm.masking import random_shift_flip
-from modeling_vptm.teacher import ContrastiveTeacher
-from modeling_vptm.tokenizer import VQKDTokenizer, codebook_usage
+from modeling_vptm.atomic_write import give_default_permissions
+from modeling_vptm.data import load_fashion_mnist, random_shift_flip
+from modeling_vptm.pretraining import ContrastiveTeacher, ImageTensorDataset, VQKDTokenizer, codebook_usage
 from modeling_vptm.training import write_run_summary
 
 

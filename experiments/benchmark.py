@@ -64,7 +64,8 @@ def lora_classifier(beit_config, adapters: int = 1) -> nn.Module:
     it, so that each one changes the outputs."""
     from transformers import BeitForImageClassification
 
-    from modeling_vptm.peft_methods import METHOD_LORA_TARGETS, apply_peft, lora_config
+    from modeling_vptm.training import apply_peft, lora_config
+    from modeling_vptm.training.peft_methods import METHOD_LORA_TARGETS
 
     config = lora_config(target_modules=METHOD_LORA_TARGETS["lora"], modules_to_save=["classifier"])
     model = apply_peft(BeitForImageClassification(beit_config), config, "the benchmark's LoRA")

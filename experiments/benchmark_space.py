@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     import app
     from gradio_client import Client, handle_file
 
-    from modeling_vptm.backbones import SHIPPED_BACKBONE
+    from modeling_vptm import SHIPPED_BACKBONE
 
     service = app.DemoService(SHIPPED_BACKBONE, app.bundled_tasks())
     batch_sizes: list[int] = []

@@ -39,8 +39,7 @@ from example_scripts import run_classification
 from measuring import ARCHS, COMMON, measure, training_step
 from transformers import TrainerCallback
 
-from modeling_vptm.methods import add_adapter, build_model
-from modeling_vptm.training_args import parse_arguments
+from modeling_vptm.training import add_adapter, build_model, parse_arguments
 
 
 # PEFT's LoRA too where PEFT is installed (the peft extra)

@@ -28,8 +28,10 @@ from example_scripts import run_classification
 
 from modeling_vptm import SHIPPED_BACKBONE
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
-from modeling_vptm.data import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET, load_data
-from modeling_vptm.training_args import DEFAULT_PROMPT_LAYERS, DataTrainingArguments, ModelArguments
+from modeling_vptm.data import load_data
+from modeling_vptm.shipped import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET
+from modeling_vptm.training import DataTrainingArguments, ModelArguments
+from modeling_vptm.training.arguments import DEFAULT_PROMPT_LAYERS
 
 
 # cheapest first, so an interrupted comparison has the prompt methods; each preset names what it changes from its

@@ -30,10 +30,14 @@ import time
 import numpy as np
 import torch
 
-from modeling_vptm.data import balanced_subset, load_fashion_mnist, to_pixel_values
-from modeling_vptm.masking import BlockMaskGenerator
-from modeling_vptm.teacher import ContrastiveTeacher
-from modeling_vptm.tokenizer import codebook_usage, load_visual_tokenizer
+from modeling_vptm.data import balanced_subset, load_fashion_mnist
+from modeling_vptm.pretraining import (
+    BlockMaskGenerator,
+    ContrastiveTeacher,
+    codebook_usage,
+    load_visual_tokenizer,
+    to_pixel_values,
+)
 
 
 @torch.no_grad()

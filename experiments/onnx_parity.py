@@ -28,7 +28,7 @@ import torch
 from measuring import make_backbone
 
 from modeling_vptm import VPTMForImageClassification, shipped_backbone_path
-from modeling_vptm.onnx_export import (
+from modeling_vptm.deploy import (
     backbone_graph_parity,
     export_backbone_graph,
     export_task_graph,

@@ -32,17 +32,17 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.beit.modeling_beit import BeitPreTrainedModel
 from transformers.utils import logging
 
+from .adapter_io import load_adapter_beside
+from .backbone_loading import config_on_backbone
+from .checkpoint_checks import check_task_tensors
 from .checkpoint_io import (
-    HUB_ARGUMENTS,
-    check_task_tensors,
-    config_on_backbone,
-    load_adapter_beside,
     load_checkpoint_config,
     load_prompt_checkpoint,
     prompt_checkpoint_options,
     write_prompt_checkpoint,
 )
 from .configuration_vptm import VPTMConfig
+from .hub_names import HUB_ARGUMENTS
 from .prompted_backbone import BACKBONE_MODULES, PromptedBackbone, PromptedBackboneOutput
 from .vptm_task import PrototypicalVerbalizer, VPTMPromptEmbeddings, VPTMTask, check_training_batch
 
@@ -150,8 +150,7 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """`(trainable, total)` parameter counts, as PEFT reports them."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -365,6 +364,12 @@ def _checkpoint_names_to_module_names(module, state_dict, prefix, *args) -> None
             state_dict[prefix + home + key[len(prefix) :]] = state_dict.pop(key)
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameters of any model (a VPTM model, a PEFT model, a fully fine-tuned BEiT)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
 # Full checkpoints (a config without backbone_name_or_path) saved before the model had its two parts named their
 # tensors as a prompt checkpoint and BeitForMaskedImageModeling do; transformers renames them on load.
 FULL_CHECKPOINT_NAMES = {
@@ -373,4 +378,4 @@ FULL_CHECKPOINT_NAMES = {
 }
 
 
-__all__ = ["VPTMForImageClassification", "VPTMImageClassifierOutput", "VPTMPreTrainedModel"]
+__all__ = ["VPTMForImageClassification", "VPTMImageClassifierOutput", "VPTMPreTrainedModel", "parameter_counts"]

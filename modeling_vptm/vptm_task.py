@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.utils import logging
 
-from .checkpoint_io import check_task_tensors
+from .checkpoint_checks import check_task_tensors
 from .configuration_vptm import VPTMConfig
 from .prompted_backbone import PromptedBackboneOutput, SequenceLayout
 

@@ -23,18 +23,20 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from modeling_vptm.backbones import SHIPPED_BACKBONE
-from modeling_vptm.checkpoint_io import check_local_folder, resolve_backbone_path
-from modeling_vptm.images import image_processor_differences, read_rgb, top_predictions
-from modeling_vptm.inspection import (
+from modeling_vptm.hub_names import check_local_folder
+from modeling_vptm.pretraining import TOKENIZER_FILE, PatchKMeansTokenizer, load_visual_tokenizer
+from modeling_vptm.serving import (
+    MultiTaskVPTM,
     heatmap_overlay,
+    image_processor_differences,
     patch_attention_map,
     patch_attention_share,
     render_visual_token,
     top_visual_tokens,
 )
-from modeling_vptm.serving import MultiTaskVPTM
-from modeling_vptm.tokenizer import TOKENIZER_FILE, PatchKMeansTokenizer, load_visual_tokenizer
+from modeling_vptm.shipped import SHIPPED_BACKBONE, resolve_backbone_path
+from modeling_vptm.standalone.image_input import read_rgb
+from modeling_vptm.standalone.predictions import top_predictions
 
 
 HERE = Path(__file__).resolve().parent

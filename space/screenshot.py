@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if url is None:
         from app import DemoService, build_demo, bundled_tasks
 
-        from modeling_vptm.backbones import SHIPPED_BACKBONE
+        from modeling_vptm import SHIPPED_BACKBONE
 
         demo = build_demo(DemoService(SHIPPED_BACKBONE, bundled_tasks())).queue()
         _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)

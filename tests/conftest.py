@@ -27,6 +27,12 @@ sys.path.insert(0, REPO_ROOT)
 # the one way tests import the example scripts and the experiments: as top-level modules from their folders
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
+# the Hub code files: the package's root modules but __init__, which save_pretrained copies beside a prompt checkpoint
+HUB_CODE_FILES = sorted(
+    name
+    for name in os.listdir(os.path.join(REPO_ROOT, "modeling_vptm"))
+    if name.endswith(".py") and name != "__init__.py"
+)
 
 
 def tiny_beit_config(**overrides) -> BeitConfig:

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from transformers import BeitForMaskedImageModeling
 
 from modeling_vptm import VPTMForImageClassification
-from modeling_vptm.convert import convert_beit_checkpoint
+from modeling_vptm.pretraining import convert_beit_checkpoint
 
 
 HIDDEN, DEPTH, PATCH, WINDOW, VOCAB, MLP = 128, 2, 4, 4, 50, 96  # two heads of 64, as in every BEiT size

@@ -28,8 +28,8 @@ from PIL import Image
 from transformers import BeitImageProcessor
 
 from modeling_vptm import VPTMForImageClassification
-from modeling_vptm.checkpoint_io import resolve_backbone_path
-from modeling_vptm.endpoint import write_endpoint_repository
+from modeling_vptm.deploy import write_endpoint_repository
+from modeling_vptm.shipped import resolve_backbone_path
 
 
 TASKS = {  # on the tiny test backbone (20 x 20 pixels): fashion and fashion-ensemble share a sequence layout
@@ -151,14 +151,15 @@ def test_single_task_pytorch_endpoint_answers_as_predict(shipped_checkpoint, ima
     # the root is the prompt checkpoint itself, so the repository also loads with pipeline; the package is bundled
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_vptm.py", "handler.py",
             "requirements.txt", "endpoint.json"} <= set(os.listdir(folder))  # fmt: skip
-    assert os.path.isfile(folder / "modeling_vptm" / "serving.py") and not os.path.exists(folder / "onnx")
-    assert "from modeling_vptm.endpoint import EndpointHandler" in (folder / "handler.py").read_text()
+    assert os.path.isfile(folder / "modeling_vptm" / "serving" / "multitask.py")
+    assert not os.path.exists(folder / "onnx")
+    assert "from modeling_vptm.deploy.endpoint import EndpointHandler" in (folder / "handler.py").read_text()
     requirements = [Requirement(line) for line in (folder / "requirements.txt").read_text().split()]
     assert {r.name for r in requirements} == {"transformers", "torch", "safetensors", "huggingface_hub", "numpy",
                                               "Pillow"}  # fmt: skip
     assert all(r.specifier for r in requirements)  # the package's floors: this backend runs on a custom image
     handler = load_handler(folder)
-    assert type(handler).__module__ == "modeling_vptm.endpoint"
+    assert type(handler).__module__ == "modeling_vptm.deploy.endpoint"
     expected = predicted(checkpoints["fashion"], images, 3)
     for path, reference in zip(images, expected, strict=True):
         body = open(path, "rb").read()
@@ -250,7 +251,7 @@ def test_malformed_images_in_a_list_cost_the_good_ones_nothing(checkpoints, imag
 
 
 def test_unexpected_failures_are_answered_with_an_error_naming_them():
-    from modeling_vptm.endpoint_requests import RequestHandler
+    from modeling_vptm.standalone.endpoint_requests import RequestHandler
 
     class Failing(RequestHandler):
         tasks = ["only"]

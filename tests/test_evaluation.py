@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import EvalPrediction
 
-from modeling_vptm.evaluation import DEFAULT_METRICS, compute_metrics, load_metric, shipped_metrics
+from modeling_vptm.training.evaluation import DEFAULT_METRICS, compute_metrics, load_metric, shipped_metrics
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import pytest
 import run_classification  # noqa: E402
 import torch
 import yaml
-from conftest import REPO_ROOT, FakeHub
+from conftest import HUB_CODE_FILES, REPO_ROOT, FakeHub
 from PIL import Image
 from safetensors import safe_open
 
@@ -246,9 +246,8 @@ def test_pushed_checkpoint_on_a_pushed_backbone_loads_with_transformers_only(tmp
                              ("upload_folder", prompts, "v1")] * 2  # fmt: skip
     remote = tmp_path / "remote" / "vptm-tests/fashion-prompts"
     uploaded = sorted(os.listdir(remote))
-    assert uploaded == ["README.md", "checkpoint_io.py", "config.json", "configuration_vptm.py", "model.safetensors",
-                        "modeling_vptm.py", "preprocessor_config.json", "prompted_backbone.py",
-                        "vptm_task.py"]  # fmt: skip
+    assert uploaded == sorted(["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+                               *HUB_CODE_FILES])  # fmt: skip
     assert results["pushed_files"] == uploaded and results["pushed_commit"] == f"{2:040x}"
     # the pushed config names the Hub copy; the local folder keeps the packaged name it was trained on
     pushed = json.load(open(remote / "config.json"))
@@ -661,7 +660,7 @@ def test_gpu_defaults_fill_only_the_flags_not_given(tmp_path, monkeypatch):
         assert gpu_defaults({"use_cpu"}) == {}
     # the defaults are parsed as if given, so that what TrainingArguments derives from them follows (bf16 -> mixed
     # precision), from the command line and from a JSON file alike; a given flag wins
-    monkeypatch.setattr("modeling_vptm.training_args.gpu_defaults", lambda given: {
+    monkeypatch.setattr("modeling_vptm.training.arguments.gpu_defaults", lambda given: {
         k: v for k, v in {"bf16": True, "dataloader_num_workers": 2}.items() if k not in given})  # fmt: skip
     args = run_classification.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "true"])[2]
     assert args.bf16 and args.mixed_precision == "bf16" and args.dataloader_num_workers == 2
@@ -717,7 +716,7 @@ def test_card_names_a_hub_backbone_as_base_model_of_an_adapter(tmp_path):
     from huggingface_hub.repocard_data import model_index_to_eval_results
     from huggingface_hub.utils import validate_repo_id
 
-    from modeling_vptm.model_card import CardInfo, prompt_checkpoint_card
+    from modeling_vptm.deploy import CardInfo, prompt_checkpoint_card
 
     info = CardInfo(
         model_name="beit-cifar-vptm", method="vptm", backbone="microsoft/beit-base-patch16-224-pt22k",
@@ -749,7 +748,7 @@ def test_card_names_a_hub_backbone_as_base_model_of_an_adapter(tmp_path):
 
 
 def test_random_resized_crop_keeps_size_and_is_seeded():
-    from modeling_vptm.masking import random_resized_crop
+    from modeling_vptm.data import random_resized_crop
 
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
     crops = random_resized_crop(images, 0.08, torch.Generator().manual_seed(0))

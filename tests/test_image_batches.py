@@ -13,8 +13,14 @@ from PIL import Image
 from torch.nn import functional as F
 from transformers import BeitImageProcessor
 
-from modeling_vptm.image_batches import ImageBatchTransform, UInt8Images, collate, decode_images
-from modeling_vptm.masking import random_resized_crop, random_shift_flip
+from modeling_vptm.data import (
+    ImageBatchTransform,
+    UInt8Images,
+    collate,
+    decode_images,
+    random_resized_crop,
+    random_shift_flip,
+)
 
 
 def image_dataset(tmp_path, count: int = 10, size=(37, 29), mode: str = "RGB", cached: bool = True):

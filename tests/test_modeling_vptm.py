@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_backbone, tiny_beit_config
+from conftest import HUB_CODE_FILES, make_backbone, tiny_beit_config
 from safetensors import safe_open
 from transformers import (
     AutoModelForImageClassification,
@@ -199,7 +199,7 @@ def test_training_and_serving_never_wait_for_the_device(fields, monkeypatch):
     # the queue of kernels. Meta tensors have no values, so any such read fails here: the training step and the
     # multi-task server must run on them, apart from the one documented read that checks a training batch.
     from modeling_vptm import VPTMTask
-    from modeling_vptm.image_batches import ImageBatchTransform
+    from modeling_vptm.data import ImageBatchTransform
     from modeling_vptm.serving import MultiTaskVPTM
 
     config = vptm_config(**fields)
@@ -656,8 +656,7 @@ def test_save_writes_only_task_tensors_and_reloads_exactly(backbone_dir, pixel_v
         expected = model(pixel_values).logits
     model.save_pretrained(tmp_path / "prompts")
     files = sorted(os.listdir(tmp_path / "prompts"))
-    assert files == ["checkpoint_io.py", "config.json", "configuration_vptm.py", "model.safetensors",
-                     "modeling_vptm.py", "prompted_backbone.py", "vptm_task.py"]  # fmt: skip
+    assert files == sorted(["config.json", "model.safetensors", *HUB_CODE_FILES])
     with safe_open(str(tmp_path / "prompts" / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(model.task_state_dict())
     config = json.loads((tmp_path / "prompts" / "config.json").read_text())

@@ -22,14 +22,15 @@ from PIL import Image
 from transformers import AutoImageProcessor, BeitImageProcessor
 
 from modeling_vptm import VPTMForImageClassification
-from modeling_vptm.onnx_export import (
+from modeling_vptm.deploy.onnx_export import (
     EXAMPLE_BATCH,
     backbone_graph_parity,
     export_backbone_graph,
     export_task_graph,
     task_graph_parity,
 )
-from modeling_vptm.onnx_runtime import ImagePreprocessor, OnnxImageClassifier, OnnxMultiTask, read_image
+from modeling_vptm.standalone.image_input import read_image
+from modeling_vptm.standalone.onnx_runtime import ImagePreprocessor, OnnxImageClassifier, OnnxMultiTask
 
 
 TOLERANCE = 1e-4
@@ -266,7 +267,7 @@ def test_images_are_read_from_paths_bytes_base64_and_pil(tmp_path):
 
 
 def test_a_checkpoint_without_its_processor_gets_the_backbones_and_only_then(tmp_path):
-    from modeling_vptm.onnx_export import image_processor_of
+    from modeling_vptm.serving import image_processor_of
 
     make_backbone(tmp_path / "backbone")
     BeitImageProcessor(**{**PROCESSOR, "size": {"height": 24, "width": 24}}).save_pretrained(tmp_path / "backbone")
@@ -300,7 +301,7 @@ def test_malformed_images_are_refused_with_a_value_error_naming_the_problem(tmp_
 
 
 def test_images_above_the_pixel_limit_are_refused_before_decoding():
-    from modeling_vptm.onnx_runtime import MAX_PIXELS
+    from modeling_vptm.standalone.image_input import MAX_PIXELS
 
     side = int(MAX_PIXELS**0.5) + 1
     large = io.BytesIO()

@@ -25,7 +25,7 @@ from safetensors import safe_open
 peft = pytest.importorskip("peft")
 
 from modeling_vptm import SHIPPED_BACKBONE, VPTMForImageClassification, shipped_backbone_path  # noqa: E402
-from modeling_vptm.peft_methods import (  # noqa: E402
+from modeling_vptm.training.peft_methods import (  # noqa: E402
     apply_peft,
     classifier_from_mim,
     load_classifier,
@@ -322,7 +322,7 @@ def test_apply_peft_adds_the_head_and_refuses_by_name(backbone_dir):
 LOAD_PUSHED = r"""
 import json, sys
 import torch
-from modeling_vptm.peft_methods import load_classifier
+from modeling_vptm.training import load_classifier
 
 model = load_classifier(sys.argv[1], revision=sys.argv[2])
 with torch.no_grad():

@@ -20,11 +20,13 @@ from modeling_vptm.data import (
     balanced_subset,
     fashion_mnist_dataset,
     load_fashion_mnist,
+    random_shift_flip,
     read_idx,
     shipped_dataset,
 )
-from modeling_vptm.masking import BlockMaskGenerator, MaskedImageModelingCollator, random_shift_flip
-from modeling_vptm.tokenizer import (
+from modeling_vptm.pretraining import (
+    BlockMaskGenerator,
+    MaskedImageModelingCollator,
     PatchKMeansTokenizer,
     TeacherFeatureTokenizer,
     VQKDTokenizer,
@@ -311,7 +313,7 @@ def test_shipped_backbones_load_offline_with_their_config(monkeypatch, name):
     # matches the figure recorded on the 10,000 official ones and stays far above the most-frequent token
     from evaluate_backbone import mim_accuracy
 
-    from modeling_vptm.data import to_pixel_values
+    from modeling_vptm.pretraining import to_pixel_values
 
     data = shipped_dataset()
     pixels = {split: to_pixel_values(np.stack([np.asarray(i) for i in data[split]["image"]])) for split in data}
@@ -326,7 +328,7 @@ def test_second_generation_tokens_are_codes_of_the_first_backbones_features():
     tokenizer = load_visual_tokenizer(shipped_backbone_path("tiny-beit-fashion-mnist-v2"))
     assert tokenizer.teacher_name == SHIPPED_BACKBONE and tokenizer.layer == -1
     teacher = BeitForMaskedImageModeling.from_pretrained(shipped_backbone_path()).eval()
-    from modeling_vptm.data import to_pixel_values
+    from modeling_vptm.pretraining import to_pixel_values
 
     images = np.stack([np.asarray(i) for i in shipped_dataset()["test"]["image"][:8]])
     pixels = to_pixel_values(images)
@@ -341,7 +343,7 @@ def test_third_generation_tokens_are_vqkd_codes_that_use_the_codebook():
     tokenizer = load_visual_tokenizer(shipped_backbone_path("tiny-beit-fashion-mnist-v3"))
     assert tokenizer.vocab_size == 512 and not tokenizer.training
     torch.testing.assert_close(tokenizer.codebook.norm(dim=-1), torch.ones(512))
-    from modeling_vptm.data import to_pixel_values
+    from modeling_vptm.pretraining import to_pixel_values
 
     images = np.stack([np.asarray(i) for i in shipped_dataset()["train"]["image"]])
     pixels = to_pixel_values(images)

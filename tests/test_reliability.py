@@ -15,7 +15,7 @@ import numpy as np
 import predict  # noqa: E402
 import pytest
 import torch
-from conftest import REPO_ROOT, Exploit
+from conftest import HUB_CODE_FILES, REPO_ROOT, Exploit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -305,15 +305,17 @@ def hub_files() -> list[str]:
     from transformers.dynamic_module_utils import get_relative_import_files
 
     modeling = os.path.join(REPO_ROOT, "modeling_vptm", "modeling_vptm.py")
-    return sorted(os.path.basename(path) for path in [modeling, *get_relative_import_files(modeling)])
+    return sorted({os.path.basename(path) for path in [modeling, *get_relative_import_files(modeling)]})
 
 
 HUB_FILES = hub_files()
 
 
-def test_hub_files_are_the_model_its_parts_and_the_config():
-    assert HUB_FILES == ["checkpoint_io.py", "configuration_vptm.py", "modeling_vptm.py", "prompted_backbone.py",
-                         "vptm_task.py"]  # fmt: skip
+def test_hub_files_are_the_package_root():
+    """The files a prompt checkpoint carries are exactly the package's root modules (but __init__): the model, its
+    parts, the config and its checkpoint IO; nothing of training, serving or deployment."""
+    assert HUB_FILES == HUB_CODE_FILES
+    assert {"configuration_vptm.py", "modeling_vptm.py", "prompted_backbone.py", "vptm_task.py"} <= set(HUB_FILES)
 
 
 @pytest.mark.parametrize("name", HUB_FILES)
@@ -327,7 +329,7 @@ def test_hub_files_only_define_things_at_import(name):
                 assert node.module.split(".")[0] in allowed, node.module
             if isinstance(node, ast.Import):
                 assert all(
-                    a.name.split(".")[0] in ("hashlib", "math", "os", "shutil", "stat", "tempfile", "torch")
+                    a.name.split(".")[0] in ("hashlib", "math", "os", "re", "shutil", "stat", "tempfile", "torch")
                     for a in node.names
                 )
             continue
@@ -335,8 +337,10 @@ def test_hub_files_only_define_things_at_import(name):
             continue  # docstring
         assert isinstance(node, (ast.Assign, ast.AnnAssign)), ast.dump(node)[:200]
         value = node.value
-        if isinstance(value, ast.Call):  # only the module logger
-            assert ast.unparse(value) == "logging.get_logger(__name__)", ast.unparse(value)
+        if isinstance(value, ast.Call):  # only the module logger and compiled patterns
+            assert ast.unparse(value) == "logging.get_logger(__name__)" or ast.unparse(value.func) == "re.compile", (
+                ast.unparse(value)
+            )
         else:
             for sub in ast.walk(value):
                 assert not isinstance(sub, ast.Call), ast.unparse(node)
@@ -383,7 +387,7 @@ def test_any_valid_configuration_trains_saves_and_reloads(backbone_dir, num_labe
 def test_packaged_backbone_without_the_package_names_an_install_that_works(monkeypatch):
     import importlib.util
 
-    from modeling_vptm.checkpoint_io import resolve_backbone_path
+    from modeling_vptm.shipped import resolve_backbone_path
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -417,7 +421,7 @@ def unreachable_hub(monkeypatch, tmp_path):
 def test_a_name_that_is_neither_a_folder_nor_on_the_hub_fails_fast_in_one_line(unreachable_hub, backbone_dir):
     import time
 
-    from modeling_vptm.checkpoint_io import CheckpointNotFoundError
+    from modeling_vptm.hub_names import CheckpointNotFoundError
     from modeling_vptm.serving import MultiTaskVPTM
 
     calls = {
@@ -458,8 +462,8 @@ def test_the_endpoint_handler_names_a_backbone_it_cannot_find(unreachable_hub, t
     import json
     import time
 
-    from modeling_vptm.checkpoint_io import CheckpointNotFoundError
-    from modeling_vptm.endpoint import ENDPOINT_CONFIG, EndpointHandler
+    from modeling_vptm.deploy.endpoint import ENDPOINT_CONFIG, EndpointHandler
+    from modeling_vptm.hub_names import CheckpointNotFoundError
 
     (tmp_path / "task").mkdir()
     (tmp_path / ENDPOINT_CONFIG).write_text(json.dumps({"tasks": {"a": "task"}, "backbone": "no-org/no-such-beit"}))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_backbone, save_task_checkpoints
 
-import modeling_vptm.serving as serving
+import modeling_vptm.serving.multitask as serving
 from modeling_vptm import VPTMForImageClassification, VPTMTask
 from modeling_vptm.serving import MultiTaskVPTM
 

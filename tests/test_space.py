@@ -15,8 +15,8 @@ from PIL import Image
 from transformers import BeitImageProcessor
 
 from modeling_vptm import VPTMForImageClassification
-from modeling_vptm.inspection import patch_attention_map, render_visual_token, top_visual_tokens
-from modeling_vptm.tokenizer import PatchKMeansTokenizer
+from modeling_vptm.pretraining import PatchKMeansTokenizer
+from modeling_vptm.serving import patch_attention_map, render_visual_token, top_visual_tokens
 
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home from the app or the client
@@ -342,7 +342,7 @@ def test_the_space_card_and_its_publication(monkeypatch, tmp_path):
         "requirements.txt",
         "examples/bag.png",
         "tasks/fashion-vptm/model.safetensors",
-        "modeling_vptm/serving.py",
+        "modeling_vptm/serving/multitask.py",
         "modeling_vptm/shipped/tiny-beit-fashion-mnist/model.safetensors",
     } <= files
     assert not any("__pycache__" in f or f.endswith(".pyc") or "fashion-mnist-1k" in f for f in files)

@@ -9,8 +9,15 @@ import torch
 from test_pretraining import run_pretrain, write_fashion_mnist
 from transformers import BeitForMaskedImageModeling
 
-from modeling_vptm.teacher import TEACHER_FILE, ContrastiveTeacher, TwoViewCollator, nt_xent
-from modeling_vptm.tokenizer import VQKDTokenizer, codebook_usage, load_visual_tokenizer
+from modeling_vptm.pretraining import (
+    TEACHER_FILE,
+    ContrastiveTeacher,
+    TwoViewCollator,
+    VQKDTokenizer,
+    codebook_usage,
+    load_visual_tokenizer,
+    nt_xent,
+)
 
 
 def tiny_tokenizer(**kwargs) -> VQKDTokenizer:

@@ -1,0 +1,118 @@
+"""The request side of the Inference Endpoints handler, with no torch or transformers: reading a request, checking
+its parameters, decoding its images and shaping the answer as `pipeline("image-classification")` does.
+
+Both handlers (`modeling_vptm.deploy.endpoint.EndpointHandler` on PyTorch, `onnx_endpoint.OnnxEndpointHandler` on
+ONNX Runtime) are a `RequestHandler` with a `classify` method. This file is copied beside `onnx_runtime.py` into ONNX
+endpoint repositories and imported there as a top-level module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+
+try:
+    from .image_input import read_image
+except ImportError:  # the standalone copy in an ONNX endpoint repository: its siblings are the files beside it
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from image_input import read_image
+
+
+logger = logging.getLogger(__name__)
+
+ENDPOINT_CONFIG = "endpoint.json"
+DEFAULT_TOP_K = 5  # pipeline("image-classification")'s default
+MAX_IMAGES = 64  # per request: a longer list would hold the single worker for every other caller
+PARAMETERS = ("function_to_apply", "tasks", "top_k")
+
+
+def check_top_k(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"top_k must be a whole number >= 1, got {value!r}")
+    return value  # above the number of labels, every label is returned (as pipeline does)
+
+
+def read_endpoint_config(path: str) -> dict:
+    """`endpoint.json`, or for a bare prompt checkpoint with the handler copied in, one PyTorch task at the root."""
+    config_path = os.path.join(path, ENDPOINT_CONFIG)
+    if not os.path.isfile(config_path):
+        return {"backend": "pytorch", "tasks": {"default": "."}}
+    with open(config_path) as f:
+        return json.load(f)
+
+
+class RequestHandler:
+    """What both backends share: `__call__(data)` answers one deserialised request body, or `{"error": message}`.
+
+    Subclasses set `tasks` (the task names) and implement `classify(images, tasks, top_k)`: the top-k
+    `{"label", "score"}` list of each `(image, task)` pair, computed in one batch.
+    """
+
+    tasks: list[str]
+
+    def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
+        raise NotImplementedError
+
+    def __call__(self, data: dict) -> list | dict:
+        try:
+            return self.answer(data)
+        except (ValueError, KeyError, TypeError) as error:
+            # a KeyError's str() is its message in quotes
+            return {"error": str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)}
+        except Exception as error:  # anything else a request provokes still gets an answer, not a dead worker
+            logger.exception("request failed")  # unexpected: the traceback goes to the endpoint's logs
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    def answer(self, data: dict) -> list | dict:
+        if not isinstance(data, dict) or "inputs" not in data:
+            raise ValueError(f'the request body must be {{"inputs": ..., "parameters": {{...}}}}, got {data!r:.80}')
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ValueError(f"parameters must be an object, got {type(parameters).__name__}")
+        unknown = sorted(set(parameters) - set(PARAMETERS))
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}; the parameters are {list(PARAMETERS)}")
+        # InferenceClient.image_classification may send pipeline's parameter; the scores are its softmax
+        if parameters.get("function_to_apply", "softmax") != "softmax":
+            function = parameters["function_to_apply"]
+            raise ValueError(f"function_to_apply must be 'softmax' (single-label tasks), got {function!r}")
+        top_k = check_top_k(parameters.get("top_k", DEFAULT_TOP_K))
+        tasks = self.check_tasks(parameters.get("tasks"))
+        inputs = data["inputs"]
+        single = not isinstance(inputs, list)
+        inputs = [inputs] if single else inputs
+        if not 1 <= len(inputs) <= MAX_IMAGES:
+            raise ValueError(f"inputs must hold 1 to {MAX_IMAGES} images, got {len(inputs)}")
+        answers: list = [None] * len(inputs)
+        images, rows = [], []  # one row per (image, task) pair: all in one batch
+        for index, item in enumerate(inputs):
+            try:
+                images.append(read_image(item, allow_paths=False))  # a request never opens the server's files
+            except ValueError as error:
+                answers[index] = {"error": f"input {index}: {error}" if not single else str(error)}
+                continue
+            rows += [(index, images[-1], task) for task in tasks]
+        if rows:
+            tops = self.classify([image for _, image, _ in rows], [task for _, _, task in rows], top_k)
+            for (index, _, task), top in zip(rows, tops, strict=True):
+                answers[index] = top if len(tasks) == 1 else {**(answers[index] or {}), task: top}
+        return answers[0] if single else answers
+
+    def check_tasks(self, tasks) -> list[str]:
+        """The tasks asked for (a list, or a comma-separated string as query parameters give it); all by default."""
+        if tasks is None:
+            return list(self.tasks)
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}; tasks are {self.tasks}")
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(self.tasks)}")
+        return list(dict.fromkeys(tasks))
+
+
+__all__ = ["RequestHandler", "check_top_k", "read_endpoint_config"]
