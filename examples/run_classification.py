@@ -68,7 +68,7 @@ from modeling_vptm.training import (  # noqa: F401  (the argument groups are als
     save_final_model,
     search_hyperparameters,
 )
-from modeling_vptm.training.arguments import PEFT_METHODS, given_flags, gpu_defaults  # noqa: F401
+from modeling_vptm.training.arguments import given_flags, gpu_defaults  # noqa: F401
 
 
 logger = logging.getLogger(__name__)

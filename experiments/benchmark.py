@@ -65,9 +65,9 @@ def lora_classifier(beit_config, adapters: int = 1) -> nn.Module:
     from transformers import BeitForImageClassification
 
     from modeling_vptm.training import apply_peft, lora_config
-    from modeling_vptm.training.peft_methods import METHOD_LORA_TARGETS
+    from modeling_vptm.training.methods import METHODS
 
-    config = lora_config(target_modules=METHOD_LORA_TARGETS["lora"], modules_to_save=["classifier"])
+    config = lora_config(target_modules=METHODS["lora"].lora_targets, modules_to_save=["classifier"])
     model = apply_peft(BeitForImageClassification(beit_config), config, "the benchmark's LoRA")
     for name in LORA_TASKS[1:adapters]:
         model.add_adapter(name, config)

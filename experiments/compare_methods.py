@@ -31,7 +31,7 @@ from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
 from modeling_vptm.data import load_data
 from modeling_vptm.shipped import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET
 from modeling_vptm.training import DataTrainingArguments, ModelArguments
-from modeling_vptm.training.arguments import DEFAULT_PROMPT_LAYERS
+from modeling_vptm.training.methods import METHODS as TRAINING_METHODS
 
 
 # cheapest first, so an interrupted comparison has the prompt methods; each preset names what it changes from its
@@ -83,7 +83,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.n
 
 def defaults(method: str) -> dict:
     """What a run of `method` gets unless set: the script's defaults, with the method's own prompt location."""
-    return dict(DEFAULTS, prompt_layers=DEFAULT_PROMPT_LAYERS.get(method))
+    return dict(DEFAULTS, prompt_layers=TRAINING_METHODS[method].prompt_layers)
 
 
 def has_full_test_set() -> bool:

@@ -185,7 +185,7 @@ class VPTMTask(nn.Module):
     def head_signature(self) -> tuple[Hashable, ...]:
         """Tasks with equal signatures have heads of the same kind, reading the same features, with tensors of the same
         shapes (for verbalizers, also the same number of prototypes per class): what lets a server run their heads
-        stacked (`serving.stacked_head_logits`). Computed once: the config and the tensors' shapes are fixed from
+        stacked (`head_logits`). Computed once: the config and the tensors' shapes are fixed from
         construction (loading weights keeps them), and a server asks on every call."""
         if self._head_signature is None:
             config = self.config
@@ -220,20 +220,7 @@ class VPTMTask(nn.Module):
 
     def forward(self, readout: PromptedBackboneOutput, labels: torch.Tensor | None = None) -> TaskHeadOutput:
         """Class logits (and, with `labels` `(batch,)`, the loss) from the prompted backbone's read-out."""
-        paths = self.head_inputs(readout)
-        if self.classifier is not None:
-            logits = self.classifier(paths[0][1])
-            head = TaskHeadOutput(logits=logits, path_logits=(logits,))
-        else:
-            path_logits, projected, cosine = zip(
-                *(verbalizer(features) for verbalizer, features in paths), strict=True
-            )
-            head = TaskHeadOutput(
-                logits=combine_path_logits(path_logits),
-                path_logits=tuple(path_logits),
-                projected=tuple(projected),
-                prototype_cosine=tuple(cosine),
-            )
+        head = head_logits([self], readout)
         if labels is not None:
             head.loss = self.loss(head, labels)
         return head
@@ -270,6 +257,68 @@ class VPTMTask(nn.Module):
         verbalizers = [v for v in (self.verbalizer, self.hidden_verbalizer) if v is not None]
         for verbalizer, path_features in zip(verbalizers, features, strict=True):
             verbalizer.set_prototypes_from_features(path_features, labels)
+
+
+def head_logits(
+    tasks: Sequence[VPTMTask], readout: PromptedBackboneOutput, own: torch.Tensor | None = None
+) -> TaskHeadOutput:
+    """What the heads of one task, or of several tasks whose heads have equal `head_signature`s, make of a read-out.
+
+    One task (`own` None): each head path through its own modules, as they are trained (a PEFT adapter on them
+    included). Several tasks (a server's mixed batch): each head operation runs once for all of them, their weights
+    placed side by side (`len(tasks)` times one head's arithmetic, still far below the backbone's), and every image
+    keeps its own task's output: `own` `(images,)` indexes the `(image, task)` pairs flattened as
+    `image * len(tasks) + task`. Equal, to rounding, to each task's own head on its images.
+    """
+    if len(tasks) > 1 and len({task.head_signature for task in tasks}) != 1:
+        signatures = sorted(map(str, {task.head_signature for task in tasks}))
+        raise ValueError(f"heads stack only when their signatures are equal, got {signatures}")
+    path_logits, projected, cosine = [], [], []
+    paths = zip(*(task.head_modules() for task in tasks), strict=True)  # per path, its module in every task
+    # what each path reads depends on the signature only, so the first task's features are every task's
+    for modules, features in zip(paths, tasks[0].head_features(readout), strict=True):
+        if isinstance(modules[0], PrototypicalVerbalizer):
+            logits, path_projected, path_cosine = verbalize(modules, features, own)
+            projected.append(path_projected)
+            cosine.append(path_cosine)
+        else:
+            logits = linear_logits(modules, features, own)
+        path_logits.append(logits)
+    return TaskHeadOutput(
+        logits=combine_path_logits(path_logits),
+        path_logits=tuple(path_logits),
+        projected=tuple(projected),
+        prototype_cosine=tuple(cosine),
+    )
+
+
+def verbalize(
+    verbalizers: Sequence[PrototypicalVerbalizer], features: torch.Tensor, own: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(class_logits, projected, cosine)` of `features` `(images, input_dim)` under one verbalizer (its forward), or
+    each image under its own of several verbalizers of equal shapes, stacked (see `head_logits` for `own`)."""
+    if len(verbalizers) == 1:
+        return verbalizers[0](features)
+    first, n, k = verbalizers[0], features.shape[0], len(verbalizers)
+    projected = F.linear(features, torch.cat([v.projection.weight for v in verbalizers]))  # (n, k * dim)
+    projected = F.normalize(projected.view(n * k, -1).index_select(0, own), dim=-1)  # (n, dim): each its own task's
+    prototypes = F.normalize(torch.cat([v.prototypes for v in verbalizers]), dim=-1)  # (k * labels * M, dim)
+    cosine = first.best_of_class((projected @ prototypes.T).view(n * k, -1))  # (n * k, labels)
+    scales = torch.stack([v.logit_scale for v in verbalizers]).view(1, k, 1)
+    logits = (scales * cosine.view(n, k, -1)).reshape(n * k, -1).index_select(0, own)  # (n, labels)
+    return logits, projected, cosine.index_select(0, own)
+
+
+def linear_logits(
+    linears: Sequence[nn.Linear], features: torch.Tensor, own: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Class logits of `features` under one linear head (its forward), or each image under its own of several linear
+    heads of equal shapes, stacked (see `head_logits` for `own`)."""
+    if len(linears) == 1:
+        return linears[0](features)
+    n, k = features.shape[0], len(linears)
+    logits = F.linear(features, torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]))
+    return logits.view(n * k, -1).index_select(0, own)  # (n, labels)
 
 
 def combine_path_logits(path_logits: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -79,8 +79,8 @@ def test_heads_of_equal_shapes_run_stacked_once_per_group(backbone_dir, checkpoi
         assert signatures[twin] == signatures[f"{twin}-twin"]
     assert len(set(signatures.values())) == len(TASKS) - 3  # only the twins share (deep-other: other sizes)
     stacked, alone = [], []
-    original_stacked, original_head = serving.stacked_head_logits, VPTMTask.forward
-    monkeypatch.setattr(serving, "stacked_head_logits", lambda tasks, readout, own: stacked.append(
+    original_stacked, original_head = serving.head_logits, VPTMTask.forward
+    monkeypatch.setattr(serving, "head_logits", lambda tasks, readout, own: stacked.append(
         (sorted(t.config.num_labels for t in tasks), len(own))) or original_stacked(tasks, readout, own))  # fmt: skip
     monkeypatch.setattr(VPTMTask, "forward", lambda self, readout, labels=None: alone.append(
         len(readout.readout_hidden_state)) or original_head(self, readout, labels))  # fmt: skip
@@ -126,8 +126,8 @@ def test_every_head_kind_stacks_exactly_and_groups_are_capped(backbone_dir, monk
             server.add_task(f"{kind}-{copy}", model)
     monkeypatch.setattr(serving, "MAX_STACKED_HEADS", 2)  # three tasks of a kind: a stacked pair, then one alone
     stacked, alone = [], []
-    original_stacked, original_head = serving.stacked_head_logits, VPTMTask.forward
-    monkeypatch.setattr(serving, "stacked_head_logits", lambda tasks, readout, own: stacked.append(len(tasks)) or
+    original_stacked, original_head = serving.head_logits, VPTMTask.forward
+    monkeypatch.setattr(serving, "head_logits", lambda tasks, readout, own: stacked.append(len(tasks)) or
                         original_stacked(tasks, readout, own))  # fmt: skip
     monkeypatch.setattr(VPTMTask, "forward", lambda self, readout, labels=None: alone.append(1) or original_head(
         self, readout, labels))  # fmt: skip

@@ -159,3 +159,40 @@ def test_a_linear_task_head_has_one_path_and_plain_cross_entropy():
     torch.testing.assert_close(head.logits, model.task.classifier(normed))
     assert head.path_logits == (head.logits,) and head.projected == ()
     torch.testing.assert_close(head.loss, F.cross_entropy(head.logits, torch.tensor([0, 1])))
+
+
+# ---------------------------------------------------------------------------------- the numpy copy of the heads
+NUMPY_HEADS = {  # every head VPTMTask has, by classifier and read-out
+    "hidden": {},
+    "hidden-3-per-class": dict(prototypes_per_class=3),
+    "logits": dict(head_input="logits"),
+    "normalized-logits": dict(head_input="normalized_logits"),
+    "probs": dict(head_input="probs"),
+    "ensemble": dict(head_input="ensemble"),
+    "linear-mask-logits": dict(classifier="linear_mask", head_input="logits"),
+    "linear-mask-hidden": dict(classifier="linear_mask", head_input="hidden"),
+    "linear-cls": dict(classifier="linear_cls"),
+}
+
+
+@pytest.mark.parametrize("fields", NUMPY_HEADS.values(), ids=NUMPY_HEADS)
+def test_the_numpy_heads_of_the_exported_runtime_equal_the_task_heads(fields, tmp_path):
+    """The ONNX runtime runs the task heads in numpy (without torch); they must give the logits VPTMTask gives."""
+    from modeling_vptm.deploy.onnx_export import write_task
+    from modeling_vptm.standalone.onnx_runtime import TaskHead
+
+    model = vptm_model(seed=2, **fields)
+    with torch.no_grad():
+        for p in model.task.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # trained-looking, every tensor matters
+    write_task(str(tmp_path), model)
+    generator = torch.Generator().manual_seed(3)
+    readout = PromptedBackboneOutput(
+        readout_hidden_state=torch.randn(5, model.config.hidden_size, generator=generator),
+        visual_token_logits=torch.randn(5, model.config.vocab_size, generator=generator) * 3,
+    )
+    with torch.no_grad():
+        expected = model.task(readout).logits.numpy()
+    got = TaskHead(str(tmp_path))(readout.readout_hidden_state.numpy(), readout.visual_token_logits.numpy())
+    assert got.shape == expected.shape == (5, 4)
+    torch.testing.assert_close(torch.from_numpy(got).float(), torch.from_numpy(expected), atol=1e-5, rtol=1e-5)

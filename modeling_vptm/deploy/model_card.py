@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 
 from ..hub_names import is_hub_id
 from ..shipped import SHIPPED_PREFIX
-from ..training.peft_methods import PEFT_CLASSIFIER_METHODS, PEFT_METHODS
+from ..training.methods import METHODS
 
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "prompt_checkpoint_card.md")
-METHOD_TITLES = {"vptm": "VPTM", "vpt": "VPT", "linear": "linear-probe", "full": "fully fine-tuned", "lora": "LoRA",
-                 "peft": "PEFT", "vptm_lora": "VPTM + LoRA"}  # fmt: skip
 
 METRIC_TITLES = {"accuracy": "Accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall"}
 LICENSE = "mit"  # the license vptm is released under; change the card's if your data or backbone need another
@@ -72,7 +70,7 @@ def card_data(info: CardInfo):
     tags += ["peft", "lora"] if info.method in ("lora", "vptm_lora") else []
     return ModelCardData(
         license=LICENSE,
-        library_name="peft" if info.method in PEFT_METHODS else "transformers",
+        library_name="peft" if METHODS[info.method].peft else "transformers",
         pipeline_tag="image-classification",
         tags=list(dict.fromkeys(tags)),
         base_model=info.backbone if backbone_on_hub else None,
@@ -92,10 +90,10 @@ def card_texts(info: CardInfo) -> dict[str, str]:
         where = f"Hub repository, revision `{info.backbone_revision or 'main'}`"
     else:
         where = "a local folder: share it on the Hub and retrain, or others cannot load this checkpoint"
-    adapter = info.method in PEFT_CLASSIFIER_METHODS
+    adapter = METHODS[info.method].peft_classifier
     check = "the adapter is trained for exactly those weights" if adapter else "loading checks its fingerprint"
     return dict(
-        model_name=info.model_name, method=info.method, method_title=METHOD_TITLES.get(info.method, info.method),
+        model_name=info.model_name, method=info.method, method_title=METHODS[info.method].title,
         backbone=info.backbone, backbone_where=where, contents=card_contents(info),
         metric_header=" | ".join(METRIC_TITLES.get(name, name) for name in info.metrics),
         metric_rule="---|" * len(info.metrics),
@@ -117,7 +115,7 @@ def card_texts(info: CardInfo) -> dict[str, str]:
 def card_contents(info: CardInfo) -> str:
     if info.method == "full":
         return f"It holds every weight of the fine-tuned BEiT ({info.trainable_parameters:,d} parameters)."
-    if info.method in PEFT_CLASSIFIER_METHODS:
+    if METHODS[info.method].peft_classifier:
         return (
             f"It is a PEFT adapter ({info.trainable_parameters:,d} trainable parameters, {info.checkpoint_bytes:,d} "
             f"bytes): the adapter's tensors and the classification head, on `BeitForImageClassification` built from "

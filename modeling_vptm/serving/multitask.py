@@ -20,7 +20,6 @@ from functools import cached_property
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..backbone_loading import load_mim_backbone
 from ..checkpoint_checks import check_fits_backbone, check_same_backbone
@@ -28,7 +27,7 @@ from ..checkpoint_io import load_checkpoint_config, read_task_tensors
 from ..configuration_vptm import VPTMConfig
 from ..modeling_vptm import VPTMForImageClassification
 from ..prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
-from ..vptm_task import VPTMTask, combine_path_logits
+from ..vptm_task import VPTMTask, head_logits
 
 
 @dataclass
@@ -162,7 +161,7 @@ class MultiTaskVPTM(nn.Module):
         kept within a task), so that each layout's pass takes a slice of it and each head group a slice of that pass
         (views). A batch already in that order (one task, or tasks in runs) is not copied at all. A task's prompts
         enter its pass as one `(blocks, P, D)` tensor, broadcast over its images, not one copy per image. The heads of
-        a group of several tasks run stacked (`stacked_head_logits`): a constant number of operations for the group,
+        a group of several tasks run stacked (`vptm_task.head_logits`): a constant number of operations for the group,
         not one set per task. The tasks are looked up once, when the call starts: a task added, replaced or removed
         while it runs (by another thread) changes the next call, not this one.
         """
@@ -203,7 +202,7 @@ class MultiTaskVPTM(nn.Module):
                 part = slice_rows(readout, offset, offset + len(rows))
                 if group.stacked:
                     own = pick_index[picked : picked + len(rows)]
-                    logits = stacked_head_logits([task for task, _ in group.tasks.values()], part, own)
+                    logits = head_logits([task for task, _ in group.tasks.values()], part, own).logits
                     picked += len(rows)
                 else:
                     ((task, _),) = group.tasks.values()
@@ -284,37 +283,6 @@ def plan_passes(tasks: dict[str, VPTMTask], names: list[str]) -> dict[SequenceLa
 
 def batched(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def stacked_head_logits(tasks: list[VPTMTask], readout: PromptedBackboneOutput, own: torch.Tensor) -> torch.Tensor:
-    """Class logits `(images, num_labels)` of the images of several tasks whose heads have equal `head_signature`s,
-    with each head operation run once for all of them rather than once per task.
-
-    Every image goes through all the tasks' heads, placed side by side (their weights concatenated: `len(tasks)`
-    times one head's arithmetic, still far below the backbone's), and keeps its own task's output: `own` `(images,)`
-    indexes the `(image, task)` pairs flattened as `image * len(tasks) + task`. Equal, to rounding, to each task's
-    own head on its images.
-    """
-    signatures = {task.head_signature for task in tasks}
-    if len(signatures) != 1:
-        raise ValueError(f"heads stack only when their signatures are equal, got {sorted(map(str, signatures))}")
-    n, k = readout.readout_hidden_state.shape[0], len(tasks)
-    path_logits = []
-    paths = zip(*(task.head_modules() for task in tasks), strict=True)  # per path, its module in every task
-    # what each path reads depends on the signature only, so the first task's features are every task's
-    for modules, features in zip(paths, tasks[0].head_features(readout), strict=True):
-        if isinstance(modules[0], nn.Linear):
-            weight, bias = torch.cat([m.weight for m in modules]), torch.cat([m.bias for m in modules])
-            logits = F.linear(features, weight, bias)  # (n, k * labels)
-        else:
-            projected = F.linear(features, torch.cat([m.projection.weight for m in modules]))  # (n, k * dim)
-            projected = F.normalize(projected.view(n * k, -1).index_select(0, own), dim=-1)  # (n, dim): its own
-            prototypes = F.normalize(torch.cat([m.prototypes for m in modules]), dim=-1)  # (k * labels * M, dim)
-            cosine = modules[0].best_of_class((projected @ prototypes.T).view(n * k, -1))  # (n * k, labels)
-            scales = torch.stack([m.logit_scale for m in modules]).view(1, k, 1)
-            logits = scales * cosine.view(n, k, -1)
-        path_logits.append(logits.reshape(n * k, -1).index_select(0, own))
-    return combine_path_logits(path_logits)
 
 
 def slice_rows(readout: PromptedBackboneOutput, start: int, stop: int) -> PromptedBackboneOutput:

@@ -20,7 +20,7 @@ __getattr__, __dir__ = lazy_exports(
             "build_parser",
             "parse_arguments",
         ),  # fmt: skip
-        "methods": ("add_adapter", "build_model", "save_final_model"),
+        "methods": ("METHODS", "Method", "add_adapter", "build_model", "save_final_model"),
         "peft_methods": (
             "LORA_DEFAULTS",
             "apply_peft",

@@ -31,37 +31,11 @@ from ..data.loading import TRAIN_VAL_SPLIT
 from ..hub_names import is_hub_id
 from ..shipped import SHIPPED_BACKBONE, SHIPPED_DATASET
 from .evaluation import DEFAULT_METRICS
-from .peft_methods import LORA_DEFAULTS, METHOD_LORA_TARGETS, PEFT_METHODS, require_peft
+from .methods import METHOD_FLAGS, METHODS, VERBALIZER_FIELDS
+from .peft_methods import LORA_DEFAULTS, require_peft
 
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("vptm", "vpt", "linear", "full", "lora", "peft", "vptm_lora")
-
-# lora's and vptm_lora's chosen on validation (experiments/select_defaults.py); peft takes lora's
-DEFAULT_LEARNING_RATES = {"vptm": 1e-2, "vpt": 1e-2, "linear": 1e-2, "full": 1e-3, "lora": 3e-3, "peft": 3e-3,
-                          "vptm_lora": 1e-2}  # fmt: skip
-
-
-# the ModelArguments fields each method reads; a flag outside its method's set is reported as ignored
-PROMPT_FIELDS = {"prompt_length", "prompt_layers", "prompt_init", "extra_token_bias"}
-VERBALIZER_FIELDS = {"prototype_dim", "prototypes_per_class", "logit_scale_init", "learn_logit_scale",
-                     "prototype_contrastive_weight", "instance_contrastive_weight", "contrastive_temperature",
-                     "prototype_init"}  # fmt: skip
-MASK_FIELDS = {"mask_token_mode", "mask_token_position", "train_mask_token", "head_input", "classifier"}
-LORA_FIELDS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
-# Where each prompt method's prompts go unless --prompt_layers says: its best location on validation data (3 splits on
-# each of the two shipped backbones; docs/method.md). VPTM's is VPTMConfig's own default.
-DEFAULT_PROMPT_LAYERS = {"vptm": VPTMConfig.prompt_layers, "vpt": "deep"}
-METHOD_FIELDS = {
-    "vptm": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS,
-    "vpt": PROMPT_FIELDS,
-    "linear": set(),
-    "full": set(),
-    "lora": LORA_FIELDS,
-    "peft": {"peft_config"},
-    "vptm_lora": PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS | LORA_FIELDS,
-}
 
 
 @dataclass
@@ -74,7 +48,7 @@ class ModelArguments:
     model_revision: str | None = field(default=None, metadata={"help": "Backbone revision (branch, tag, commit)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are kept."})
     token: str | None = field(default=None, metadata={"help": "Hub token (also for --push_to_hub)."})
-    method: Literal[METHODS] = field(
+    method: Literal[tuple(METHODS)] = field(
         default="vptm",
         metadata={"help": "vptm: prompts + [MASK] read through the MIM head and a verbalizer; vpt: prompts + a "
                   "linear head on CLS; linear: linear probe; full: every weight trained; lora: PEFT's LoRA and a "
@@ -169,22 +143,22 @@ class ModelArguments:
         self.prompt_layer_list()  # refuses anything but a preset location or block indices, before any work
         if self.prototype_init == "class_mean" and self.method not in ("vptm", "vptm_lora"):
             raise ValueError(f"--prototype_init class_mean needs --method vptm or vptm_lora, got {self.method!r}")
-        if self.method in PEFT_METHODS:  # refused at once, not after the data is read
+        if METHODS[self.method].peft:  # refused at once, not after the data is read
             require_peft(f"--method {self.method}")
         if self.method == "peft" and not self.peft_config:
             raise ValueError("--method peft trains the PEFT config --peft_config FILE.json, and none was given")
 
     def lora_targets(self) -> list[str]:
-        """`--lora_target_modules` as a list; when not given, the method's own default (`METHOD_LORA_TARGETS`)."""
+        """`--lora_target_modules` as a list; when not given, the method's own default (`Method.lora_targets`)."""
         if self.lora_target_modules is None:
-            return list(METHOD_LORA_TARGETS.get(self.method, LORA_DEFAULTS["target_modules"]))
+            return list(METHODS[self.method].lora_targets or LORA_DEFAULTS["target_modules"])
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
     def prompt_layer_list(self) -> str | list[int]:
         """`--prompt_layers` as VPTMConfig takes it: a preset location ("deep", "first_half", ...) or block indices;
-        when not given, the method's own default (`DEFAULT_PROMPT_LAYERS`)."""
+        when not given, the method's own default (`Method.prompt_layers`)."""
         if self.prompt_layers is None:
-            return DEFAULT_PROMPT_LAYERS.get(self.method, VPTMConfig.prompt_layers)
+            return METHODS[self.method].prompt_layers or VPTMConfig.prompt_layers
         if self.prompt_layers in PROMPT_LAYER_PRESETS:
             return self.prompt_layers
         try:
@@ -197,10 +171,10 @@ class ModelArguments:
 
     def ignored_by_method(self, given: set[str]) -> list[str]:
         """The given flags (model fields only) that the chosen method does not read."""
-        used = set(METHOD_FIELDS[self.method])
+        used = set(METHODS[self.method].reads)
         if self.method in ("vptm", "vptm_lora") and self.classifier == "linear_mask":
             used -= VERBALIZER_FIELDS
-        return sorted((given & set().union(*METHOD_FIELDS.values())) - used)
+        return sorted((given & METHOD_FLAGS) - used)
 
 
 @dataclass
@@ -280,7 +254,7 @@ class VPTMTrainingArguments(TrainingArguments):
     )
 
     learning_rate: float = field(
-        default=DEFAULT_LEARNING_RATES["vptm"],
+        default=METHODS["vptm"].learning_rate,
         metadata={
             "help": "Peak learning rate. When not given: 1e-2 for vptm, vpt, linear and vptm_lora, 1e-3 for "
             "full, 3e-3 for lora and peft."
@@ -449,7 +423,7 @@ def parse_arguments(
     if defaults:
         logger.info("defaults for a CUDA device: %s", " ".join(f"--{k} {v}" for k, v in defaults.items()))
     if "learning_rate" not in given:
-        training_args.learning_rate = DEFAULT_LEARNING_RATES[model_args.method]
+        training_args.learning_rate = METHODS[model_args.method].learning_rate
     for name in model_args.ignored_by_method(given):
         logger.warning("--%s is ignored: --method %s does not use it", name, model_args.method)
     if training_args.push_to_hub:  # refused before any training, not after
@@ -469,7 +443,6 @@ def parse_arguments(
 
 __all__ = [
     "DataTrainingArguments",
-    "METHODS",
     "ModelArguments",
     "VPTMTrainingArguments",
     "build_parser",

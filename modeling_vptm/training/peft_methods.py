@@ -36,19 +36,14 @@ logger = logging.getLogger(__name__)
 
 PEFT_INSTALL = 'pip install peft (the peft extra: pip install -e ".[peft]" in a checkout)'
 LABELS_FILE = "labels.json"
-# the script's methods that train a PEFT adapter, and those of them whose base is `BeitForImageClassification` (a
-# PEFT classifier: adapter, head and labels.json, no config.json); vptm_lora's base is a VPTM prompt checkpoint
-PEFT_METHODS = ("lora", "peft", "vptm_lora")
-PEFT_CLASSIFIER_METHODS = ("lora", "peft")
 # BEiT's linear layers in transformers 5: the attention's query and value projections (LoRA's classic targets), all
 # four of its projections, and those with the MLP's two layers
 QUERY_VALUE = ("q_proj", "v_proj")
 ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
-# LoRA's rank, alpha and dropout for `lora_config` and the script's PEFT methods; the targets are each method's,
-# chosen on validation data carved from the training images (experiments/select_defaults.py; docs/results.md):
-# rank 8 everywhere, attention and MLP for the LoRA baseline, query and value inside VPTM
+# LoRA's rank, alpha and dropout for `lora_config` and the script's PEFT methods, chosen on validation data carved
+# from the training images (experiments/select_defaults.py; docs/results.md); each method's targets are in its entry
+# of `methods.METHODS`
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": QUERY_VALUE}
-METHOD_LORA_TARGETS = {"lora": ATTENTION_AND_MLP, "vptm_lora": QUERY_VALUE}
 
 
 def require_peft(what: str):
@@ -129,8 +124,8 @@ def classifier_from_mim(
     return model
 
 
-def head_modules(model: torch.nn.Module) -> list[str]:
-    """The modules a PEFT adapter of `model` must train and save in full: the task's head."""
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """The names of the modules a PEFT adapter of `model` must train and save in full: the task's head."""
     if getattr(model.config, "model_type", None) == "vptm":
         return ["task"]
     return ["classifier"]
@@ -143,7 +138,7 @@ def apply_peft(model: PreTrainedModel, peft_config, source: str = "the PEFT conf
     peft = require_peft(source)
     peft_config = copy.deepcopy(peft_config)
     kind = getattr(peft_config.peft_type, "value", peft_config.peft_type)
-    heads = head_modules(model)
+    heads = head_module_names(model)
     saved = list(getattr(peft_config, "modules_to_save", None) or [])
     if not hasattr(peft_config, "modules_to_save"):
         raise ValueError(f"{source} ({kind}) cannot train and save the model's head {heads}")
@@ -253,7 +248,6 @@ def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) ->
 
 __all__ = [
     "LORA_DEFAULTS",
-    "METHOD_LORA_TARGETS",
     "apply_peft",
     "classifier_from_mim",
     "load_classifier",
