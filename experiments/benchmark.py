@@ -64,8 +64,7 @@ def lora_classifier(beit_config, adapters: int = 1) -> nn.Module:
     it, so that each one changes the outputs."""
     from transformers import BeitForImageClassification
 
-    from modeling_vptm.training import apply_peft, lora_config
-    from modeling_vptm.training.methods import METHODS
+    from modeling_vptm.training import METHODS, apply_peft, lora_config
 
     config = lora_config(target_modules=METHODS["lora"].lora_targets, modules_to_save=["classifier"])
     model = apply_peft(BeitForImageClassification(beit_config), config, "the benchmark's LoRA")

@@ -31,7 +31,7 @@ from measuring import make_backbone, measure_side_by_side
 
 from modeling_vptm import VPTMForImageClassification, shipped_backbone_path
 from modeling_vptm.deploy import export_backbone_graph, export_task_graph
-from modeling_vptm.standalone.onnx_runtime import OnnxImageClassifier, OnnxMultiTask
+from modeling_vptm.standalone import OnnxImageClassifier, OnnxMultiTask
 
 
 BATCH = {"tiny": 128, "base": 8}

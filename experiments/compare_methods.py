@@ -30,8 +30,8 @@ from modeling_vptm import SHIPPED_BACKBONE
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
 from modeling_vptm.data import load_data
 from modeling_vptm.shipped import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET
+from modeling_vptm.training import METHODS as TRAINING_METHODS
 from modeling_vptm.training import DataTrainingArguments, ModelArguments
-from modeling_vptm.training.methods import METHODS as TRAINING_METHODS
 
 
 # cheapest first, so an interrupted comparison has the prompt methods; each preset names what it changes from its

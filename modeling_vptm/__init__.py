@@ -39,9 +39,10 @@ AutoModel.register(VPTMConfig, VPTMForImageClassification, exist_ok=True)
 AutoModelForImageClassification.register(VPTMConfig, VPTMForImageClassification, exist_ok=True)
 
 
-def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[Callable, Callable]:
-    """A package's `__getattr__` and `__dir__` for names that live in its submodules (`{submodule: names}`): each is
-    imported when first used, so importing the package stays cheap, and `dir()` (tab completion) lists them all."""
+def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[Callable, Callable, list[str]]:
+    """A package's `__getattr__`, `__dir__` and `__all__` for names that live in its submodules (`{submodule:
+    names}`): each is imported when first used, so importing the package stays cheap, and `dir()` (tab completion)
+    lists them all."""
     home = {name: submodule for submodule, names in exports.items() for name in names}
 
     def __getattr__(name: str):
@@ -52,12 +53,12 @@ def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[
     def __dir__() -> list[str]:
         return sorted({*vars(sys.modules[package]), *home})
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, sorted(home)
 
 
 # Training (transformers' Trainer, and with it accelerate) and the PEFT methods are imported when first used, not by
 # `import modeling_vptm`: serving and prediction never load them.
-__getattr__, __dir__ = lazy_exports(
+__getattr__, __dir__, _LAZY = lazy_exports(
     __name__,
     {
         "training.trainer": ("VPTMTrainer", "PixelValuesCollator", "prepare_images", "label_names"),

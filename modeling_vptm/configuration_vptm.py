@@ -274,4 +274,4 @@ def patch_grid(config: BeitConfig) -> tuple[int, int]:
     return size[0] // patch[0], size[1] // patch[1]
 
 
-__all__ = ["VPTMConfig"]
+__all__ = ["PROTOVERB_LOSSES", "VPTMConfig"]

@@ -35,8 +35,7 @@ from modeling_vptm.serving import (
     top_visual_tokens,
 )
 from modeling_vptm.shipped import SHIPPED_BACKBONE, resolve_backbone_path
-from modeling_vptm.standalone.image_input import read_rgb
-from modeling_vptm.standalone.predictions import top_predictions
+from modeling_vptm.standalone import read_rgb, top_predictions
 
 
 HERE = Path(__file__).resolve().parent

@@ -5,7 +5,7 @@ huggingface_hub's client)."""
 from .. import lazy_exports
 
 
-__getattr__, __dir__ = lazy_exports(
+__getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "hub": ("push_backbone", "push_checkpoint"),

@@ -11,6 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 
+from .endpoint_requests import RequestHandler, read_endpoint_config
+from .image_input import IMAGE_EXTENSIONS, MAX_PIXELS, list_images, read_image, read_rgb
+from .onnx_endpoint import OnnxEndpointHandler
+from .onnx_runtime import OnnxImageClassifier, OnnxMultiTask
+from .predictions import format_top, top_predictions, write_jsonl
+
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 # what an ONNX export folder carries to run with numpy, Pillow and onnxruntime only
@@ -25,4 +31,21 @@ def copy_standalone(folder: str, files: tuple[str, ...] = EXPORT_FILES) -> None:
         shutil.copy(os.path.join(FOLDER, name), os.path.join(folder, name))
 
 
-__all__ = ["ENDPOINT_FILES", "EXPORT_FILES", "copy_standalone"]
+__all__ = [
+    "ENDPOINT_FILES",
+    "EXPORT_FILES",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "OnnxEndpointHandler",
+    "OnnxImageClassifier",
+    "OnnxMultiTask",
+    "RequestHandler",
+    "copy_standalone",
+    "format_top",
+    "list_images",
+    "read_endpoint_config",
+    "read_image",
+    "read_rgb",
+    "top_predictions",
+    "write_jsonl",
+]

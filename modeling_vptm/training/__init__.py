@@ -8,7 +8,7 @@ Everything is imported when first used (`Trainer` brings accelerate), so `import
 from .. import lazy_exports
 
 
-__getattr__, __dir__ = lazy_exports(
+__getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "trainer": ("PixelValuesCollator", "VPTMTrainer", "label_names", "prepare_images"),
