@@ -615,7 +615,9 @@ def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(cap
     changed = run_classification.VPTMTrainingArguments.__annotations__
     assert {"num_train_epochs", "warmup_steps", "save_total_limit", "dataloader_num_workers"} <= set(changed)
     entries = {  # flag -> its help, as printed
-        entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text) if entry.startswith("  -")
+        entry.split()[0]: " ".join(entry.split("\n\n")[0].split())  # an entry ends where a group's title starts
+        for entry in re.split(r"\n(?=  -)", text)
+        if entry.startswith("  -")
     }
     for f in dataclasses.fields(run_classification.VPTMTrainingArguments):
         if f.name in changed:
@@ -623,6 +625,11 @@ def test_help_is_the_docstring_then_every_project_flag_with_help_and_choices(cap
             assert " ".join(f.metadata["help"].split()[:3]) in entries[f"--{f.name}"], f.name
             assert entries[f"--{f.name}"].endswith(f"(default: {f.default})"), entries[f"--{f.name}"]
     assert text.index("--method") < text.index("--dataset_name") < text.index("--num_train_epochs")
+    # the task's config fields come after the method, data and training flags a run usually sets
+    assert (
+        text.index("--num_train_epochs") < text.index("the task's VPTMConfig fields") < text.index("--prompt_length")
+    )
+    assert text.index("the task's VPTMConfig fields") < text.index("--prototype_dim") and "--head_input" in text
     assert "--adam_beta1" not in text and "--help_all" in text
     with pytest.raises(SystemExit):
         run_classification.main(["--help_all"])

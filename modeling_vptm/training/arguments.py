@@ -31,7 +31,7 @@ from ..data.loading import TRAIN_VAL_SPLIT
 from ..hub_names import is_hub_id
 from ..shipped import SHIPPED_BACKBONE, SHIPPED_DATASET
 from .evaluation import DEFAULT_METRICS
-from .methods import METHOD_FLAGS, METHODS, VERBALIZER_FIELDS
+from .methods import MASK_FIELDS, METHOD_FLAGS, METHODS, PROMPT_FIELDS, VERBALIZER_FIELDS
 from .peft_methods import LORA_DEFAULTS, require_peft
 
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
-    _argument_group_name = "model: the backbone, the method and its VPTMConfig fields"
+    _argument_group_name = "model: the backbone and the method (the task's config fields are listed last)"
 
     model_name_or_path: str = field(
         default=SHIPPED_BACKBONE, metadata={"help": "BEiT MIM backbone: Hub id, local folder or vptm:<shipped name>."}
@@ -336,6 +336,9 @@ def require_portable_backbone(backbone: str, hub_id: str | None) -> None:
     )
 
 
+TASK_FIELDS_GROUP = "the task's VPTMConfig fields (read by vptm, vpt and vptm_lora)"
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring kept as written, and each flag's default beside its help."""
 
@@ -373,6 +376,14 @@ def build_parser(description: str | None = None, full_help: bool = False) -> HfA
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--help_all", action=FullHelp, help="Show the help with all of Trainer's settings and exit.")
+    # the ~20 fields of the task's config, each with a few lines of help, come last: the method, data and training
+    # flags a run usually sets are read first
+    task_fields = parser.add_argument_group(TASK_FIELDS_GROUP)
+    for group in parser._action_groups:
+        moved = [a for a in group._group_actions if a.dest in PROMPT_FIELDS | MASK_FIELDS | VERBALIZER_FIELDS]
+        if group is not task_fields and moved:
+            group._group_actions[:] = [a for a in group._group_actions if a not in moved]
+            task_fields._group_actions.extend(moved)
     if not full_help:
         shown = {*VPTMTrainingArguments.__annotations__, *COMMON_TRAINING_FLAGS}
         trainer_flags = {f.name for f in dataclasses.fields(TrainingArguments)} - shown
