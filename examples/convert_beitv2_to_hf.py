@@ -18,6 +18,7 @@ import argparse
 
 from modeling_vptm.deploy import push_backbone
 from modeling_vptm.pretraining import convert_beit_checkpoint
+from modeling_vptm.standalone import run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from modeling_vptm.standalone import run
+
 
 @dataclass
 class ExportArguments:
@@ -85,4 +87,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from modeling_vptm.standalone import run
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,4 +63,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

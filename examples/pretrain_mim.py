@@ -62,6 +62,7 @@ from modeling_vptm.pretraining.tokenizers import (
     load_visual_tokenizer,
 )
 from modeling_vptm.shipped import resolve_backbone_path
+from modeling_vptm.standalone import run
 
 
 logger = logging.getLogger(__name__)
@@ -284,4 +285,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from modeling_vptm.deploy import push_backbone
+from modeling_vptm.standalone import run
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

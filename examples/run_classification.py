@@ -47,9 +47,9 @@ import modeling_vptm
 from modeling_vptm import SHIPPED_BACKBONE, VPTMConfig, VPTMForImageClassification  # noqa: F401
 from modeling_vptm.data import SPLITS, collate, load_data
 from modeling_vptm.deploy import CardInfo, prompt_checkpoint_card, push_checkpoint
-from modeling_vptm.hub_names import CheckpointNotFoundError
 from modeling_vptm.modeling_vptm import parameter_counts
 from modeling_vptm.shipped import resolve_backbone_path
+from modeling_vptm.standalone import run
 from modeling_vptm.training import (  # noqa: F401  (the argument groups are also read off this script by the tests)
     RUN_ARGS_FILE,
     DataTrainingArguments,
@@ -256,7 +256,4 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CheckpointNotFoundError as error:  # a name that is neither a folder nor on the Hub: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    run(main)  # an anticipated error (a name not found, bad data, a bad flag value): one line, exit status 2

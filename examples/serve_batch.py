@@ -6,19 +6,32 @@ image gets its own task's prompts, mask token and head.
     python examples/serve_batch.py --backbone vptm:tiny-beit-fashion-mnist \
         --task fashion=runs/vptm --task fashion-vpt=runs/vpt \
         --input fashion=images/a --input fashion-vpt=images/b --top_k 3 --output predictions.jsonl
+
+Images are read by the package's image policy; `--skip_unreadable` skips and counts the files it refuses. `--output`
+is checked before any work and written whole at the end; an existing file is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from modeling_vptm.hub_names import CheckpointNotFoundError
-from modeling_vptm.serving import MultiTaskVPTM
+from modeling_vptm.serving import MultiTaskVPTM, processor_size
 from modeling_vptm.shipped import resolve_backbone_path
-from modeling_vptm.standalone.image_input import list_images, read_rgb
-from modeling_vptm.standalone.predictions import format_top, top_predictions, write_jsonl
+from modeling_vptm.standalone import (
+    OutputFile,
+    check_finite_scores,
+    escape,
+    json_line,
+    list_images,
+    positive_int,
+    read_image,
+    run,
+    text_line,
+    top_predictions,
+)
 
 
 def pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -26,7 +39,7 @@ def pairs(values: list[str], what: str) -> list[tuple[str, str]]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--{what} takes NAME=PATH, got {value!r}")
+            raise ValueError(f"--{what} takes NAME=PATH, got {value!r:.200}")
         out.append((name, path))
     return out
 
@@ -37,41 +50,57 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--revision", default=None)
     parser.add_argument("--task", action="append", required=True, help="NAME=prompt checkpoint (repeatable).")
     parser.add_argument("--input", action="append", required=True, help="TASK=image file or folder (repeatable).")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--top_k", type=int, default=3)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--top_k", type=positive_int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="Also write one JSON line per image.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
+    parser.add_argument("--skip_unreadable", action="store_true", help="Skip (and count) unreadable files.")
     args = parser.parse_args(argv)
+    output = OutputFile(args.output, args.overwrite)  # before any work: a bad path fails now, not after inference
+    tasks, inputs = pairs(args.task, "task"), pairs(args.input, "input")
+    given = [name for name, _ in tasks]
+    for name, _ in inputs:
+        if name not in given:
+            raise ValueError(f"--input names task {name!r:.80}, but the tasks are {given[:10]}")
 
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor
 
     server = MultiTaskVPTM(args.backbone, revision=args.revision)
-    for name, path in pairs(args.task, "task"):
+    for name, path in tasks:
         server.add_task(name, path)
     server.to(args.device)
-    jobs = []
-    for name, path in pairs(args.input, "input"):
-        if name not in server.tasks:
-            raise ValueError(f"--input names task {name!r}, but the tasks are {sorted(server.tasks)}")
-        jobs += [(file, name) for file in list_images([path])]
+    jobs = [(file, name) for name, path in inputs for file in list_images([path])]
     processor = AutoImageProcessor.from_pretrained(resolve_backbone_path(args.backbone), revision=args.revision)
-    results = []
+    size = processor_size(processor)
+    results, skipped = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="serving", unit="batch"):
-        batch = jobs[start : start + args.batch_size]
-        images = [read_rgb(file) for file, _ in batch]
+        images, batch = [], []
+        for file, task in jobs[start : start + args.batch_size]:
+            try:
+                images.append(read_image(file, size=size))
+                batch.append((file, task))
+            except ValueError as error:
+                if not args.skip_unreadable:
+                    raise ValueError(f"{error} (pass --skip_unreadable to skip it)") from error
+                skipped.append(file)
+        if not images:
+            continue
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(args.device)
         predictions = server.predict(pixel_values, tasks=[task for _, task in batch])
         for (file, task), prediction in zip(batch, predictions, strict=True):
-            top = top_predictions(prediction.logits[None], prediction.id2label, args.top_k)[0]
-            results.append({"file": file, "task": task, "predictions": top})
-            print(f"{file}\t{task}\t{format_top(top)}")
-    write_jsonl(args.output, results)
+            top = top_predictions(prediction.logits.float().cpu().numpy(), prediction.id2label, args.top_k)[0]
+            row = {"file": file, "task": task, "predictions": top}
+            check_finite_scores([row], f"task {task!r}")
+            print(text_line(file, task, top=top))
+            results.append(row)
+    if skipped:
+        names = ", ".join(escape(path) for path in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        print(f"skipped {len(skipped)} unreadable file(s): {names}", file=sys.stderr)
+    output.write_lines(json_line(row) for row in results)
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CheckpointNotFoundError as error:  # a name that is neither a folder nor on the Hub: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    run(main)

@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from modeling_vptm.atomic_write import give_default_permissions
 from modeling_vptm.data import load_fashion_mnist, random_shift_flip
 from modeling_vptm.pretraining import ContrastiveTeacher, ImageTensorDataset, VQKDTokenizer, codebook_usage
+from modeling_vptm.standalone import run
 from modeling_vptm.training import write_run_summary
 
 
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

@@ -77,13 +77,4 @@ def write_adapter(model: torch.nn.Module, folder: str) -> None:
     model.peft_config[names[0]].save_pretrained(folder)
 
 
-def remove_stale_adapter(folder: str) -> None:
-    """Removes PEFT adapter files an earlier save left in `folder`: the checkpoint saved there now has none, and
-    loading it would apply them."""
-    for name in ADAPTER_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            os.remove(path)
-
-
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "adapter_kind", "find_adapter", "load_adapter_beside"]

@@ -16,13 +16,22 @@ import torch
 from transformers.utils import is_peft_available
 from transformers.utils import logging as hf_logging
 
-from .adapter_io import adapter_kind, find_adapter, load_adapter_beside, remove_stale_adapter, write_adapter
+from .adapter_io import ADAPTER_FILES, adapter_kind, find_adapter, load_adapter_beside, write_adapter
 from .atomic_write import give_default_permissions, write_atomically
 from .backbone_loading import backbone_config_fields, config_on_backbone, load_mim_backbone
-from .checkpoint_checks import check_fits_backbone, check_same_backbone, check_task_tensors
+from .checkpoint_checks import (
+    check_config_file,
+    check_fingerprint_given,
+    check_finite,
+    check_fits_backbone,
+    check_safetensors_header,
+    check_same_backbone,
+    check_task_tensors,
+)
 from .hub_names import CheckpointNotFoundError, backbone_hub_kwargs, check_loadable, check_local_folder, hub_error
 from .prompted_backbone import backbone_fingerprint
 from .shipped import resolve_backbone_path
+from .vptm_task import task_tensor_shapes
 
 
 # Name of the single weights file of a prompt checkpoint (not "adapter_model.safetensors": with peft installed
@@ -32,10 +41,15 @@ WEIGHTS_NAME = "model.safetensors"
 
 # ------------------------------------------------------------------------------------------ a prompt checkpoint
 def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **hub_kwargs):
-    """The config of a prompt checkpoint (folder or Hub id); a missing folder is refused at once, and a Hub id that
+    """The config of a prompt checkpoint (folder or Hub id), its file's size checked before it is parsed and its
+    fields when it is (`VPTMConfig` validates and bounds them); a missing folder is refused at once, and a Hub id that
     cannot be loaded is explained in one line."""
+    from transformers.utils.hub import cached_file
+
     check_loadable(checkpoint, "prompt checkpoint", **hub_kwargs)
     try:
+        path = cached_file(checkpoint, "config.json", **hub_kwargs)
+        check_config_file(path, f"the prompt checkpoint {checkpoint}")
         return config_class.from_pretrained(checkpoint, **hub_kwargs)
     except OSError as error:
         if os.path.isdir(checkpoint):  # the folder exists: the library's message names the missing file
@@ -44,19 +58,24 @@ def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **hub_kw
         raise OSError(hub_error("prompt checkpoint", source, hub_kwargs.get("revision"), error)) from error
 
 
-def read_task_tensors(checkpoint, **hub_kwargs) -> dict[str, torch.Tensor]:
-    """The task tensors of a prompt checkpoint (folder or Hub id). Only safetensors is read: a pickled
-    `pytorch_model.bin` offered instead is never unpickled."""
+def read_task_tensors(checkpoint, config, source: str | None = None, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """The task tensors of a prompt checkpoint (folder or Hub id) whose config is `config`: their names, shapes and
+    dtypes checked on the file's header against what the config needs before any tensor is read, their values
+    (finite) after. Only safetensors is read: a pickled `pytorch_model.bin` offered instead is never unpickled."""
     from safetensors.torch import load_file
     from transformers.utils.hub import cached_file
 
+    source = source or f"the prompt checkpoint {checkpoint}"
     weights = cached_file(checkpoint, WEIGHTS_NAME, **hub_kwargs)
+    check_safetensors_header(weights, task_tensor_shapes(config), source)
     try:
-        return load_file(weights)
+        tensors = load_file(weights)
     except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
         raise ValueError(
             f"cannot read the prompt weights {weights}: the file is truncated or not a safetensors file ({error})"
         ) from error
+    check_finite(tensors, source)
+    return tensors
 
 
 def resolve_device_map(device_map) -> torch.device | None:
@@ -111,18 +130,23 @@ def prompt_checkpoint_options(name: str, checkpoint, hub: dict, kwargs: dict, mo
             "adapter_kwargs": {**backbone_hub_kwargs(hub), **adapter_kwargs, **hub}}  # fmt: skip
 
 
-def load_prompt_checkpoint(model_class, checkpoint, config, hub: dict, attn_implementation: str | None = None):
-    """A model of `model_class` from a prompt checkpoint: the frozen backbone its config names (refused unless its
-    weights and shapes are the ones the prompts were trained on), then the task tensors (refused unless they are
-    exactly the task's)."""
-    task_tensors = read_task_tensors(checkpoint, **hub)
+def load_prompt_checkpoint(
+    model_class, checkpoint, config, hub: dict, attn_implementation: str | None = None,
+    allow_unverified_backbone: bool = False,
+):  # fmt: skip
+    """A model of `model_class` from a prompt checkpoint, each part checked before it is allocated: the frozen backbone
+    its config names (refused unless the config names its fingerprint, and the weights and architecture are the ones
+    the prompts were trained on), then the task tensors (refused unless the file's header holds exactly the task's
+    names, shapes and floating-point dtypes, and their values are finite); only then is the model built."""
+    source = f"the prompt checkpoint {checkpoint}"
+    check_fingerprint_given(config, source, allow_unverified_backbone)
     mim = load_mim_backbone(
         config.backbone_name_or_path, revision=config.backbone_revision, **backbone_hub_kwargs(hub)
     )
+    check_fits_backbone(config, backbone_fingerprint(mim.state_dict()), mim.config, source)
+    task_tensors = read_task_tensors(checkpoint, config, source, **hub)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    source = f"the prompt checkpoint {checkpoint}"
-    check_fits_backbone(config, backbone_fingerprint(mim.state_dict()), mim.config, source)
     model = model_class(config)
     model.backbone.load_mim_weights(mim)
     model.task.load_checkpoint_tensors(task_tensors, source)
@@ -139,6 +163,11 @@ def write_prompt_checkpoint(model: torch.nn.Module, save_directory, save: Callab
     # _auto_class adds the AutoModelForImageClassification entry; the other two are set here
     config.auto_map = {**(previous or {}), "AutoConfig": "configuration_vptm.VPTMConfig",
                        "AutoModel": "modeling_vptm.VPTMForImageClassification"}  # fmt: skip
+    # a checkpoint names the weights its prompts were trained on, so that loading can refuse others: a config built by
+    # hand without a fingerprint is given the backbone's (of the weights loaded into it, or of the ones it holds)
+    fingerprint_given = config.backbone_fingerprint is not None
+    if not fingerprint_given:
+        config.backbone_fingerprint = model.backbone.fingerprint()
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one small file: a "Writing model shards" bar per Trainer save is noise
     peft_loaded = getattr(model, "_hf_peft_config_loaded", False)
@@ -157,9 +186,9 @@ def write_prompt_checkpoint(model: torch.nn.Module, save_directory, save: Callab
                 model._weight_conversions = conversions
 
     try:
-        write_atomically(save_directory, write)
-        if adapter is None:
-            remove_stale_adapter(save_directory)
+        # an adapter an earlier save left there is not carried over when this checkpoint has none: loading it would
+        # apply it
+        write_atomically(save_directory, write, drop=ADAPTER_FILES if adapter is None else ())
     finally:
         model._hf_peft_config_loaded = peft_loaded
         if bar:
@@ -168,6 +197,8 @@ def write_prompt_checkpoint(model: torch.nn.Module, save_directory, save: Callab
             config.auto_map = previous
         else:
             del config.auto_map
+        if not fingerprint_given:
+            config.backbone_fingerprint = None
 
 
 __all__ = [

@@ -3,12 +3,23 @@
 VPTM (Liao et al., "Rethinking Visual Prompt Learning as Masked Visual Token Modeling", arXiv 2303.04998) adapts
 a frozen masked-image-modeling BEiT to classification by adding prompt tokens and a [MASK] token to its input and
 mapping the MIM head's prediction at [MASK] to class labels with a prototypical verbalizer. This file is a Hub
-code file: it imports only transformers and the standard library.
+code file: it imports only transformers, the standard library and its sibling `limits`.
 """
 
 from __future__ import annotations
 
+import re
+
 from transformers import BeitConfig
+
+from .limits import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_PROTOTYPE_DIM,
+    MAX_PROTOTYPES_PER_CLASS,
+    PROMPT_LENGTH_FACTOR,
+    listed,
+)
 
 
 # prompt locations named independently of depth, so that one value means the same on a 6-block and a 12-block backbone
@@ -164,19 +175,29 @@ class VPTMConfig(BeitConfig):
     def _check_vptm_fields(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"VPTMConfig.{name} must be one of {list(allowed)}, got {value!r}")
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"VPTMConfig.{name} must be one of {list(allowed)}, got {value!r:.80}")
 
-        def integer(name: str, low: int) -> None:
+        def integer(name: str, low: int, high: int | None = None, why: str = "") -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"VPTMConfig.{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                bounds = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]{why}"
+                raise ValueError(f"VPTMConfig.{name} must be {bounds}, got {value!r:.80}")
 
-        if self.num_labels < 1:
-            raise ValueError(f"VPTMConfig needs at least one label (num_labels or id2label), got {self.num_labels}")
-        integer("prompt_length", 0)
-        integer("prototype_dim", 1)
-        integer("prototypes_per_class", 1)
+        self._check_geometry()
+        self._check_labels()
+        sequence = 1 + self.num_patches
+        integer("prompt_length", 0, PROMPT_LENGTH_FACTOR * sequence,
+                f" ({PROMPT_LENGTH_FACTOR} x the backbone's sequence of 1 + {self.num_patches} patches)")  # fmt: skip
+        integer("prototype_dim", 1, MAX_PROTOTYPE_DIM)
+        integer("prototypes_per_class", 1, MAX_PROTOTYPES_PER_CLASS)
+        if self.backbone_fingerprint is not None and not (
+            isinstance(self.backbone_fingerprint, str) and re.fullmatch(r"[0-9a-f]{64}", self.backbone_fingerprint)
+        ):
+            raise ValueError(
+                f"VPTMConfig.backbone_fingerprint must be a SHA-256 (64 hexadecimal digits), got "
+                f"{self.backbone_fingerprint!r:.80}"
+            )
         choice("prompt_init", PROMPT_INITS)
         choice("mask_token_mode", MASK_TOKEN_MODES)
         choice("extra_token_bias", EXTRA_TOKEN_BIASES)
@@ -189,16 +210,16 @@ class VPTMConfig(BeitConfig):
         ):
             raise ValueError(
                 f"VPTMConfig.mask_token_position must be a patch index in [0, {num_patches}) for image_size="
-                f"{self.image_size} and patch_size={self.patch_size}, got {self.mask_token_position!r}"
+                f"{self.image_size} and patch_size={self.patch_size}, got {self.mask_token_position!r:.80}"
             )
         for name in ("logit_scale_init", "contrastive_temperature"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"VPTMConfig.{name} must be a number > 0, got {value!r}")
+                raise ValueError(f"VPTMConfig.{name} must be a number > 0, got {value!r:.80}")
         for name in ("prototype_contrastive_weight", "instance_contrastive_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"VPTMConfig.{name} must be a number >= 0, got {value!r}")
+                raise ValueError(f"VPTMConfig.{name} must be a number >= 0, got {value!r:.80}")
         if self.head_input == "ensemble" and self.classifier != "prototypical_verbalizer":
             raise ValueError(
                 "VPTMConfig.head_input='ensemble' combines two prototypical verbalizers, so classifier must be "
@@ -210,17 +231,45 @@ class VPTMConfig(BeitConfig):
                 "be True (a BEiT masked-image-modeling checkpoint), got use_mask_token=False"
             )
 
+    def _check_geometry(self) -> None:
+        """The backbone's sizes that the checks below compute with: whole numbers >= 1."""
+        for name in ("image_size", "patch_size", "hidden_size", "num_hidden_layers"):
+            value = getattr(self, name)
+            values = value if isinstance(value, (list, tuple)) and name in ("image_size", "patch_size") else [value]
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise ValueError(f"VPTMConfig.{name} must be a whole number >= 1, got {value!r:.80}")
+
+    def _check_labels(self) -> None:
+        """`id2label` names the classes 0 .. num_labels - 1, each once, with names of at most `MAX_LABEL_CHARS`
+        characters; at most `MAX_LABELS` of them."""
+        labels = self.id2label or {}
+        if not 1 <= len(labels) <= MAX_LABELS:
+            raise ValueError(
+                f"VPTMConfig needs 1 to {MAX_LABELS:,} labels (num_labels or id2label), got {len(labels):,}"
+            )
+        if set(labels) != set(range(len(labels))):
+            odd = sorted(set(labels) - set(range(len(labels))), key=str)
+            raise ValueError(
+                f"VPTMConfig.id2label must name the classes 0 to {len(labels) - 1}, each once; it has the keys "
+                f"{listed(odd)} instead of {listed(sorted(set(range(len(labels))) - set(labels)))}"
+            )
+        bad = [k for k, v in labels.items() if not isinstance(v, str) or not 0 < len(v) <= MAX_LABEL_CHARS]
+        if bad:
+            raise ValueError(
+                f"VPTMConfig.id2label names must be strings of 1 to {MAX_LABEL_CHARS} characters; class {bad[0]} is "
+                f"{labels[bad[0]]!r:.80}"
+            )
+
     def _check_prompt_layers(self) -> None:
         """`prompt_layers`: a preset name, or distinct block indices in range (kept sorted)."""
         if isinstance(self.prompt_layers, str):
             if self.prompt_layers not in PROMPT_LAYER_PRESETS:
-                raise ValueError(
-                    f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)}, got {self.prompt_layers!r}"
-                )
+                presets = list(PROMPT_LAYER_PRESETS)
+                raise ValueError(f"VPTMConfig.prompt_layers must be one of {presets}, got {self.prompt_layers!r:.80}")
         elif not isinstance(self.prompt_layers, (list, tuple)):
             raise ValueError(
                 f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a list of block indices, "
-                f"got {self.prompt_layers!r}"
+                f"got {self.prompt_layers!r:.80}"
             )
         else:
             layers = list(self.prompt_layers)
@@ -230,7 +279,7 @@ class VPTMConfig(BeitConfig):
                 raise ValueError(
                     f"VPTMConfig.prompt_layers must be one of {list(PROMPT_LAYER_PRESETS)} or a non-empty list of "
                     f"distinct block indices in [0, {self.num_hidden_layers}) (num_hidden_layers="
-                    f"{self.num_hidden_layers}), got {self.prompt_layers!r}"
+                    f"{self.num_hidden_layers}), got {listed(layers)}"
                 )
             self.prompt_layers = sorted(layers)
 

@@ -286,7 +286,12 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         first CUDA device if there is one, else the CPU; the model is small enough for one device) and
         `output_loading_info`. Any other argument is refused by name rather than silently dropped. A folder whose
         config names no backbone holds full weights and loads the ordinary way.
+
+        A prompt checkpoint is untrusted input: its config and weights are checked before anything they describe is
+        allocated (docs/security.md), and one that names no backbone fingerprint is refused unless
+        `allow_unverified_backbone=True` (then loaded with a warning, on whatever weights its backbone name gives).
         """
+        allow_unverified_backbone = bool(kwargs.pop("allow_unverified_backbone", False))
         config = kwargs.pop("config", None)
         if config is not None and getattr(config, "model_type", None) != VPTMConfig.model_type:
             raise TypeError(f"{cls.__name__}.from_pretrained needs config=VPTMConfig, got {type(config).__name__}")
@@ -310,7 +315,9 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             loaded.backbone.freeze()
             return model
         options = prompt_checkpoint_options(cls.__name__, pretrained_model_name_or_path, hub, kwargs, model_args)
-        model = load_prompt_checkpoint(cls, pretrained_model_name_or_path, config, hub, attn_implementation)
+        model = load_prompt_checkpoint(
+            cls, pretrained_model_name_or_path, config, hub, attn_implementation, allow_unverified_backbone
+        )
         if dtype == "auto":  # the dtype the checkpoint was saved in
             dtype = config.dtype
         if dtype is not None:

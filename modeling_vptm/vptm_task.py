@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from .checkpoint_checks import check_task_tensors
 from .configuration_vptm import VPTMConfig
+from .limits import MAX_TASK_PARAMETERS
 from .prompted_backbone import PromptedBackboneOutput, SequenceLayout
 
 
@@ -319,6 +320,20 @@ def linear_logits(
     n, k = features.shape[0], len(linears)
     logits = F.linear(features, torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]))
     return logits.view(n * k, -1).index_select(0, own)  # (n, labels)
+
+
+def task_tensor_shapes(config: VPTMConfig) -> dict[str, torch.Size]:
+    """The names and shapes of the tensors a task of `config` holds (what its prompt checkpoint must hold), worked
+    out on the meta device, so nothing is allocated; a task of more than `MAX_TASK_PARAMETERS` is refused."""
+    with torch.device("meta"):
+        shapes = {name: tensor.shape for name, tensor in VPTMTask(config).state_dict().items()}
+    total = sum(shape.numel() for shape in shapes.values())
+    if total > MAX_TASK_PARAMETERS:
+        sizes = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
+        raise ValueError(
+            f"a task of this config holds {total:,} parameters ({sizes}); at most {MAX_TASK_PARAMETERS:,}"
+        )
+    return shapes
 
 
 def combine_path_logits(path_logits: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from modeling_vptm.hub_names import check_local_folder
+from modeling_vptm.limits import listed
 from modeling_vptm.pretraining import TOKENIZER_FILE, PatchKMeansTokenizer, load_visual_tokenizer
 from modeling_vptm.serving import (
     MultiTaskVPTM,
@@ -31,19 +32,20 @@ from modeling_vptm.serving import (
     image_processor_differences,
     patch_attention_map,
     patch_attention_share,
+    processor_size,
     render_visual_token,
     top_visual_tokens,
 )
 from modeling_vptm.shipped import SHIPPED_BACKBONE, resolve_backbone_path
-from modeling_vptm.standalone import read_rgb, top_predictions
+from modeling_vptm.standalone import read_image, run, top_predictions
 
 
 HERE = Path(__file__).resolve().parent
 BUNDLED_TASKS = HERE / "tasks"
 EXAMPLES = HERE / "examples"
-# Images are refused outside these bounds before they are decoded: a 1x1 image carries nothing to classify, and a
-# huge one would hold the shared backbone (and every other user) while it is decoded and resized.
-MIN_SIDE, MAX_SIDE = 8, 4096
+# Images are refused below this side before they are decoded (a 1x1 image carries nothing to classify); the package's
+# image policy bounds them above (4096 x 4096 pixels) and decodes them no larger than the model needs.
+MIN_SIDE = 8
 DISPLAY_SIDE = 224  # model inputs are drawn at this size (the shipped backbone sees 28 x 28 pixels)
 MAX_UPLOAD = "10mb"
 
@@ -179,24 +181,17 @@ class DemoService:
             raise ValueError(path.message)
         if not path:
             raise ValueError("no image: upload one or pick an example")
-        try:
-            with Image.open(path) as probe:  # reads the header only
-                width, height = probe.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"not an image that can be read ({type(error).__name__}: {error})") from error
-        if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
-            raise ValueError(
-                f"image of {width} x {height} pixels; expected each side between {MIN_SIDE} and {MAX_SIDE} pixels"
-            )
-        return read_rgb(path)
+        # the package's image policy: a regular file, its size from the header within the pixel limit, decoded no
+        # larger than the model needs
+        return read_image(path, size=processor_size(self.processor), min_side=MIN_SIDE)
 
     def check_tasks(self, tasks: list[str] | None) -> list[str]:
         tasks = list(dict.fromkeys(tasks or []))  # each task once, in the order given
         if not tasks:
-            raise ValueError(f"no task chosen; the tasks are {self.task_names}")
+            raise ValueError(f"no task chosen; the tasks are {listed(self.task_names)}")
         unknown = [t for t in tasks if t not in self.server.tasks]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the tasks are {self.task_names}")
+            raise ValueError(f"unknown task(s) {listed(unknown)}; the tasks are {listed(self.task_names)}")
         return tasks
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
@@ -227,7 +222,8 @@ class DemoService:
             batch = pixel_values[torch.tensor([image for _, image, _ in rows])]
             predictions = self.server.predict(batch, [task for _, _, task in rows])
             for (index, _, task), prediction in zip(rows, predictions, strict=True):
-                answers[index][task] = top_predictions(prediction.logits[None], prediction.id2label, top_ks[index])[0]
+                logits = prediction.logits.float().numpy()
+                answers[index][task] = top_predictions(logits, prediction.id2label, top_ks[index])[0]
         return answers
 
     # ---------------------------------------------------------------------------------------------- look inside
@@ -244,7 +240,7 @@ class DemoService:
         for task, prediction in zip(tasks, predictions, strict=True):
             heatmap = patch_attention_map(prediction.readout_attention.cpu(), self.grid)
             share = patch_attention_share(prediction.readout_attention.cpu(), num_patches)
-            top = top_predictions(prediction.logits[None], prediction.id2label, 1)[0][0]
+            top = top_predictions(prediction.logits.float().numpy(), prediction.id2label, 1)[0][0]
             reader = "[MASK]" if prediction.visual_token_logits is not None else "CLS"
             caption = (
                 f"{task}: {top['label']} ({top['score']:.2f}); {reader} gives {share:.0%} of its attention to patches"
@@ -380,4 +376,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # an anticipated error: one line and exit status 2, no traceback

@@ -108,6 +108,23 @@ def pixel_values():
     return torch.randn(3, 3, 20, 20, generator=torch.Generator().manual_seed(1))
 
 
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # the loopback discard port: nothing listens, a connection is refused at once
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """Online mode, with the Hub at an address nothing answers on, and an empty Hub cache; returns the environment a
+    subprocess needs for the same."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)  # no runs/ here: 'runs/no-such-run' reads as a Hub id
+    return {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": UNREACHABLE_HUB,
+            "HF_HOME": str(tmp_path / "hf")}  # fmt: skip
+
+
 class FakeHub:
     """HfApi's writing calls, recorded, with each repository's files copied into remote/<repo_id>/."""
 

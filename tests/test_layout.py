@@ -115,13 +115,24 @@ def test_no_import_cycle():
             visit(module, [module])
 
 
+# the root module of the limits on outside input, standard library only: standalone/ runs without the package and
+# carries a copy of it
+SHARED_WITH_STANDALONE = "modeling_vptm.limits"
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_one_way(module):
     allowed = ALLOWED[folder_of(module)]
     for target, kind in imports(module):
         # a subpackage may use the root package's lazy_exports helper (the root __init__ imports no subpackage)
         if kind == "package" and target != "modeling_vptm":
-            assert folder_of(target) in allowed, f"{module} imports {target}"
+            shared = folder_of(module) == "standalone" and target == SHARED_WITH_STANDALONE
+            assert folder_of(target) in allowed or shared, f"{module} imports {target}"
+
+
+def test_the_limits_need_only_the_standard_library():
+    for target, kind in imports(SHARED_WITH_STANDALONE):
+        assert kind == "third party" and target.split(".")[0] in (*sys.stdlib_module_names, "__future__"), target
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if folder_of(m) in ("", "standalone")))

@@ -127,8 +127,8 @@ def test_bad_input_gets_a_message_and_the_rest_of_the_batch_is_served(space, tmp
     assert_same_predictions(answers[0]["vptm-a"], predict_script(space["tasks"]["vptm-a"], [good])[0])
     assert_same_predictions(answers[7]["vpt-b"], predict_script(space["tasks"]["vpt-b"], [good])[0])
     expected_errors = {
-        1: r"image of 1 x 1 pixels; expected each side between 8 and 4096 pixels",
-        2: r"image of 8000 x 8000 pixels; expected each side between 8 and 4096",
+        1: r"image of 1 x 1 pixels; expected each side to be at least 8 pixels",
+        2: r"image of 8000 x 8000 = 64000000 pixels; at most 16777216 pixels are read",
         3: r"not an image that can be read",
         4: r"unknown task\(s\) \['no-such-task'\]; the tasks are \['vptm-a', 'vpt-b', 'vptm-c'\]",
         5: r"no task chosen",

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ..shipped import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET
-from ..standalone.image_input import IMAGE_EXTENSIONS, is_image_file
+from ..hub_names import ask_hub, check_local_folder
+from ..shipped import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET, SHIPPED_DATASETS, is_shipped_name
+from ..standalone.image_input import IMAGE_EXTENSIONS, is_image_file, read_image
 from .sources import digits_dataset, fashion_mnist_dataset, load_local_dataset, shipped_dataset
 
 
@@ -22,7 +23,7 @@ TRAIN_VAL_SPLIT = 0.15
 def load_source(data_args, model_args):
     """The dataset the arguments name, as it comes: image folders (checked, unreadable files skipped if asked), the
     shipped or packaged data, or a Hub dataset."""
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
     if data_args.train_dir:
         files = {"train": os.path.join(data_args.train_dir, "**")}
@@ -42,16 +43,33 @@ def load_source(data_args, model_args):
     elif data_args.dataset_name == DIGITS_DATASET:
         dataset = digits_dataset()
     elif data_args.dataset_name:
-        dataset = load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )  # fmt: skip
+        dataset = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args)
     else:
         raise ValueError(
             f"no dataset given: pass --dataset_name (a Hub dataset, or {SHIPPED_DATASET} for the shipped "
             "Fashion-MNIST subset) or --train_dir (an image folder with one sub-folder per class)"
         )
     return dataset
+
+
+def load_hub_dataset(name: str, config_name: str | None, model_args):
+    """`datasets.load_dataset(name)` for a local dataset folder or a Hub dataset, with a name that is neither answered
+    in one line within seconds: one meant as a folder at once, one the Hub does not have after one question to it
+    (not a minute of download retries and a page of traceback)."""
+    from datasets import load_dataset
+    from huggingface_hub import is_offline_mode
+
+    if is_shipped_name(name):
+        raise ValueError(f"--dataset_name {name!r:.80} is no shipped dataset; the shipped ones are {SHIPPED_DATASETS}")
+    if not os.path.isdir(name):
+        check_local_folder(name, "dataset")
+        if not is_offline_mode():  # offline, datasets looks in its cache without retrying
+            ask_hub(name, "dataset", repo_type="dataset", token=model_args.token)
+    try:
+        return load_dataset(name, config_name, cache_dir=model_args.cache_dir, token=model_args.token)
+    except (FileNotFoundError, ConnectionError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"cannot load the dataset {name!r:.80}: {reason}") from error
 
 
 def load_data(data_args, model_args, seed: int = 0):
@@ -125,8 +143,6 @@ def carve_validation(dataset, fraction: float, seed: int = 0, label: str = "labe
 def check_image_folders(train_dir: str, validation_dir: str | None = None, skip_unreadable: bool = False) -> set[str]:
     """Refuses image folders (one sub-folder per class) with no images, or a training folder with one class;
     unreadable files fail, or with `skip_unreadable` are returned (absolute paths) to be skipped."""
-    from PIL import Image, UnidentifiedImageError
-
     unreadable: set[str] = set()
     for folder in filter(None, (train_dir, validation_dir)):
         if not os.path.isdir(folder):
@@ -141,10 +157,9 @@ def check_image_folders(train_dir: str, validation_dir: str | None = None, skip_
             )
         bad = []
         for path in images:
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except (OSError, UnidentifiedImageError, SyntaxError):
+            try:  # the package's image policy: a regular file, within the pixel limit, that decodes
+                read_image(path)
+            except ValueError:
                 bad.append(path)
         if bad and not skip_unreadable:
             raise ValueError(

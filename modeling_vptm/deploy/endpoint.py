@@ -44,7 +44,7 @@ import torch
 from ..atomic_write import write_atomically
 from ..hub_names import is_hub_id
 from ..serving.multitask import MultiTaskVPTM
-from ..serving.processors import same_image_processor
+from ..serving.processors import processor_size, same_image_processor
 from ..serving.task_names import check_task_name
 from ..shipped import SHIPPED_PREFIX, is_shipped_name
 from ..standalone import ENDPOINT_FILES, copy_standalone
@@ -122,11 +122,12 @@ class EndpointHandler(RequestHandler):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.server.to(self.device)
         self.tasks = list(self.server.tasks)
+        self.image_size = processor_size(self.processor)
 
     def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
         pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(self.device)
         predictions = self.server.predict(pixel_values, tasks)  # one pass per layout, each image its task's tokens
-        return [top_predictions(p.logits[None], p.id2label, top_k)[0] for p in predictions]
+        return [top_predictions(p.logits.float().cpu().numpy(), p.id2label, top_k)[0] for p in predictions]
 
 
 def load_endpoint(path: str) -> RequestHandler:
@@ -255,18 +256,18 @@ def check_backbone_on_endpoint(name_or_path: str) -> None:
 
 def check_one_backbone(folders: dict[str, str], sources: dict[str, str]) -> dict:
     """The tasks' configs, refusing tasks made on another backbone (name, revision or weights) than the first."""
-    from ..checkpoint_checks import check_fits_backbone, check_same_backbone
+    from ..checkpoint_checks import check_fingerprint_given, check_fits_backbone, check_same_backbone
+    from ..checkpoint_io import load_checkpoint_config
     from ..configuration_vptm import VPTMConfig
 
-    configs = {name: VPTMConfig.from_pretrained(path) for name, path in folders.items()}
+    configs = {name: load_checkpoint_config(VPTMConfig, path) for name, path in folders.items()}
     first_name, first = next(iter(configs.items()))
     for name, config in configs.items():
         source = f"task {name!r} ({sources[name]})"
         holder = f"this endpoint serves {first_name!r}'s,"
         check_same_backbone(config, first.backbone_name_or_path, first.backbone_revision, source, holder)
-        # the first task's fingerprint stands for the weights; a task saved without one cannot be told apart by it
-        fingerprint = first.backbone_fingerprint or config.backbone_fingerprint
-        check_fits_backbone(config, fingerprint, first, source)
+        check_fingerprint_given(config, source)  # the first task's fingerprint stands for the weights of all
+        check_fits_backbone(config, first.backbone_fingerprint, first, source)
     return configs
 
 

@@ -9,7 +9,7 @@ from .inspection import (
     top_visual_tokens,
 )
 from .multitask import MAX_STACKED_HEADS, MultiTaskVPTM, TaskPrediction
-from .processors import image_processor_differences, image_processor_of, same_image_processor
+from .processors import image_processor_differences, image_processor_of, processor_size, same_image_processor
 from .task_names import check_task_name, parse_named_sources
 
 
@@ -24,6 +24,7 @@ __all__ = [
     "parse_named_sources",
     "patch_attention_map",
     "patch_attention_share",
+    "processor_size",
     "render_visual_token",
     "same_image_processor",
     "top_visual_tokens",

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ..backbone_loading import load_mim_backbone
-from ..checkpoint_checks import check_fits_backbone, check_same_backbone
+from ..checkpoint_checks import check_fingerprint_given, check_fits_backbone, check_same_backbone
 from ..checkpoint_io import load_checkpoint_config, read_task_tensors
 from ..configuration_vptm import VPTMConfig
+from ..limits import listed
 from ..modeling_vptm import VPTMForImageClassification
 from ..prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout
 from ..vptm_task import VPTMTask, head_logits
@@ -86,22 +87,29 @@ class MultiTaskVPTM(nn.Module):
 
     # --------------------------------------------------------------------------------------------------- tasks
     def add_task(
-        self, name: str, checkpoint: str | os.PathLike | VPTMForImageClassification | VPTMTask, **hub_kwargs
+        self,
+        name: str,
+        checkpoint: str | os.PathLike | VPTMForImageClassification | VPTMTask,
+        allow_unverified_backbone: bool = False,
+        **hub_kwargs,
     ) -> None:
         """Adds a prompt checkpoint (folder, Hub id, loaded model or task) made on this backbone; the backbone is not
-        reloaded. Refuses checkpoints made on another backbone, revision or weights."""
+        reloaded. Refuses checkpoints made on another backbone, revision or weights, and, before their tensors are
+        read, checkpoints that name no fingerprint (unless `allow_unverified_backbone`) or whose config and tensors
+        do not fit (see `VPTMForImageClassification.from_pretrained`)."""
         if isinstance(checkpoint, (VPTMForImageClassification, VPTMTask)):
             source = f"task {name!r} (the given {type(checkpoint).__name__})"
             task = checkpoint.task if isinstance(checkpoint, VPTMForImageClassification) else checkpoint
             config, tensors = task.config, task.state_dict()
+            check_same_backbone(config, self.backbone_name_or_path, self.revision, source, "this server holds")
+            check_fits_backbone(config, self.fingerprint, self.backbone.config, source)
         else:
             source = f"task {name!r} ({checkpoint})"
-            config, tensors = (
-                load_checkpoint_config(VPTMConfig, checkpoint, **hub_kwargs),
-                read_task_tensors(checkpoint, **hub_kwargs),
-            )
-        check_same_backbone(config, self.backbone_name_or_path, self.revision, source, "this server holds")
-        check_fits_backbone(config, self.fingerprint, self.backbone.config, source)
+            config = load_checkpoint_config(VPTMConfig, checkpoint, **hub_kwargs)
+            check_same_backbone(config, self.backbone_name_or_path, self.revision, source, "this server holds")
+            check_fingerprint_given(config, source, allow_unverified_backbone)
+            check_fits_backbone(config, self.fingerprint, self.backbone.config, source)
+            tensors = read_task_tensors(checkpoint, config, source, **hub_kwargs)
         task = VPTMTask(config)
         task.load_checkpoint_tensors(tensors, source)
         self.tasks[name] = (
@@ -110,7 +118,7 @@ class MultiTaskVPTM(nn.Module):
 
     def remove_task(self, name: str) -> None:
         if name not in self.tasks:
-            raise KeyError(f"no task {name!r}; tasks are {sorted(self.tasks)}")
+            raise KeyError(f"no task {name!r:.80}; tasks are {listed(sorted(self.tasks))}")
         del self.tasks[name]
 
     # -------------------------------------------------------------------------------------------------- forward
@@ -148,7 +156,7 @@ class MultiTaskVPTM(nn.Module):
             return {name: self.tasks[name] for name in dict.fromkeys(tasks)}
         except KeyError:
             unknown = sorted({name for name in tasks if name not in self.tasks})
-            raise KeyError(f"unknown tasks {unknown}; tasks are {sorted(self.tasks)}") from None
+            raise KeyError(f"unknown tasks {listed(unknown)}; tasks are {listed(sorted(self.tasks))}") from None
 
     def _task_runs(
         self, pixel_values: torch.Tensor, tasks: list[str], output_readout_attention: bool = False

@@ -50,4 +50,11 @@ def same_image_processor(sources: dict[str, str], configs: dict[str, VPTMConfig]
     return first
 
 
-__all__ = ["image_processor_differences", "image_processor_of", "same_image_processor"]
+def processor_size(processor) -> dict | None:
+    """An image processor's resize setting as a plain dict (what `standalone.read_image` takes to decode no more pixels
+    than the processor keeps), or None when it does not resize."""
+    settings = processor.to_dict()
+    return settings.get("size") if settings.get("do_resize", True) else None
+
+
+__all__ = ["image_processor_differences", "image_processor_of", "processor_size", "same_image_processor"]

@@ -15,23 +15,24 @@ import sys
 
 
 try:
-    from .image_input import read_image
+    from ..limits import MAX_IMAGES, listed
+    from .image_input import PixelBudget, read_image
 except ImportError:  # the standalone copy in an ONNX endpoint repository: its siblings are the files beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from image_input import read_image
+    from image_input import PixelBudget, read_image
+    from limits import MAX_IMAGES, listed
 
 
 logger = logging.getLogger(__name__)
 
 ENDPOINT_CONFIG = "endpoint.json"
 DEFAULT_TOP_K = 5  # pipeline("image-classification")'s default
-MAX_IMAGES = 64  # per request: a longer list would hold the single worker for every other caller
 PARAMETERS = ("function_to_apply", "tasks", "top_k")
 
 
 def check_top_k(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"top_k must be a whole number >= 1, got {value!r}")
+        raise ValueError(f"top_k must be a whole number >= 1, got {value!r:.80}")
     return value  # above the number of labels, every label is returned (as pipeline does)
 
 
@@ -47,11 +48,15 @@ def read_endpoint_config(path: str) -> dict:
 class RequestHandler:
     """What both backends share: `__call__(data)` answers one deserialised request body, or `{"error": message}`.
 
-    Subclasses set `tasks` (the task names) and implement `classify(images, tasks, top_k)`: the top-k
-    `{"label", "score"}` list of each `(image, task)` pair, computed in one batch.
+    Subclasses set `tasks` (the task names) and `image_size` (their image processor's resize setting, so that images
+    are decoded no larger than the model needs), and implement `classify(images, tasks, top_k)`: the top-k
+    `{"label", "score"}` list of each `(image, task)` pair, computed in one batch. Each request's images share one
+    `PixelBudget` of `request_pixels` decoded pixels.
     """
 
     tasks: list[str]
+    image_size: dict | None = None
+    request_pixels: int = PixelBudget().total
 
     def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
         raise NotImplementedError
@@ -72,13 +77,13 @@ class RequestHandler:
         parameters = data.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ValueError(f"parameters must be an object, got {type(parameters).__name__}")
-        unknown = sorted(set(parameters) - set(PARAMETERS))
+        unknown = sorted(map(str, set(parameters) - set(PARAMETERS)))
         if unknown:
-            raise ValueError(f"unknown parameters {unknown}; the parameters are {list(PARAMETERS)}")
+            raise ValueError(f"unknown parameters {listed(unknown)}; the parameters are {list(PARAMETERS)}")
         # InferenceClient.image_classification may send pipeline's parameter; the scores are its softmax
         if parameters.get("function_to_apply", "softmax") != "softmax":
             function = parameters["function_to_apply"]
-            raise ValueError(f"function_to_apply must be 'softmax' (single-label tasks), got {function!r}")
+            raise ValueError(f"function_to_apply must be 'softmax' (single-label tasks), got {function!r:.80}")
         top_k = check_top_k(parameters.get("top_k", DEFAULT_TOP_K))
         tasks = self.check_tasks(parameters.get("tasks"))
         inputs = data["inputs"]
@@ -88,9 +93,11 @@ class RequestHandler:
             raise ValueError(f"inputs must hold 1 to {MAX_IMAGES} images, got {len(inputs)}")
         answers: list = [None] * len(inputs)
         images, rows = [], []  # one row per (image, task) pair: all in one batch
+        budget = PixelBudget(self.request_pixels)
         for index, item in enumerate(inputs):
             try:
-                images.append(read_image(item, allow_paths=False))  # a request never opens the server's files
+                # a request never opens the server's files; its images share one budget of decoded pixels
+                images.append(read_image(item, allow_paths=False, size=self.image_size, budget=budget))
             except ValueError as error:
                 answers[index] = {"error": f"input {index}: {error}" if not single else str(error)}
                 continue
@@ -108,10 +115,13 @@ class RequestHandler:
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}; tasks are {self.tasks}")
+            shown = listed(tasks) if isinstance(tasks, list) else f"{tasks!r:.80}"
+            raise ValueError(
+                f"tasks must be a non-empty list of task names, got {shown}; tasks are {listed(self.tasks)}"
+            )
         unknown = [t for t in tasks if t not in self.tasks]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(self.tasks)}")
+            raise ValueError(f"unknown task(s) {listed(unknown)}; the tasks are {listed(self.tasks)}")
         return list(dict.fromkeys(tasks))
 
 

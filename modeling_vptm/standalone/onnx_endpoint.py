@@ -37,6 +37,8 @@ class OnnxEndpointHandler(RequestHandler):
         }
         self.task_graph = dict(config["onnx_tasks"])  # task name -> the graph that serves it
         self.tasks = list(self.task_graph)
+        # every graph's tasks were saved with the same image processor (checked when the repository was written)
+        self.image_size = next(iter(self.graphs.values())).preprocessor.size
 
     def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
         out: list = [None] * len(tasks)

@@ -31,11 +31,13 @@ from PIL import Image
 
 
 try:
-    from .image_input import read_image
+    from .cli import check_finite_scores, json_line, positive_int, run
+    from .image_input import read_image, resized_size
     from .predictions import softmax, top_predictions
 except ImportError:  # the standalone copy beside an export: its siblings are the files beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from image_input import read_image
+    from cli import check_finite_scores, json_line, positive_int, run
+    from image_input import read_image, resized_size
     from predictions import softmax, top_predictions
 
 
@@ -59,14 +61,10 @@ class ImagePreprocessor:
         with open(os.path.join(folder, "preprocessor_config.json")) as f:
             return cls(json.load(f))
 
-    def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """`(width, height)` after the resize step."""
-        size = self.config["size"]
-        if "height" in size and "width" in size:
-            return size["width"], size["height"]
-        short, long = sorted((width, height))  # shortest_edge: the short side to the size, the aspect ratio kept
-        new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
-        return (new_short, new_long) if width <= height else (new_long, new_short)
+    @property
+    def size(self) -> dict | None:
+        """The resize setting (what `read_image` needs to read no more pixels than the model uses), or None."""
+        return self.config.get("size") if self.config.get("do_resize", True) else None
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
         """`pixel_values` `(batch, 3, height, width)`, float32."""
@@ -76,7 +74,9 @@ class ImagePreprocessor:
         config = self.config
         image = image.convert("RGB")
         if config.get("do_resize", True):
-            image = image.resize(self.resized_size(*image.size), Image.Resampling(config.get("resample", 3)))
+            image = image.resize(
+                resized_size(config["size"], *image.size), Image.Resampling(config.get("resample", 3))
+            )
         array = np.asarray(image).transpose(2, 0, 1)  # (3, height, width), uint8
         if config.get("do_center_crop", False):
             crop = config["crop_size"]
@@ -154,7 +154,7 @@ class ExportedGraph:
 
     def pixel_values(self, images: list) -> np.ndarray:
         """Images (paths, bytes, base64 strings or PIL images) preprocessed as the backbone's processor does."""
-        return self.preprocessor([read_image(image) for image in images])
+        return self.preprocessor([read_image(image, size=self.preprocessor.size) for image in images])
 
 
 # ---------------------------------------------------------------------------------------- one-task graph
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("images", nargs="+", help="Image files.")
     parser.add_argument("--model", default=os.path.dirname(os.path.abspath(__file__)), help="The export folder.")
     parser.add_argument("--task", default=None, help="The task to run (backbone graphs; default: every task).")
-    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--top_k", type=positive_int, default=5)
     args = parser.parse_args(argv)
     model = load(args.model)
     results = []
@@ -312,8 +312,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         for path, top in zip(args.images, model(args.images, args.top_k), strict=True):
             results.append({"file": path, "predictions": top})
+    check_finite_scores(results, f"the export {args.model}")
     for result in results:
-        print(json.dumps(result))
+        print(json_line(result))
     return results
 
 
@@ -327,4 +328,4 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,8 +4,6 @@ gives them. numpy only, so that the exported runtimes without torch answer exact
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 
@@ -16,8 +14,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_predictions(logits: np.ndarray, id2label: dict, k: int) -> list[list[dict]]:
-    """Per row of class logits, the k most probable labels with their softmax scores (as `pipeline` answers)."""
-    probs = softmax(np.atleast_2d(logits))
+    """Per row of class logits `(rows, labels)` (or one row), the k most probable labels with their softmax scores
+    (as `pipeline` answers)."""
+    probs = softmax(np.atleast_2d(np.asarray(logits, dtype=np.float64)))
     k = min(k, probs.shape[-1])
     answers = []
     for row in probs:
@@ -26,15 +25,4 @@ def top_predictions(logits: np.ndarray, id2label: dict, k: int) -> list[list[dic
     return answers
 
 
-def format_top(top: list[dict]) -> str:
-    return "\t".join(f"{p['label']}={p['score']:.4f}" for p in top)
-
-
-def write_jsonl(path: str | None, rows: list[dict]) -> None:
-    if path:
-        with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
-
-__all__ = ["format_top", "softmax", "top_predictions", "write_jsonl"]
+__all__ = ["softmax", "top_predictions"]
