@@ -113,11 +113,10 @@ def check_local_folder(name_or_path: str | os.PathLike, what: str) -> None:
     path = os.fspath(name_or_path)
     if is_shipped_name(path) or os.path.isdir(path):
         return
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{what} {path!r} is a file; expected a folder holding config.json, or a Hub id")
     parent = os.path.dirname(path.rstrip("/\\"))
     looks_local = (
-        path.startswith((".", "/", "~", os.sep))
+        os.path.lexists(path)  # a file gets the answer nothing there gets: a backbone name is not a probe
+        or path.startswith((".", "/", "~", os.sep))
         or os.path.isabs(path)
         or path.count("/") > 1
         or "\\" in path

@@ -92,6 +92,19 @@ def folder_of(module: str) -> str:
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and is_package(module)) else ""
 
 
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_relative_import_names_a_module_of_the_package(module):
+    """Imports inside functions run only when called: one left pointing at a module's old place fails here, not in a
+    user's hands."""
+    tree = ast.parse(open(MODULES[module]).read())
+    base = module if is_package(module) else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            parent = base.rsplit(".", node.level - 1)[0] if node.level > 1 else base
+            target = f"{parent}.{node.module}" if node.module else parent
+            assert target in MODULES, f"{module}: from {'.' * node.level}{node.module or ''} import ... names {target}"
+
+
 def test_every_module_lives_in_a_known_folder():
     assert {folder_of(m) for m in MODULES} == set(ALLOWED)
 

@@ -198,7 +198,9 @@ def test_a_missing_local_folder_is_refused_at_once_not_tried_on_the_hub(name, ba
 
 def test_a_file_given_as_a_checkpoint_folder(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(NotADirectoryError, match=r"prompt checkpoint '.*model.safetensors' is a file; expected a"):
+    with pytest.raises(
+        FileNotFoundError, match=r"prompt checkpoint folder '.*model.safetensors' not found .*expected an"
+    ):
         VPTMForImageClassification.from_pretrained(tmp_path / "model.safetensors")
 
 

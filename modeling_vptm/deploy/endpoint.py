@@ -110,7 +110,7 @@ class EndpointHandler(RequestHandler):
             raise ValueError(f"{os.path.join(path, ENDPOINT_CONFIG)} lists no tasks")
         backbone, revision = config.get("backbone"), config.get("backbone_revision")
         if backbone is None:  # a prompt checkpoint with handler.py copied in: its own backbone
-            from .configuration_vptm import VPTMConfig
+            from ..configuration_vptm import VPTMConfig
 
             first = VPTMConfig.from_pretrained(next(iter(self.folders.values())))
             backbone, revision = first.backbone_name_or_path, first.backbone_revision
