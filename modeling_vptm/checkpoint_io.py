@@ -194,17 +194,18 @@ def backbone_config_fields(backbone_config, backbone_name_or_path: str, revision
 
 
 # ------------------------------------------------------------------------------------------ a prompt checkpoint
-def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **hub_kwargs):
+def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **kwargs):
     """The config of a prompt checkpoint (folder or Hub id); a missing folder is refused at once, and a Hub id that
-    cannot be loaded is explained in one line."""
-    check_loadable(checkpoint, "prompt checkpoint", **hub_kwargs)
+    cannot be loaded is explained in one line. `kwargs` are what the config's `from_pretrained` takes: the Hub
+    arguments, and config fields with `return_unused_kwargs=True` (then `(config, the other kwargs)` is returned)."""
+    check_loadable(checkpoint, "prompt checkpoint", **kwargs)
     try:
-        return config_class.from_pretrained(checkpoint, **hub_kwargs)
+        return config_class.from_pretrained(checkpoint, **kwargs)
     except OSError as error:
         if os.path.isdir(checkpoint):  # the folder exists: the library's message names the missing file
             raise
         source = os.fspath(checkpoint)
-        raise OSError(hub_error("prompt checkpoint", source, hub_kwargs.get("revision"), error)) from error
+        raise OSError(hub_error("prompt checkpoint", source, kwargs.get("revision"), error)) from error
 
 
 def read_task_tensors(checkpoint, **hub_kwargs) -> dict[str, torch.Tensor]:

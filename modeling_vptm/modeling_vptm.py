@@ -284,9 +284,10 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
         Honoured: `config`, the Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`,
         `force_download`, `subfolder`), `dtype`, `attn_implementation`, `device_map` (a device, or `"auto"`: the
-        first CUDA device if there is one, else the CPU; the model is small enough for one device) and
-        `output_loading_info`. Any other argument is refused by name rather than silently dropped. A folder whose
-        config names no backbone holds full weights and loads the ordinary way.
+        first CUDA device if there is one, else the CPU; the model is small enough for one device),
+        `output_loading_info`, and, without `config`, config fields (`output_hidden_states=True`, ...), which update
+        the loaded config as transformers' `from_pretrained` does. Any other argument is refused by name rather than
+        silently dropped. A folder whose config names no backbone holds full weights and loads the ordinary way.
         """
         config = kwargs.pop("config", None)
         if config is not None and getattr(config, "model_type", None) != VPTMConfig.model_type:
@@ -294,15 +295,18 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         hub = {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         attn_implementation = kwargs.pop("attn_implementation", None)
-        if config is None:
-            config = load_checkpoint_config(VPTMConfig, pretrained_model_name_or_path, **hub)
+        if config is None:  # the arguments that are config fields set them; the others are left in kwargs
+            config, kwargs = load_checkpoint_config(
+                VPTMConfig, pretrained_model_name_or_path, return_unused_kwargs=True, **hub, **kwargs
+            )
         if config.backbone_name_or_path is None:  # a folder holding the backbone too
+            if attn_implementation is not None:  # (passing None would replace the config's with the default)
+                kwargs["attn_implementation"] = attn_implementation
             model = super().from_pretrained(
                 pretrained_model_name_or_path,
                 *model_args,
                 config=config,
                 dtype=dtype,
-                attn_implementation=attn_implementation,
                 key_mapping=FULL_CHECKPOINT_NAMES,
                 **hub,
                 **kwargs,

@@ -941,3 +941,19 @@ def test_checkpoints_saved_by_version_0_1_0_load_unchanged(name):
     model = VPTMForImageClassification.from_pretrained(folder)
     with torch.no_grad():
         torch.testing.assert_close(model(expected["pixel_values"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_config_fields_given_to_from_pretrained_set_the_config_as_on_beit(backbone_dir, tmp_path):
+    reference = BeitForMaskedImageModeling.from_pretrained(backbone_dir, output_hidden_states=True)
+    assert reference.config.output_hidden_states
+    from_backbone(backbone_dir).save_pretrained(tmp_path / "prompts")  # names its backbone: task tensors only
+    VPTMForImageClassification(vptm_config()).save_pretrained(tmp_path / "full")  # holds the backbone too
+    for folder in ("prompts", "full"):
+        for model_class in (VPTMForImageClassification, AutoModelForImageClassification):
+            loaded = model_class.from_pretrained(
+                tmp_path / folder, output_hidden_states=True, attn_implementation="eager"
+            )
+            assert loaded.config.output_hidden_states and loaded.config._attn_implementation == "eager", folder
+    # an argument that is neither a config field nor a loading option is still refused by name
+    with pytest.raises(TypeError, match=r"cannot honour \['no_such_field'\]"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "prompts", no_such_field=1)
