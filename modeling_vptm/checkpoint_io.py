@@ -28,7 +28,14 @@ from .checkpoint_checks import (
     check_same_backbone,
     check_task_tensors,
 )
-from .hub_names import CheckpointNotFoundError, backbone_hub_kwargs, check_loadable, check_local_folder, hub_error
+from .hub_names import (
+    HUB_ARGUMENTS,
+    CheckpointNotFoundError,
+    backbone_hub_kwargs,
+    check_loadable,
+    check_local_folder,
+    hub_error,
+)
 from .prompted_backbone import backbone_fingerprint
 from .shipped import resolve_backbone_path
 from .vptm_task import task_tensor_shapes
@@ -40,22 +47,27 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------ a prompt checkpoint
-def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **hub_kwargs):
+def load_checkpoint_config(config_class, checkpoint: str | os.PathLike, **kwargs):
     """The config of a prompt checkpoint (folder or Hub id), its file's size checked before it is parsed and its
     fields when it is (`VPTMConfig` validates and bounds them); a missing folder is refused at once, and a Hub id that
-    cannot be loaded is explained in one line."""
+    cannot be loaded is explained in one line. `kwargs` are what the config's `from_pretrained` takes: the Hub
+    arguments, and config fields with `return_unused_kwargs=True` (then `(config, the other kwargs)` is returned)."""
     from transformers.utils.hub import cached_file
 
-    check_loadable(checkpoint, "prompt checkpoint", **hub_kwargs)
+    hub = {k: v for k, v in kwargs.items() if k in HUB_ARGUMENTS}
+    check_loadable(checkpoint, "prompt checkpoint", **hub)
     try:
-        path = cached_file(checkpoint, "config.json", **hub_kwargs)
+        path = cached_file(checkpoint, "config.json", **hub)
         check_config_file(path, f"the prompt checkpoint {checkpoint}")
-        return config_class.from_pretrained(checkpoint, **hub_kwargs)
+        loaded = config_class.from_pretrained(checkpoint, **kwargs)
+        # fields given as arguments are set after the config's own checks ran: they pass the same checks
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._check_vptm_fields()
+        return loaded
     except OSError as error:
         if os.path.isdir(checkpoint):  # the folder exists: the library's message names the missing file
             raise
         source = os.fspath(checkpoint)
-        raise OSError(hub_error("prompt checkpoint", source, hub_kwargs.get("revision"), error)) from error
+        raise OSError(hub_error("prompt checkpoint", source, kwargs.get("revision"), error)) from error
 
 
 def read_task_tensors(checkpoint, config, source: str | None = None, **hub_kwargs) -> dict[str, torch.Tensor]:

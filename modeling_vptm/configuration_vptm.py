@@ -124,8 +124,9 @@ class VPTMConfig(BeitConfig):
         skip_unread_outputs (`bool`, *optional*, defaults to `True`):
             Compute only the outputs something reads, in training and inference alike (exact: the logits do not
             change): the last block computes the read-out token only, and a block followed by a prompted block skips
-            its prompt slots' outputs, which that block overwrites. Off when `output_hidden_states=True`. Configs
-            saved before this name carry it as `fast_inference`, which is read as this field.
+            its prompt slots' outputs, which that block overwrites. Off when hidden states or attentions are asked
+            for (`output_hidden_states`, `output_attentions`, or the config's). Configs saved before this name carry
+            it as `fast_inference`, which is read as this field.
     """
 
     model_type = "vptm"

@@ -14,9 +14,9 @@ Data flow of `VPTMForImageClassification` (`P` prompts, `N` patches, `D` hidden 
            -> prototypical verbalizer: projection to d, cosine with class prototypes, scaled   (batch, num_labels)
 
 The model is two modules: `backbone`, the frozen `PromptedBackbone` (prompted_backbone.py: transformers' `BeitModel`
-plus the MIM head, run with a task's added tokens), and `task`, the `VPTMTask` (vptm_task.py: prompts, [MASK]
-embedding and head). Only the task is trained and saved; checkpoint IO lives in checkpoint_io.py. These are Hub
-code files: they import only torch, transformers and each other.
+plus the MIM head, run with a task's added tokens; the base model, a `PreTrainedModel`), and `task`, the `VPTMTask`
+(vptm_task.py: prompts, [MASK] embedding and head). Only the task is trained and saved; checkpoint IO lives in
+checkpoint_io.py. These are Hub code files: they import only torch, transformers and each other.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.beit.modeling_beit import BeitPreTrainedModel
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .adapter_io import load_adapter_beside
 from .backbone_loading import config_on_backbone
@@ -67,9 +68,14 @@ class VPTMImageClassifierOutput(ImageClassifierOutput):
             The final state of the read-out token ([MASK], or CLS for `linear_cls`) after the MIM head's layer norm:
             what the MIM head and the verbalizer read.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
-            when `output_hidden_states=True`; tokens in the order `[CLS] + P prompts + [MASK] + patches` (no prompts
-            before the first prompted block).
+            Input of the first block (with its prompts when it is prompted) and output of every block,
+            `(batch_size, sequence_length, hidden_size)` each, when `output_hidden_states` asks for them (`True`, or
+            the indices of the ones wanted, the others `None`); tokens in the order `[CLS] + P prompts + [MASK] +
+            patches` (no prompts before the first prompted block).
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Each block's attention probabilities, `(batch_size, num_heads, sequence_length, sequence_length)`, tokens
+            in the order of `hidden_states`, when `output_attentions=True` with `attn_implementation="eager"` (as
+            BEiT's: under `"sdpa"` transformers warns and returns none).
         readout_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, sequence_length)`, *optional*):
             The last block's attention from the read-out token ([MASK] or CLS) to every token, in the order of
             `hidden_states` (the last `num_patches` columns are the patches), when `output_readout_attention=True`.
@@ -87,7 +93,7 @@ class VPTMPreTrainedModel(BeitPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["BeitLayer"]
+    _no_split_modules = ["BeitLayer", "PromptedBeitLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
     _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*"]
@@ -163,11 +169,12 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         prompts: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
         output_readout_attention: bool = False,
+        **kwargs,
     ) -> PromptedBackboneOutput:
         """Runs the prompted backbone with this task's tokens: the read-out state and the MIM head's prediction at
-        [MASK], and on request every hidden state and the last block's attention from the read-out token.
+        [MASK], and on request the hidden states and attentions (`output_hidden_states`, `output_attentions`; default:
+        the config's) and the last block's attention from the read-out token.
 
         `prompts` replaces this task's prompts, for the whole batch `(num_prompted_blocks, P, D)` or per image
         `(batch, num_prompted_blocks, P, D)`.
@@ -177,29 +184,39 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             self.task.layout,
             prompts=self.task.prompts() if prompts is None else prompts,
             mask_embeddings=self.task.mask_embedding(),
-            output_hidden_states=output_hidden_states,
             output_readout_attention=output_readout_attention,
             skip_unread_outputs=self.config.skip_unread_outputs,
             gradient_checkpointing=self.training,
+            return_dict=True,  # the fields are read here, whatever the config says
+            **kwargs,
         )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
         output_readout_attention: bool = False,
         **kwargs,
-    ) -> VPTMImageClassifierOutput | tuple:
+    ) -> VPTMImageClassifierOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Images as the backbone's image processor prepares them. With `labels`, non-finite values raise a
             `ValueError`; without, a non-finite image gets non-finite logits and the other images are unaffected.
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, num_labels)`; when given, the loss is computed.
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+            Return the hidden states (all, or those of these indices, negative ones counting from the end); default:
+            `config.output_hidden_states`.
+        output_attentions (`bool`, *optional*):
+            Return each block's attention (with `attn_implementation="eager"`); default: `config.output_attentions`.
         output_readout_attention (`bool`, *optional*, defaults to `False`):
-            Also return the last block's attention from the read-out token (see `VPTMImageClassifierOutput`).
+            Also return the last block's attention from the read-out token (see `VPTMImageClassifierOutput`), with
+            any attention implementation.
+        return_dict (`bool`, *optional*):
+            A `VPTMImageClassifierOutput`, or a tuple of its fields that are set; default: `config.return_dict`.
         """
         if pixel_values is None:
             raise ValueError("VPTMForImageClassification needs pixel_values")
@@ -208,22 +225,20 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
             check_training_batch(pixel_values, labels, self.num_labels)
         # float64 or float16 images for a float32 model (and the reverse) are cast to the backbone's dtype
         pixel_values = pixel_values.to(self.backbone.dtype)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        readout = self.forward_features(
-            pixel_values,
-            output_hidden_states=bool(output_hidden_states),
-            output_readout_attention=output_readout_attention,
-        )
+        # flags left unset fall back to the config's, in the backbone's output capturing
+        flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        kwargs.update({name: value for name, value in flags.items() if value is not None})
+        readout = self.forward_features(pixel_values, output_readout_attention=output_readout_attention, **kwargs)
         head = self.task(readout, labels)
-        output = VPTMImageClassifierOutput(
+        return VPTMImageClassifierOutput(
             loss=head.loss,
             logits=head.logits,
             hidden_states=readout.hidden_states,
+            attentions=readout.attentions,
             visual_token_logits=readout.visual_token_logits,
             readout_hidden_state=readout.readout_hidden_state,
             readout_attention=readout.readout_attention,
         )
-        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def initialize_prototypes(self, batches, max_batches: int | None = None) -> None:
@@ -283,9 +298,10 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
 
         Honoured: `config`, the Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`,
         `force_download`, `subfolder`), `dtype`, `attn_implementation`, `device_map` (a device, or `"auto"`: the
-        first CUDA device if there is one, else the CPU; the model is small enough for one device) and
-        `output_loading_info`. Any other argument is refused by name rather than silently dropped. A folder whose
-        config names no backbone holds full weights and loads the ordinary way.
+        first CUDA device if there is one, else the CPU; the model is small enough for one device),
+        `output_loading_info`, and, without `config`, config fields (`output_hidden_states=True`, ...), which update
+        the loaded config as transformers' `from_pretrained` does. Any other argument is refused by name rather than
+        silently dropped. A folder whose config names no backbone holds full weights and loads the ordinary way.
 
         A prompt checkpoint is untrusted input: its config and weights are checked before anything they describe is
         allocated (docs/security.md), and one that names no backbone fingerprint is refused unless
@@ -298,15 +314,18 @@ class VPTMForImageClassification(VPTMPreTrainedModel):
         hub = {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         attn_implementation = kwargs.pop("attn_implementation", None)
-        if config is None:
-            config = load_checkpoint_config(VPTMConfig, pretrained_model_name_or_path, **hub)
+        if config is None:  # the arguments that are config fields set them; the others are left in kwargs
+            config, kwargs = load_checkpoint_config(
+                VPTMConfig, pretrained_model_name_or_path, return_unused_kwargs=True, **hub, **kwargs
+            )
         if config.backbone_name_or_path is None:  # a folder holding the backbone too
+            if attn_implementation is not None:  # (passing None would replace the config's with the default)
+                kwargs["attn_implementation"] = attn_implementation
             model = super().from_pretrained(
                 pretrained_model_name_or_path,
                 *model_args,
                 config=config,
                 dtype=dtype,
-                attn_implementation=attn_implementation,
                 key_mapping=FULL_CHECKPOINT_NAMES,
                 **hub,
                 **kwargs,

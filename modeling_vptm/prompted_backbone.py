@@ -7,11 +7,14 @@
   groups a mixed batch by it).
 * the relative position bias extended to the added tokens (`extend_relative_position_bias`), kept between calls
   because the bias tables are frozen;
-* the block loop, with exact savings: outputs nobody reads are not computed;
+* the block loop, with exact savings: outputs nobody reads are not computed. Each block is BEiT's own layer, called
+  as a module (`PromptedBeitLayer`), so forward hooks on it fire once per block, gradient checkpointing included, and
+  transformers' output capturing (`output_hidden_states`, `output_attentions`) works as on BEiT;
 * the read-out: the state of the read-out token ([MASK], or CLS), normed by the MIM head's layer norm, and the MIM
   head's visual-token logits there.
 
-It knows nothing of classes or verbalizers. This is a Hub code file: it imports only torch and transformers.
+It is a `PreTrainedModel` (the base model of `VPTMForImageClassification`), and knows nothing of classes or
+verbalizers. This is a Hub code file: it imports only torch and transformers.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 from torch import nn
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.beit.modeling_beit import BeitLayer, eager_attention_forward
+from transformers.models.beit.modeling_beit import BeitLayer, BeitPreTrainedModel, eager_attention_forward
 from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_vptm import patch_grid
 
@@ -106,37 +110,88 @@ class PromptedBackboneOutput(ModelOutput):
         visual_token_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`, *optional*):
             The frozen MIM head's prediction at [MASK]; `None` when the layout reads CLS.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            Input of the first block and output of every block, `(batch_size, sequence_length, hidden_size)` each,
-            when `output_hidden_states=True`; tokens in the documented order `[CLS] + P prompts + [MASK]? + patches`
-            (no prompts before the first prompted block).
+            Input of the first block (with its prompts when it is prompted) and output of every block,
+            `(batch_size, sequence_length, hidden_size)` each, when `output_hidden_states` asks for them (`True`, or
+            the indices of the ones wanted: the others are `None`, as transformers' models return them); tokens in the
+            documented order `[CLS] + P prompts + [MASK]? + patches` (no prompts before the first prompted block).
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Each block's attention probabilities, `(batch_size, num_heads, sequence_length, sequence_length)`, tokens
+            in the order of `hidden_states`, when `output_attentions=True` and the attention implementation returns
+            them (`"eager"`; as with BEiT, `"sdpa"` warns and returns none).
         readout_attention (`torch.FloatTensor` of shape `(batch_size, num_heads, sequence_length)`, *optional*):
             The last block's attention from the read-out token to every token (each head's row sums to 1), tokens
             in the order of `hidden_states`, so the last `num_patches` columns are the image patches; when
-            `output_readout_attention=True`.
+            `output_readout_attention=True`, with any attention implementation.
     """
 
     readout_hidden_state: torch.FloatTensor | None = None
     visual_token_logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     readout_attention: torch.FloatTensor | None = None
 
 
-class PromptedBackbone(nn.Module):
+class PromptedBeitLayer(BeitLayer):
+    """transformers' `BeitLayer` (same weights, same names), which `PromptedBackbone` also runs on a sequence with
+    added tokens: given `rows`, `attention_mask` is the complete attention bias of that sequence (the layer's own
+    relative position bias included, extended to the added tokens, see `compute_position_biases`) and only the outputs
+    of the query tokens `rows` are computed (`prompted_block`). Called without `rows`, as `BeitModel.forward` calls
+    its layers, it is the library's layer.
+
+    The backbone calls each block as a module, so forward hooks on it (transformers' output capturing among them) see
+    each block once per pass. With `checkpoint=True` the block is recomputed in the backward pass instead of keeping
+    its activations, inside `forward`, as transformers' own layers do it: the recomputation runs the block only, not
+    the hooks again. (transformers' layers checkpoint only in train mode; the frozen backbone never leaves eval mode,
+    so its holder says when to.)
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *args,
+        rows: slice | None = None,
+        checkpoint: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        if rows is None:  # the library's layer
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        if checkpoint:
+
+            def block(hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                return self.forward(hidden, bias, rows=rows, **kwargs)  # the block again, not its hooks
+
+            # the tensors positional, as reentrant checkpointing needs them
+            return self._gradient_checkpointing_func(block, hidden_states, attention_mask)
+        return prompted_block(self, hidden_states, attention_mask, rows=rows, **kwargs)
+
+
+class PromptedBackbone(BeitPreTrainedModel):
     """A frozen BEiT masked-image-modeling backbone that runs with a task's prompts and [MASK] token.
 
     `forward` reads as embed -> run the blocks -> read out. The backbone is composed, not forked: `beit` is
-    transformers' `BeitModel`, and `layernorm` / `lm_head` sit beside it as in `BeitForMaskedImageModeling`.
+    transformers' `BeitModel`, and `layernorm` / `lm_head` sit beside it as in `BeitForMaskedImageModeling`, so its
+    state dict is that model's. It is the base model of `VPTMForImageClassification` (as `BeitModel` is BEiT's): a
+    `PreTrainedModel` that saves with `save_pretrained` and records its blocks' outputs with transformers' output
+    capturing.
     """
 
+    # BeitLayer's blocks become PromptedBeitLayer (see __init__): neither may be split across devices
+    _no_split_modules = ["BeitLayer", "PromptedBeitLayer"]
+
     def __init__(self, config: BeitConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.beit = BeitModel(config, add_pooling_layer=False)
+        for layer in self.beit.layers:
+            # the same module, with the prompted forward too: BeitModel builds library layers, and rebuilding them
+            # would initialise every block twice
+            layer.__class__ = PromptedBeitLayer
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self._bias_cache: dict[tuple, BlockBiases] = {}  # see position_biases
         # of the weights as loaded (float32), so that a later cast to bf16 does not change what tasks are checked on
         self.loaded_fingerprint: str | None = None
+        self.post_init()
         self.eval()
 
     # ----------------------------------------------------------------------------------------------- weights
@@ -184,43 +239,51 @@ class PromptedBackbone(nn.Module):
         check_pixel_values(pixel_values, self.config)
 
     # ------------------------------------------------------------------------------------------------ forward
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         layout: SequenceLayout,
         prompts: torch.Tensor | None = None,
         mask_embeddings: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
         output_readout_attention: bool = False,
         skip_unread_outputs: bool = True,
         gradient_checkpointing: bool = False,
+        **kwargs,
     ) -> PromptedBackboneOutput:
         """Runs the backbone on `pixel_values` `(batch, C, H, W)` laid out as `layout`.
 
         `prompts`: `(num_prompted_blocks, P, D)` for the whole batch or `(batch, num_prompted_blocks, P, D)` per
         image (needed when the layout has prompts). `mask_embeddings`: the [MASK] embedding, `(1, 1, D)` or per
         image `(batch, 1, D)`; default: the pre-trained one. `skip_unread_outputs`: compute only the outputs that
-        are read later (exact; off when `output_hidden_states=True`). `gradient_checkpointing`: recompute each block
-        flagged by `gradient_checkpointing_enable()` in the backward pass instead of keeping its activations (the
-        holder passes whether it trains: the backbone itself is always in eval mode).
+        are read later (exact; off when hidden states or attentions are recorded). `gradient_checkpointing`:
+        recompute each block flagged by `gradient_checkpointing_enable()` in the backward pass instead of keeping its
+        activations (the holder passes whether it trains: the backbone itself is always in eval mode). `kwargs`:
+        transformers' `output_hidden_states`, `output_attentions` and `return_dict` (default: the config's), read by
+        its output capturing, and what the attention implementation takes.
         """
         if layout.prompted_layers and prompts is None:
             raise ValueError(f"the layout prompts blocks {list(layout.prompted_layers)}, but no prompts were given")
         if prompts is not None and prompts.ndim == 3:
             prompts = prompts.unsqueeze(0).expand(pixel_values.shape[0], -1, -1, -1)  # (batch, blocks, P, D)
+        # what transformers' output capturing records (the blocks' inputs, outputs and attentions) is every output
+        recorded = any(
+            kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
+            for name in ("hidden_states", "attentions")
+        )
         window = tuple(s // self.config.patch_size for s in pixel_values.shape[2:])
         hidden = self.embed(pixel_values, layout, window, mask_embeddings)  # (batch, 1 + 1? + N, D)
-        state, all_hidden, attention = self.run_blocks(
+        state, attention = self.run_blocks(
             hidden,
             layout,
             prompts,
             window,
-            output_hidden_states=output_hidden_states,
             output_readout_attention=output_readout_attention,
-            skip_unread_outputs=skip_unread_outputs and not output_hidden_states,
+            skip_unread_outputs=skip_unread_outputs and not recorded,
             gradient_checkpointing=gradient_checkpointing,
+            **kwargs,
         )
-        return self.read_out(state, layout, all_hidden, attention)
+        return self.read_out(state, layout, attention)
 
     def embed(
         self,
@@ -256,42 +319,42 @@ class PromptedBackbone(nn.Module):
         layout: SequenceLayout,
         prompts: torch.Tensor | None,
         window: tuple[int, int],
-        output_hidden_states: bool = False,
         output_readout_attention: bool = False,
         skip_unread_outputs: bool = True,
         gradient_checkpointing: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The blocks over the embedded sequence; prompts `(batch, blocks, P, D)` enter at each prompted block.
 
-        Returns the read-out token's final state `(batch, D)` (before any layer norm), the hidden states in the
-        documented order, and the last block's read-out attention.
+        Returns the read-out token's final state `(batch, D)` (before any layer norm) and the last block's read-out
+        attention; `kwargs` go to each block's attention.
 
-        Prompts are stored *before* CLS, `P + [CLS] + [MASK]? + patches`, with the relative bias permuted to match:
-        the same attention as the documented order `[CLS] + P + [MASK]? + patches` (attention has no order but the
-        bias), and the prompt slots become a prefix, so skipping their outputs is a view instead of three copies per
-        block. Hidden states and attention are returned in the documented order.
+        Skipping unread outputs, prompts are stored *before* CLS, `P + [CLS] + [MASK]? + patches`, with the relative
+        bias permuted to match: the same attention as the documented order `[CLS] + P + [MASK]? + patches` (attention
+        has no order but the bias), and the prompt slots become a prefix, so skipping their outputs is a view instead
+        of three copies per block. Computing every output, the blocks run on the documented order, which is what their
+        hooks (transformers' hidden states and attentions) see. The read-out attention is in the documented order.
         """
         prompted, num_prompts = layout.prompted_layers, layout.prompt_length
-        biases_before, biases_after = self.layout_biases(layout, window)
-        all_hidden = (hidden,) if output_hidden_states else None
+        leading = num_prompts if skip_unread_outputs else 0  # prompts stored before CLS, or after it
+        biases_before, biases_after = self.layout_biases(layout, window, leading)
         # gradient_checkpointing_enable() flags each BeitLayer and gives it its checkpoint function; the layers never
-        # checkpoint themselves here because the frozen backbone stays in eval mode, so this loop honours the flags.
+        # checkpoint by themselves here because the frozen backbone stays in eval mode, so this loop honours the flags.
         checkpointing = gradient_checkpointing and torch.is_grad_enabled()
         inserted = has_slots = False
         last = len(self.beit.layers) - 1
-        attention = None
+        attention = query = None
         for i, layer in enumerate(self.beit.layers):
             if i in prompted:
                 block_prompts = prompts[:, prompted.index(i)].to(hidden.dtype)  # (batch, P, D)
-                rest = hidden[:, num_prompts:] if has_slots else hidden
-                hidden = torch.cat([block_prompts, rest], dim=1)  # (batch, P + 1 + 1? + N, D)
+                hidden = insert_prompts(hidden, block_prompts, bool(leading), num_prompts if has_slots else 0)
                 inserted = has_slots = True
             biases = biases_after if inserted or not prompted else biases_before
-            bias = biases[i]
-            index = layout.readout_offset + (num_prompts if inserted else 0)  # of the read-out token, as stored
+            # of the read-out token, as stored; prompts are in by the last block
+            index = token_index(layout.readout_offset, num_prompts if inserted else 0, bool(leading))
             if output_readout_attention and i == last:
-                attention = readout_attention_probs(layer, hidden, bias, index)  # (batch, heads, L)
-                if inserted and num_prompts:
+                attention = readout_attention_probs(layer, hidden, biases[i], index)  # (batch, heads, L)
+                if inserted and leading:
                     attention = attention[..., documented_order(num_prompts, hidden.shape[1])]
             query = index if skip_unread_outputs and i == last else None
             skip = 0
@@ -299,21 +362,13 @@ class PromptedBackbone(nn.Module):
                 skip, has_slots = num_prompts, False  # the next block overwrites the prompt slots
             start, stop = (query, query + 1) if query is not None else (skip, hidden.shape[1])
             bias_rows = biases.rows(i, start, stop)  # of the queries computed
-            if checkpointing and layer.gradient_checkpointing:
-                hidden = layer._gradient_checkpointing_func(run_block, layer, hidden, bias_rows, query, skip)
-            else:
-                hidden = run_block(layer, hidden, bias_rows, query, skip)
-            if all_hidden is not None:  # never skipping, so once inserted the prompt slots are there
-                all_hidden += (hidden[:, documented_order(num_prompts, hidden.shape[1])] if inserted else hidden,)
-        state = hidden[:, 0] if query is not None else hidden[:, index]  # (batch, D); prompts are in by the last block
-        return state, all_hidden, attention
+            checkpoint = checkpointing and layer.gradient_checkpointing
+            hidden = layer(hidden, bias_rows, rows=slice(start, stop), checkpoint=checkpoint, **kwargs)
+        state = hidden[:, 0] if query is not None else hidden[:, index]  # (batch, D)
+        return state, attention
 
     def read_out(
-        self,
-        state: torch.Tensor,
-        layout: SequenceLayout,
-        all_hidden: tuple[torch.Tensor, ...] | None = None,
-        attention: torch.Tensor | None = None,
+        self, state: torch.Tensor, layout: SequenceLayout, attention: torch.Tensor | None = None
     ) -> PromptedBackboneOutput:
         """The read-out token's final state through the MIM head's layer norm, and the MIM head's prediction there
         when the layout has [MASK]."""
@@ -323,19 +378,21 @@ class PromptedBackbone(nn.Module):
         return PromptedBackboneOutput(
             readout_hidden_state=normed,
             visual_token_logits=token_logits,
-            hidden_states=all_hidden,
             readout_attention=attention,
         )
 
     # ------------------------------------------------------------------------------------- position biases
-    def layout_biases(self, layout: SequenceLayout, window: tuple[int, int]) -> tuple[BlockBiases | None, BlockBiases]:
-        """The biases of the blocks before the first prompted one (None when there are none) and from it on."""
+    def layout_biases(
+        self, layout: SequenceLayout, window: tuple[int, int], leading: int = 0
+    ) -> tuple[BlockBiases | None, BlockBiases]:
+        """The biases of the blocks before the first prompted one (None when there are none) and from it on, with the
+        prompts stored before CLS when `leading` is the number of prompts, after it when 0."""
         num_extra_before = 1 if layout.mask_token == "append" else 0
         mode, num_prompts = layout.extra_token_bias, layout.prompt_length
         before = None
         if layout.prompted_layers and layout.prompted_layers[0] > 0:
             before = self.position_biases(window, num_extra_before, mode)
-        return before, self.position_biases(window, num_extra_before + num_prompts, mode, leading=num_prompts)
+        return before, self.position_biases(window, num_extra_before + num_prompts, mode, leading=leading)
 
     def position_biases(self, window: tuple[int, int], num_extra: int, mode: str, leading: int = 0) -> BlockBiases:
         """Per-block attention bias, `(1, heads, L, L)` each, for a `window` patch grid with `num_extra` added tokens,
@@ -511,26 +568,37 @@ def documented_order(num_prompts: int, length: int) -> list[int]:
     return [num_prompts, *range(num_prompts), *range(num_prompts + 1, length)]
 
 
-def run_block(
-    layer: BeitLayer,
-    hidden: torch.Tensor,
-    bias: torch.Tensor | None,
-    query_index: int | None = None,
-    skip: int = 0,
-) -> torch.Tensor:
-    """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already).
+def insert_prompts(hidden: torch.Tensor, prompts: torch.Tensor, leading: bool, slots: int) -> torch.Tensor:
+    """`hidden` `(batch, L, D)` with `prompts` `(batch, P, D)` in place of its first `slots` prompt slots (none when
+    0): before CLS when `leading`, else right after it (the documented order)."""
+    if leading:
+        return torch.cat([prompts, hidden[:, slots:]], dim=1)  # (batch, P + 1 + 1? + N, D)
+    return torch.cat([hidden[:, :1], prompts, hidden[:, 1 + slots :]], dim=1)  # (batch, 1 + P + 1? + N, D)
 
-    Every token stays a key and value; outputs nobody reads are not computed, which is exact: with `query_index`,
-    only that token's output, `(batch, 1, D)`; with `skip`, every output but the first `skip` rows,
-    `(batch, L - skip, D)` (the prompt slots that the next block overwrites). `bias` holds the rows of the outputs
-    computed (`BlockBiases.rows`).
+
+def token_index(offset: int, num_prompts: int, leading: bool) -> int:
+    """Where the token at `offset` of `[CLS] + [MASK]? + patches` is once `num_prompts` prompts are in: all tokens
+    move when the prompts are stored before CLS, all but CLS when they follow it."""
+    return offset + num_prompts if leading or offset > 0 else offset
+
+
+def prompted_block(
+    layer: BeitLayer, hidden: torch.Tensor, bias: torch.Tensor | None, rows: slice, **kwargs
+) -> torch.Tensor:
+    """One BEiT block with an explicit attention bias (the layer's own bias is in `bias` already), computing the
+    outputs of the query tokens `rows` only: every token stays a key and value, so skipping outputs nobody reads is
+    exact.
+
+    `rows` all of them (`slice(0, L)`) gives `(batch, L, D)`, through the layer's own attention module (which takes
+    `kwargs`: transformers' `output_attentions`, ...); a single row, the read-out token alone, `(batch, 1, D)`;
+    `slice(skip, L)`, every output but the first `skip` rows (the prompt slots that the next block overwrites),
+    `(batch, L - skip, D)`. `bias` holds the rows of the outputs computed (`BlockBiases.rows`).
     """
     normed = layer.layernorm_before(hidden)
-    if query_index is None and not skip:
-        attention, _ = layer.attention(normed, attention_mask=bias)
+    if rows.start == 0 and rows.stop == hidden.shape[1]:
+        attention, _ = layer.attention(normed, attention_mask=bias, **kwargs)
         residual = hidden
     else:
-        rows = slice(query_index, query_index + 1) if query_index is not None else slice(skip, None)
         residual = hidden[:, rows]  # a view, no copy
         attention = partial_attention(layer.attention, normed, rows, bias)
     hidden = layer.drop_path(layer.lambda_1 * layer.dropout(attention)) + residual
@@ -579,6 +647,7 @@ def readout_attention_probs(
 __all__ = [
     "PromptedBackbone",
     "PromptedBackboneOutput",
+    "PromptedBeitLayer",
     "SequenceLayout",
     "backbone_fingerprint",
     "extend_relative_position_bias",

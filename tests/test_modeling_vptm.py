@@ -226,12 +226,13 @@ def test_training_and_serving_never_wait_for_the_device(fields, monkeypatch):
     assert [p.logits.shape for p in predictions] == [(4,)] * 4
 
 
-def test_output_hidden_states_has_prompted_sequence(pixel_values):
-    model = VPTMForImageClassification(vptm_config(prompt_layers=[1]))
+@pytest.mark.parametrize("prompt_layers, lengths", [([1], [27, 27, 30, 30]), ([0], [30, 30, 30, 30])])
+def test_output_hidden_states_has_prompted_sequence(pixel_values, prompt_layers, lengths):
+    """The input of the first block, as that block sees it, then each block's output: CLS + MASK + 25 patches before
+    the first prompted block, 3 prompts more from it on (the input of block 0 has them when block 0 is prompted)."""
+    model = VPTMForImageClassification(vptm_config(prompt_layers=prompt_layers))
     out = model(pixel_values, output_hidden_states=True)
-    lengths = [h.shape[1] for h in out.hidden_states]
-    # before block 1: CLS + MASK + 25 patches; prompts (3) inserted at block 1
-    assert lengths == [27, 27, 30, 30]
+    assert [h.shape[1] for h in out.hidden_states] == lengths
 
 
 # --------------------------------------------------------------------------------------------- training state
@@ -364,14 +365,18 @@ def test_readout_attention_matches_beit_attentions_without_prompts(backbone_dir,
 
 @pytest.mark.parametrize("fields", [{"prompt_layers": [1, 2]}, {"prompt_layers": [0]}, {"classifier": "linear_cls"}])
 def test_readout_attention_is_in_method_order(pixel_values, fields):
-    """The read-out row over [CLS] + P + [MASK]? + patches, recomputed from the last block's input by hand."""
+    """The read-out row over [CLS] + P + [MASK]? + patches, recomputed from the last block's input by hand, and so is
+    the last block's whole attention map (`output_attentions`, eager attention as with BEiT)."""
     model = VPTMForImageClassification(vptm_config(**fields)).eval()
+    model.set_attn_implementation("eager")
     with torch.no_grad():
         if model.task.prompt_embeddings is not None:
             model.task.prompt_embeddings.prompts.normal_()
         model.backbone.beit.shared_position_bias.relative_position_bias_table.normal_()
-        out = model(pixel_values, output_hidden_states=True, output_readout_attention=True)
+        out = model(pixel_values, output_hidden_states=True, output_attentions=True, output_readout_attention=True)
         attention = out.readout_attention
+        # skipping unread outputs (prompts stored before CLS), the read-out row is the same, in the same order
+        torch.testing.assert_close(model(pixel_values, output_readout_attention=True).readout_attention, attention)
         reads_mask = model.config.reads_mask_token
         extra = 3 + int(reads_mask)
         bias = extend_relative_position_bias(
@@ -388,6 +393,8 @@ def test_readout_attention_is_in_method_order(pixel_values, fields):
     assert attention.shape == (3, 2, 1 + extra + 25)
     torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2))
     torch.testing.assert_close(attention, expected[:, :, row], atol=1e-5, rtol=1e-5)
+    assert len(out.attentions) == 3 and out.attentions[-1].shape == (3, 2, 1 + extra + 25, 1 + extra + 25)
+    torch.testing.assert_close(out.attentions[-1], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_per_layer_relative_bias_backbone(tmp_path, pixel_values):
@@ -940,3 +947,106 @@ def test_checkpoints_saved_by_version_0_1_0_load_unchanged(name):
     model = VPTMForImageClassification.from_pretrained(folder)
     with torch.no_grad():
         torch.testing.assert_close(model(expected["pixel_values"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- transformers' contract, as BEiT's
+def eager_reference(backbone_dir) -> BeitForMaskedImageModeling:
+    return BeitForMaskedImageModeling.from_pretrained(backbone_dir, attn_implementation="eager").eval()
+
+
+def test_config_fields_given_to_from_pretrained_set_the_config_as_on_beit(backbone_dir, pixel_values, tmp_path):
+    reference = BeitForMaskedImageModeling.from_pretrained(backbone_dir, output_hidden_states=True)
+    assert reference.config.output_hidden_states
+    from_backbone(backbone_dir).save_pretrained(tmp_path / "prompts")  # names its backbone: task tensors only
+    VPTMForImageClassification(vptm_config()).save_pretrained(tmp_path / "full")  # holds the backbone too
+    for folder in ("prompts", "full"):
+        fields = dict(output_hidden_states=True, output_attentions=True, attn_implementation="eager")
+        for loaded in (
+            VPTMForImageClassification.from_pretrained(tmp_path / folder, **fields),
+            AutoModelForImageClassification.from_pretrained(tmp_path / folder, **fields),
+        ):
+            assert loaded.config.output_hidden_states and loaded.config.output_attentions, folder
+            with torch.no_grad():
+                out = loaded(pixel_values)
+            assert len(out.hidden_states) == 4 and len(out.attentions) == 3, folder
+    # an argument that is neither a config field nor a loading option is still refused by name
+    with pytest.raises(TypeError, match=r"cannot honour \['no_such_field'\]"):
+        VPTMForImageClassification.from_pretrained(tmp_path / "prompts", no_such_field=1)
+
+
+def test_the_config_output_flags_are_the_defaults_as_on_beit(backbone_dir, pixel_values):
+    model = from_backbone(backbone_dir).eval()
+    model.set_attn_implementation("eager")
+    for tested in (eager_reference(backbone_dir), model):
+        tested.config.output_hidden_states = tested.config.output_attentions = True
+        with torch.no_grad():
+            out = tested(pixel_values)
+            assert len(out.hidden_states) == 4 and len(out.attentions) == 3, type(tested).__name__
+            assert tested(pixel_values, output_hidden_states=False).hidden_states is None  # the argument wins
+    model.config.return_dict = False  # (BEiT's MIM model breaks on this one: its base model returns a tuple to it)
+    with torch.no_grad():
+        assert isinstance(model(pixel_values), tuple) and isinstance(model(pixel_values, return_dict=True).logits,
+                                                                     torch.Tensor)  # fmt: skip
+
+
+def test_hidden_states_chosen_by_index_as_on_beit(backbone_dir, pixel_values):
+    """`output_hidden_states=[0, -1]` picks states as transformers' output capturing picks them on BEiT: the same
+    entries set (in 5.25: those two of the four, the others `None`; earlier releases count differently)."""
+    picked = []
+    for tested in (eager_reference(backbone_dir), from_backbone(backbone_dir).eval()):
+        with torch.no_grad():
+            every = tested(pixel_values, output_hidden_states=True).hidden_states
+            chosen = tested(pixel_values, output_hidden_states=[0, -1]).hidden_states
+        # each entry: None, or the index of the state of the full run it is
+        index = [next((i for i, e in enumerate(every) if torch.equal(h, e)), "?") for h in chosen if h is not None]
+        picked.append([None if h is None else index.pop(0) for h in chosen])
+    assert picked[1] == picked[0] and "?" not in picked[1] and None in picked[1] and len(set(picked[1])) > 1, picked
+
+
+def test_the_base_model_is_a_pretrained_model_as_on_beit(backbone_dir, backbone, pixel_values, tmp_path):
+    from transformers import PreTrainedModel
+
+    reference = BeitForMaskedImageModeling.from_pretrained(backbone_dir)
+    reference.base_model.save_pretrained(tmp_path / "beit")
+    model = from_backbone(backbone_dir)
+    assert model.base_model is model.backbone and isinstance(model.base_model, PreTrainedModel)
+    model.base_model.save_pretrained(tmp_path / "base")
+    # what it saves is the frozen backbone, a BEiT MIM checkpoint: it loads as one, and prompts can be made on it
+    loaded = BeitForMaskedImageModeling.from_pretrained(tmp_path / "base")
+    expected = backbone.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(expected)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    again = VPTMForImageClassification.from_backbone(str(tmp_path / "base"), num_labels=4)
+    assert again.config.backbone_fingerprint == model.config.backbone_fingerprint
+
+
+def test_attention_maps_need_eager_attention_as_on_beit(backbone_dir, pixel_values):
+    reference = BeitForMaskedImageModeling.from_pretrained(backbone_dir).eval()
+    model = from_backbone(backbone_dir).eval()
+    assert model.config._attn_implementation == reference.config._attn_implementation == "sdpa"
+    with torch.no_grad():  # transformers' SDPA returns no attention maps (and warns that it does not)
+        assert len(model(pixel_values, output_attentions=True).attentions) == len(
+            reference(pixel_values, output_attentions=True).attentions
+        )
+
+
+def test_forward_hooks_see_each_block_once_also_under_gradient_checkpointing(backbone_dir, pixel_values, monkeypatch):
+    """Each block runs as a module, so its forward hooks (and transformers' output capturing) fire once per pass;
+    checkpointed, the block is recomputed in the backward pass without firing them again."""
+    import modeling_vptm.prompted_backbone as prompted_backbone
+
+    model = from_backbone(backbone_dir).train()
+    labels = torch.tensor([0, 1, 2])
+    seen, computed = [], []
+    for i, layer in enumerate(model.backbone.beit.layers):
+        layer.register_forward_pre_hook(lambda module, args, i=i: seen.append(i))
+    block = prompted_backbone.prompted_block
+    monkeypatch.setattr(prompted_backbone, "prompted_block", lambda *a, **kw: computed.append(1) or block(*a, **kw))
+    for checkpointing in (False, True):
+        seen.clear(), computed.clear()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(pixel_values, labels=labels).loss.backward()
+        assert seen == [0, 1, 2]
+        assert len(computed) == (6 if checkpointing else 3)  # checkpointed: each block once more, in the backward

@@ -30,7 +30,7 @@ from torch import nn
 from ..configuration_vptm import VPTMConfig
 from ..modeling_vptm import VPTMForImageClassification
 from ..prompted_backbone import PromptedBackbone, SequenceLayout
-from ..serving.multitask import MultiTaskVPTM
+from ..serving.multitask import READOUT_ONLY, MultiTaskVPTM
 from ..serving.processors import image_processor_of, same_image_processor
 from ..serving.task_names import check_task_name
 from ..standalone import copy_standalone
@@ -50,7 +50,7 @@ class TaskGraph(nn.Module):
         self.output_names = ["logits"] + (["visual_token_logits"] if model.task.layout.mask_token else [])
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(pixel_values)
+        out = self.model(pixel_values, **READOUT_ONLY)
         return (out.logits, out.visual_token_logits) if len(self.output_names) == 2 else (out.logits,)
 
 
@@ -70,7 +70,11 @@ class BackboneGraph(nn.Module):
         named = dict(zip(self.input_names[1:], task_tensors, strict=True))
         self.backbone.check_pixel_values(pixel_values)
         out = self.backbone(
-            pixel_values, self.layout, prompts=named.get("prompts"), mask_embeddings=named.get("mask_embedding")
+            pixel_values,
+            self.layout,
+            prompts=named.get("prompts"),
+            mask_embeddings=named.get("mask_embedding"),
+            **READOUT_ONLY,
         )
         if self.layout.mask_token:
             return out.readout_hidden_state, out.visual_token_logits

@@ -31,6 +31,10 @@ from ..prompted_backbone import PromptedBackbone, PromptedBackboneOutput, Sequen
 from ..vptm_task import VPTMTask, head_logits
 
 
+# A server reads the read-out fields only: no hidden states or attentions, whatever a shared model's config asks for
+READOUT_ONLY = {"output_hidden_states": False, "output_attentions": False, "return_dict": True}
+
+
 @dataclass
 class TaskPrediction:
     """What one image got under its task in a mixed batch.
@@ -203,6 +207,7 @@ class MultiTaskVPTM(nn.Module):
                 prompts=prompts,
                 mask_embeddings=mask,
                 output_readout_attention=output_readout_attention,
+                **READOUT_ONLY,
             )
             offset = 0
             for group in heads:  # each group's heads run once, on its tasks' images
