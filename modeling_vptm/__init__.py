@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 from .backbone_loading import load_mim_backbone
 from .configuration_vptm import VPTMConfig
 from .modeling_vptm import VPTMForImageClassification, VPTMImageClassifierOutput
+from .peft_classifier import PeftClassifier, PeftClassifierConfig
 from .prompted_backbone import PromptedBackbone, PromptedBackboneOutput, SequenceLayout, extend_relative_position_bias
 from .shipped import SHIPPED_BACKBONE, shipped_backbone_path
 from .vptm_task import PrototypicalVerbalizer, TaskHeadOutput, VPTMPromptEmbeddings, VPTMTask
@@ -37,6 +38,9 @@ __version__ = "0.2.0"
 AutoConfig.register("vptm", VPTMConfig, exist_ok=True)
 AutoModel.register(VPTMConfig, VPTMForImageClassification, exist_ok=True)
 AutoModelForImageClassification.register(VPTMConfig, VPTMForImageClassification, exist_ok=True)
+# a PEFT classifier run folder (--method lora / peft) loads through the Auto classes and pipeline too
+AutoConfig.register(PeftClassifierConfig.model_type, PeftClassifierConfig, exist_ok=True)
+AutoModelForImageClassification.register(PeftClassifierConfig, PeftClassifier, exist_ok=True)
 
 
 def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[Callable, Callable, list[str]]:

@@ -51,7 +51,9 @@ def backbone_config_fields(backbone_config, backbone_name_or_path: str, revision
     """The fields of a `VPTMConfig` for prompts on this backbone: its architecture, where it is loaded from, and
     the given VPTM fields (its own labels and head are not carried over)."""
     merged = backbone_config.to_dict()
-    for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version"):
+    # nor where the backbone was loaded from: a model built on it is no checkpoint of its own yet
+    for key in ("architectures", "auto_map", "id2label", "label2id", "num_labels", "transformers_version",
+                "_name_or_path"):  # fmt: skip
         merged.pop(key, None)
     merged.update(fields)
     merged.update(backbone_name_or_path=backbone_name_or_path, backbone_revision=revision)

@@ -27,12 +27,25 @@ sys.path.insert(0, REPO_ROOT)
 # the one way tests import the example scripts and the experiments: as top-level modules from their folders
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
-# the Hub code files: the package's root modules but __init__, which save_pretrained copies beside a prompt checkpoint
+# the Hub code files: the package's root modules but __init__, which save_pretrained copies beside a checkpoint
 HUB_CODE_FILES = sorted(
     name
     for name in os.listdir(os.path.join(REPO_ROOT, "modeling_vptm"))
     if name.endswith(".py") and name != "__init__.py"
 )
+
+
+def code_files(name: str) -> list[str]:
+    """The code files save_pretrained copies beside a checkpoint whose code is the root module `name`: that file and,
+    recursively, every file it imports relatively (found the way transformers finds them)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    code = os.path.join(REPO_ROOT, "modeling_vptm", name)
+    return sorted({os.path.basename(path) for path in [code, *get_relative_import_files(code)]})
+
+
+# what a prompt checkpoint carries
+PROMPT_CHECKPOINT_CODE = code_files("modeling_vptm.py")
 
 
 def tiny_beit_config(**overrides) -> BeitConfig:

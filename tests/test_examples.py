@@ -17,7 +17,7 @@ import pytest
 import run_classification  # noqa: E402
 import torch
 import yaml
-from conftest import HUB_CODE_FILES, REPO_ROOT, FakeHub
+from conftest import PROMPT_CHECKPOINT_CODE, REPO_ROOT, FakeHub
 from PIL import Image
 from safetensors import safe_open
 
@@ -247,7 +247,7 @@ def test_pushed_checkpoint_on_a_pushed_backbone_loads_with_transformers_only(tmp
     remote = tmp_path / "remote" / "vptm-tests/fashion-prompts"
     uploaded = sorted(os.listdir(remote))
     assert uploaded == sorted(["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
-                               *HUB_CODE_FILES])  # fmt: skip
+                               *PROMPT_CHECKPOINT_CODE])  # fmt: skip
     assert results["pushed_files"] == uploaded and results["pushed_commit"] == f"{2:040x}"
     # the pushed config names the Hub copy; the local folder keeps the packaged name it was trained on
     pushed = json.load(open(remote / "config.json"))

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import HUB_CODE_FILES, make_backbone, tiny_beit_config
+from conftest import PROMPT_CHECKPOINT_CODE, make_backbone, tiny_beit_config
 from safetensors import safe_open
 from transformers import (
     AutoModelForImageClassification,
@@ -663,7 +663,7 @@ def test_save_writes_only_task_tensors_and_reloads_exactly(backbone_dir, pixel_v
         expected = model(pixel_values).logits
     model.save_pretrained(tmp_path / "prompts")
     files = sorted(os.listdir(tmp_path / "prompts"))
-    assert files == sorted(["config.json", "model.safetensors", *HUB_CODE_FILES])
+    assert files == sorted(["config.json", "model.safetensors", *PROMPT_CHECKPOINT_CODE])
     with safe_open(str(tmp_path / "prompts" / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(model.task_state_dict())
     config = json.loads((tmp_path / "prompts" / "config.json").read_text())

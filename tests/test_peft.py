@@ -17,9 +17,10 @@ import pytest
 import run_classification  # noqa: E402
 import torch
 import yaml
-from conftest import REPO_ROOT, FakeHub, make_backbone
+from conftest import REPO_ROOT, FakeHub, code_files, make_backbone
 from PIL import Image
 from safetensors import safe_open
+from transformers import AutoModelForImageClassification
 
 
 peft = pytest.importorskip("peft")
@@ -66,11 +67,17 @@ def shipped_pixels(count: int = 4) -> torch.Tensor:
     return torch.randn(count, 3, 28, 28, generator=torch.Generator().manual_seed(3))
 
 
-def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path):
+def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path, caplog):
     results = run(tmp_path, "--method", "lora")
     files = set(os.listdir(tmp_path))
-    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "preprocessor_config.json"} <= files
-    assert "config.json" not in files and "model.safetensors" not in files  # an adapter, not a model
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "preprocessor_config.json"} <= files
+    assert set(code_files("peft_classifier.py")) <= files  # for trust_remote_code
+    assert "model.safetensors" not in files and "labels.json" not in files  # an adapter and its labels, not a model
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model_type"] == "vptm_peft_classifier" and config["auto_map"] == {
+        "AutoConfig": "peft_classifier.PeftClassifierConfig",
+        "AutoModelForImageClassification": "peft_classifier.PeftClassifier",
+    }
     adapter = json.load(open(tmp_path / "adapter_config.json"))
     # --method lora's targets, chosen on validation: the attention's four projections and the MLP's two layers
     assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == sorted(
@@ -85,8 +92,9 @@ def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path):
     metadata = card_metadata(tmp_path)
     assert metadata["library_name"] == "peft" and {"lora", "peft"} <= set(metadata["tags"])
 
-    # PEFT's own loading, on the base model built with the saved labels, and the package's, agree exactly
-    id2label = {int(k): v for k, v in json.load(open(tmp_path / "labels.json"))["id2label"].items()}
+    # PEFT's own loading, on the base model built with the saved labels, the package's, and the Auto classes' and
+    # pipeline's (config.json), agree exactly; a correct load reports nothing missing
+    id2label = {int(k): v for k, v in config["id2label"].items()}
     from transformers import BeitForImageClassification
 
     base = BeitForImageClassification.from_pretrained(shipped_backbone_path(SHIPPED_BACKBONE), id2label=id2label)
@@ -94,10 +102,20 @@ def test_lora_run_saves_peft_files_that_reload_to_equal_logits(tmp_path):
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     by_auto_peft = peft.AutoPeftModel.from_pretrained(str(tmp_path), **labels).eval()  # the base class it recorded
     ours = load_peft_classifier(str(tmp_path))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        auto = AutoModelForImageClassification.from_pretrained(str(tmp_path))
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage() or "newly initialized" in r.getMessage()]
+    assert type(auto).__name__ == "BeitForImageClassification" and auto.config.id2label == id2label
     pixels = shipped_pixels()
     with torch.no_grad():
         expected = by_peft(pixel_values=pixels).logits
         assert torch.equal(ours(pixel_values=pixels).logits, expected)
+        assert torch.equal(auto(pixel_values=pixels).logits, expected)
+    with pytest.MonkeyPatch.context() as without_peft:  # a folder that cannot load here: one sentence saying what can
+        without_peft.setitem(sys.modules, "peft", None)
+        with pytest.raises(ImportError, match=r"is a PEFT adapter, which needs PEFT: pip install peft"):
+            AutoModelForImageClassification.from_pretrained(str(tmp_path))
         assert torch.equal(by_auto_peft(pixel_values=pixels).logits, expected)
     assert ours.config.id2label == id2label and len(id2label) == 10
 
@@ -126,10 +144,49 @@ def test_lora_predicts_through_pipeline_and_predict_py(tmp_path, capsys):
 
     from transformers import pipeline
 
-    model = load_classifier(str(tmp_path / "model"))
-    classifier = pipeline("image-classification", model=model, image_processor=str(tmp_path / "model"))
+    classifier = pipeline("image-classification", model=str(tmp_path / "model"))  # the run folder, as it is
     top = classifier([Image.open(queries / "a_dark.png"), Image.open(queries / "b_bright.png")], top_k=1)
     assert [t[0]["label"] for t in top] == ["dark", "bright"]
+
+
+def test_pipeline_on_a_lora_run_folder_gives_the_runs_test_accuracy(tmp_path, caplog):
+    """`pipeline("image-classification", model=run_folder)`, the usual way to use a PEFT adapter folder, classifies
+    the run's test images as the run scored them (to rounding: the run's uint8 data path and the image processor's
+    differ in the last bits, which can flip a near-tie), and prints nothing about tensors missing."""
+    from transformers import pipeline
+
+    results = run_classification.main(
+        [
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--method",
+            "lora",
+            "--max_train_samples",
+            "200",
+            "--max_eval_samples",
+            "60",
+            "--num_train_epochs",
+            "3",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "true",
+            "--do_eval",
+            "false",
+        ]
+    )
+    data_args = run_classification.DataTrainingArguments(max_train_samples=200, max_eval_samples=60)
+    seed = run_classification.VPTMTrainingArguments("unused").seed  # the run's, which drew its test subset
+    test = run_classification.load_data(data_args, run_classification.ModelArguments(), seed)["test"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        classifier = pipeline("image-classification", model=str(tmp_path / "run"))
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage() or "newly initialized" in r.getMessage()]
+    names = test.features["label"].names
+    top = classifier([image.convert("RGB") for image in test["image"]], top_k=1)
+    accuracy = float(np.mean([t[0]["label"] == names[label] for t, label in zip(top, test["label"], strict=True)]))
+    assert results["eval_split"] == "test" and results["eval_images"] == 60
+    assert abs(accuracy - results["accuracy"]) <= 1 / 60, (accuracy, results["accuracy"])  # one image at most
 
 
 def test_any_peft_config_trains_and_saves_its_adapter(tmp_path):
@@ -288,17 +345,27 @@ def test_vptm_lora_refuses_another_backbone_and_needs_peft(vptm_lora, tmp_path, 
         VPTMForImageClassification.from_pretrained("me/task", cache_dir=str(tmp_path / "hf" / "hub"))
 
 
-def test_vptm_lora_method_runs_saves_and_reloads(tmp_path):
+def test_vptm_lora_method_runs_saves_and_reloads(tmp_path, capfd):
     results = run(tmp_path, "--method", "vptm_lora", "--prompt_length", "2", "--lora_r", "2")
+    # saving the adapter (each checkpoint and the final one) is right, and says nothing that suggests otherwise
+    assert "to instantiate a model of type" not in capfd.readouterr().err
     files = set(os.listdir(tmp_path))
     assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= files
     adapter = json.load(open(tmp_path / "adapter_config.json"))
     assert adapter["r"] == 2 and adapter["modules_to_save"] == ["task"]
+    assert adapter["base_model_name_or_path"] == str(tmp_path)  # its base: the prompt checkpoint beside it
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]  # vptm_lora's own default
     assert card_metadata(tmp_path)["library_name"] == "peft"
     rescored = run_classification.main(["--output_dir", str(tmp_path), *TINY, "--method", "vptm_lora",
                                         "--prompt_length", "2", "--lora_r", "2", "--do_train", "false"])  # fmt: skip
     assert rescored["accuracy"] == results["accuracy"]
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(tmp_path))  # the run folder, PEFT's usual way
+    pixels = shipped_pixels()
+    with torch.no_grad():
+        expected = load_classifier(str(tmp_path))(pixels).logits
+        assert torch.equal(classifier.model(pixels).logits, expected)
 
 
 def test_apply_peft_adds_the_head_and_refuses_by_name(backbone_dir):
@@ -342,10 +409,11 @@ def test_pushed_adapter_loads_by_repo_id_at_its_commit(tmp_path, monkeypatch, me
     remote = tmp_path / "remote" / repo
     adapter = json.load(open(remote / "adapter_config.json"))
     if method == "lora":
-        assert sorted(os.listdir(remote)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                              "labels.json", "preprocessor_config.json"]  # fmt: skip
+        assert sorted(os.listdir(remote)) == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "config.json", "preprocessor_config.json",
+                                                     *code_files("peft_classifier.py")])  # fmt: skip
         assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("vptm-tests/tiny-beit", backbone_commit)
-        assert "load_peft_classifier" in open(remote / "README.md").read()
+        assert "pipeline(" in open(remote / "README.md").read()
     else:  # the adapter's base is the VPTM checkpoint in the same repository, which names the Hub backbone
         assert adapter["base_model_name_or_path"] == repo and "config.json" in os.listdir(remote)
         assert json.load(open(remote / "config.json"))["backbone_name_or_path"] == "vptm-tests/tiny-beit"

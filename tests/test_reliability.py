@@ -15,7 +15,7 @@ import numpy as np
 import predict  # noqa: E402
 import pytest
 import torch
-from conftest import HUB_CODE_FILES, REPO_ROOT, Exploit
+from conftest import HUB_CODE_FILES, REPO_ROOT, Exploit, code_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -301,28 +301,23 @@ def test_config_limits(backbone_dir, pixel_values, fields):
 
 
 # ------------------------------------------------------------------------------------------------------- security
-def hub_files() -> list[str]:
-    """The files save_pretrained copies beside a prompt checkpoint: modeling_vptm.py and, recursively, every file it
-    imports relatively (found the way transformers finds them)."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    modeling = os.path.join(REPO_ROOT, "modeling_vptm", "modeling_vptm.py")
-    return sorted({os.path.basename(path) for path in [modeling, *get_relative_import_files(modeling)]})
-
-
-HUB_FILES = hub_files()
+# what a prompt checkpoint carries, and what a PEFT classifier run folder carries
+HUB_FILES = sorted(set(code_files("modeling_vptm.py")) | set(code_files("peft_classifier.py")))
 
 
 def test_hub_files_are_the_package_root():
-    """The files a prompt checkpoint carries are exactly the package's root modules (but __init__): the model, its
-    parts, the config and its checkpoint IO; nothing of training, serving or deployment."""
+    """The files a prompt checkpoint or a PEFT classifier folder carries are exactly the package's root modules (but
+    __init__): the model, its parts, the config, their checkpoint IO; nothing of training, serving or deployment."""
     assert HUB_FILES == HUB_CODE_FILES
-    assert {"configuration_vptm.py", "modeling_vptm.py", "prompted_backbone.py", "vptm_task.py"} <= set(HUB_FILES)
+    assert {"configuration_vptm.py", "modeling_vptm.py", "prompted_backbone.py", "vptm_task.py"} <= set(
+        code_files("modeling_vptm.py")
+    )
+    assert "modeling_vptm.py" not in code_files("peft_classifier.py")
 
 
 # the standard modules the Hub files import at module level: each loaded with Python itself, none with side effects
-HUB_FILE_MODULES = ("errno", "hashlib", "json", "math", "os", "re", "shutil", "socket", "stat", "struct", "sys",
-                    "tempfile", "torch")  # fmt: skip
+HUB_FILE_MODULES = ("contextlib", "errno", "hashlib", "json", "math", "os", "re", "shutil", "socket", "stat",
+                    "struct", "sys", "tempfile", "torch")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", HUB_FILES)

@@ -150,7 +150,11 @@ def push_checkpoint(
     with tempfile.TemporaryDirectory(prefix="vptm-push-") as staging:
         for name in files:
             shutil.copy(os.path.join(out, name), os.path.join(staging, name))
-        has_config, has_adapter = (name in files for name in ("config.json", ADAPTER_CONFIG))
+        has_adapter = ADAPTER_CONFIG in files
+        # a prompt checkpoint names its backbone in its config (a PEFT classifier's config holds only labels)
+        has_config = "config.json" in files and json.load(open(os.path.join(out, "config.json"))).get(
+            "model_type"
+        ) == ("vptm")
         if backbone_hub_id and has_config:
             point_at_hub_backbone(staging, backbone_hub_id, backbone_hub_revision)
         if has_config and has_adapter:

@@ -119,7 +119,7 @@ def card_contents(info: CardInfo) -> str:
         return (
             f"It is a PEFT adapter ({info.trainable_parameters:,d} trainable parameters, {info.checkpoint_bytes:,d} "
             f"bytes): the adapter's tensors and the classification head, on `BeitForImageClassification` built from "
-            f"`{info.backbone}`; `labels.json` holds the class names."
+            f"`{info.backbone}`; `config.json` holds the class names."
         )
     return (
         f"It holds only the task's small tensors ({info.trainable_parameters:,d} trainable parameters, "
@@ -147,15 +147,16 @@ imported (`import modeling_vptm`), the same calls work without `trust_remote_cod
     "peft": """```python
 from transformers import pipeline
 
-from modeling_vptm.training import load_peft_classifier  # the vptm package, and peft
-
-model = load_peft_classifier("{repo_id}", revision="{revision}")  # the base model, its labels, then the adapter
-classifier = pipeline("image-classification", model=model, image_processor="{repo_id}")
+classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True, revision="{revision}")
 print(classifier("image.png", top_k=3))
 ```
 
-Without vptm: `peft.PeftModel.from_pretrained(base, "{repo_id}")`, where `base` is
-`BeitForImageClassification.from_pretrained(<the backbone>, id2label=...)` with the labels of `labels.json`.""",
+`config.json` holds the class names and maps the Auto classes to `peft_classifier.py`, which builds the base model the
+adapter names with those labels and puts the adapter on it with PEFT's own loading (PEFT must be installed). Pin
+`revision` to a commit you have read: remote code runs on your machine; with the vptm package installed and imported
+(`import modeling_vptm`), no remote code is needed. Without either: `peft.PeftModel.from_pretrained(base,
+"{repo_id}")`, where `base` is `BeitForImageClassification.from_pretrained(<the backbone>, id2label=...)` with the
+labels of `config.json`.""",
 }
 
 

@@ -9,12 +9,14 @@ from the MIM checkpoint; PEFT's methods put an adapter on one of those (`add_ada
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..configuration_vptm import VPTMConfig
 from ..modeling_vptm import VPTMForImageClassification
+from ..peft_classifier import save_peft_classifier_config
 from .peft_methods import (
     ATTENTION_AND_MLP,
     QUERY_VALUE,
@@ -22,7 +24,6 @@ from .peft_methods import (
     classifier_from_mim,
     lora_config,
     read_peft_config,
-    save_labels,
 )
 
 
@@ -70,16 +71,21 @@ def save_model(trainer: Trainer, model_args: ModelArguments, id2label: dict[int,
 
 
 def save_peft_classifier(trainer: Trainer, model_args: ModelArguments, id2label: dict[int, str]) -> None:
-    """PEFT's adapter folder, and the labels its head was trained on (the folder has no config.json to hold them)."""
+    """PEFT's adapter folder, and the config.json (the labels its head was trained on) that makes it load through the
+    Auto classes and `pipeline` (`peft_classifier.PeftClassifier`)."""
     trainer.save_model()
     if trainer.is_world_process_zero():
-        save_labels(trainer.args.output_dir, id2label)
+        save_peft_classifier_config(trainer.args.output_dir, id2label)
 
 
 def save_vptm_with_adapter(trainer: Trainer, model_args: ModelArguments, id2label: dict[int, str]) -> None:
-    """The VPTM prompt checkpoint the adapter goes on (its original task), then the adapter beside it."""
+    """The VPTM prompt checkpoint the adapter goes on (its original task), then the adapter beside it, naming that
+    checkpoint as its base."""
+    output_dir = os.path.abspath(trainer.args.output_dir)
     if trainer.is_world_process_zero():
-        trainer.model.get_base_model().save_pretrained(trainer.args.output_dir)
+        trainer.model.get_base_model().save_pretrained(output_dir)
+    for config in trainer.model.peft_config.values():
+        config.base_model_name_or_path = output_dir
     trainer.save_model()
 
 
@@ -95,8 +101,8 @@ class Method:
         build: its model, untrained, from the arguments and the labels (before a PEFT adapter is added).
         save: writes the trained model into the run's folder.
         peft: whether it trains a PEFT adapter (`add_adapter` puts it on the built model).
-        peft_classifier: whether its base is `BeitForImageClassification` (a folder of PEFT's files and labels.json,
-            no config.json); vptm_lora's base is a VPTM prompt checkpoint.
+        peft_classifier: whether its base is `BeitForImageClassification` (a folder of PEFT's files and a config.json
+            of the labels, `peft_classifier.PeftClassifierConfig`); vptm_lora's base is a VPTM prompt checkpoint.
         prompt_layers: where its prompts go unless `--prompt_layers` says (prompt methods only).
         lora_targets: the modules its LoRA adapts unless `--lora_target_modules` says (LoRA methods only).
     """

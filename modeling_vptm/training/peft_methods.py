@@ -7,8 +7,11 @@ register itself there. It meets PEFT users two ways:
 * **PEFT as a baseline.** LoRA (or any PEFT config: LoHa, IA3, BOFT, ...) on `BeitForImageClassification`
   initialised from the same MIM checkpoint as VPTM's backbone, with a fresh classification head trained and saved in
   full (`modules_to_save`). What is saved is what PEFT writes (`adapter_config.json`, `adapter_model.safetensors`),
-  plus `labels.json`: the adapter folder has no `config.json` (a folder that has one is taken by transformers for a
-  model with its own weights), so the class names the head was trained on are kept there.
+  plus a `config.json` of the class names the head was trained on that maps the Auto classes to
+  `peft_classifier.PeftClassifier`: `AutoModelForImageClassification.from_pretrained(folder)` and
+  `pipeline("image-classification", model=folder)` then build the base model with those labels and put the adapter
+  on it (transformers alone, given a folder with a config.json and an adapter, would look for the base's weights in
+  the folder).
 * **PEFT on top of VPTM.** LoRA in the frozen backbone's attention and the VPTM task (`modules_to_save=["task"]`)
   trained together. The folder holds the VPTM prompt checkpoint of the untrained task (the base, whose loading
   rebuilds the backbone and checks its fingerprint) and the adapter (LoRA tensors and the trained task); loading the
@@ -28,13 +31,16 @@ import os
 import torch
 from transformers import BeitForImageClassification, PreTrainedModel
 
+from .. import peft_classifier
 from ..adapter_io import ADAPTER_CONFIG
 from ..backbone_loading import load_mim_backbone
+from ..peft_classifier import PeftClassifierConfig
 
 
 logger = logging.getLogger(__name__)
 
 PEFT_INSTALL = 'pip install peft (the peft extra: pip install -e ".[peft]" in a checkout)'
+# where a PEFT classifier saved before 0.2 kept its labels (now in its config.json)
 LABELS_FILE = "labels.json"
 # BEiT's linear layers in transformers 5: the attention's query and value projections (LoRA's classic targets), all
 # four of its projections, and those with the MLP's two layers
@@ -176,12 +182,6 @@ def check_every_target_matched(peft_model, peft_config, source: str, kind: str, 
         )
 
 
-def save_labels(folder: str | os.PathLike, id2label: dict[int, str]) -> None:
-    with open(os.path.join(folder, LABELS_FILE), "w") as f:
-        json.dump({"id2label": {str(k): v for k, v in id2label.items()}}, f, indent=2)
-        f.write("\n")
-
-
 def repo_file(name_or_path: str, filename: str, revision: str | None = None, **hub_kwargs) -> str | None:
     """The path of `filename` in a folder or Hub repository (downloaded into the cache), or None when it has none."""
     if os.path.isdir(name_or_path):
@@ -194,7 +194,15 @@ def repo_file(name_or_path: str, filename: str, revision: str | None = None, **h
 
 
 def read_labels(name_or_path: str, revision: str | None = None, **hub_kwargs) -> dict[int, str] | None:
-    """`id2label` of a PEFT classifier (folder or Hub id), or None when it has no `labels.json`."""
+    """`id2label` of a PEFT classifier (folder or Hub id): its config.json's, or, for a folder saved before 0.2,
+    its `labels.json`'s; None when it is no PEFT classifier."""
+    config = repo_file(name_or_path, "config.json", revision, **hub_kwargs)
+    if config is not None:
+        with open(config) as f:
+            fields = json.load(f)
+        if fields.get("model_type") != PeftClassifierConfig.model_type:
+            return None
+        return {int(k): v for k, v in fields["id2label"].items()}
     path = repo_file(name_or_path, LABELS_FILE, revision, **hub_kwargs)
     if path is None:
         return None
@@ -207,36 +215,25 @@ def load_peft_classifier(
 ) -> PreTrainedModel:
     """A PEFT classifier saved by this package (folder or Hub id): the base model its adapter names, at the revision
     it names, built with the saved labels (`id2label` when already read), then the adapter (its tensors and the head)
-    on it. The result is a transformers model (what `pipeline("image-classification", model=...)` takes), in eval
-    mode."""
-    from transformers import AutoModelForImageClassification
-
-    peft = require_peft(f"the PEFT classifier {name_or_path}")
+    on it (`peft_classifier.load_peft_classifier`). The result is a transformers model (what
+    `pipeline("image-classification", model=...)` takes), in eval mode. Folders saved since 0.2 also load with
+    `AutoModelForImageClassification.from_pretrained` and `pipeline(model=folder)` directly."""
+    require_peft(f"the PEFT classifier {name_or_path}")
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
     id2label = id2label or read_labels(name_or_path, revision=revision, **hub)
-    config_path = repo_file(name_or_path, ADAPTER_CONFIG, revision, **hub)
-    if id2label is None or config_path is None:
+    if id2label is None or repo_file(name_or_path, ADAPTER_CONFIG, revision, **hub) is None:
         raise ValueError(
-            f"{name_or_path} holds no {LABELS_FILE} and {ADAPTER_CONFIG}: it is not a PEFT classifier saved by vptm "
-            "(load a PEFT adapter of your own with peft.PeftModel.from_pretrained on its base model)"
+            f"{name_or_path} holds no {ADAPTER_CONFIG} with a PEFT classifier's config.json (or, before 0.2, "
+            f"{LABELS_FILE}): it is not a PEFT classifier saved by vptm (load a PEFT adapter of your own with "
+            "peft.PeftModel.from_pretrained on its base model)"
         )
-    with open(config_path) as f:
-        adapter = json.load(f)
-    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    base_kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
-    model = AutoModelForImageClassification.from_pretrained(
-        adapter["base_model_name_or_path"], revision=adapter.get("revision"), **labels, **base_kwargs
-    )
-    # PEFT's own loading, into the model itself (transformers' `load_adapter` left the head in `modules_to_save` at
-    # its initial values in some releases, 5.17 among them: other logits, no error)
-    peft.PeftModel.from_pretrained(model, name_or_path, revision=revision, **hub)
-    return model.eval()
+    return peft_classifier.load_peft_classifier(name_or_path, id2label, revision=revision, **hub)
 
 
 def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:
-    """Any classifier this package trains, by folder or Hub id: a PEFT classifier (`labels.json` beside its adapter)
-    through `load_peft_classifier`, anything else (prompt checkpoints, vptm_lora, full weights) through
-    `AutoModelForImageClassification`."""
+    """Any classifier this package trains, by folder or Hub id, through `AutoModelForImageClassification` (prompt
+    checkpoints, vptm_lora, full weights, PEFT classifiers), a PEFT classifier saved before 0.2 (`labels.json` beside
+    its adapter) through `load_peft_classifier`."""
     from transformers import AutoModelForImageClassification
 
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
