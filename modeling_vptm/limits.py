@@ -38,6 +38,10 @@ MAX_IMAGE_FILE_BYTES = 64 * 2**20
 # are decoded at a reduced scale when the model needs fewer pixels, and count as decoded)
 MAX_IMAGES = 64
 MAX_REQUEST_PIXELS = 16 * MAX_PIXELS
+# a request's body, read by the Ray Serve application (the endpoints' toolkit bounds its own)
+MAX_REQUEST_BYTES = 64 * 2**20
+# the tasks one request of a many-task server may name (each of its images runs under each)
+MAX_TASKS_PER_REQUEST = 64
 
 # ---------------------------------------------------------------------------------------------------- messages
 # items a message lists before "... and N more"
@@ -62,7 +66,9 @@ __all__ = [
     "MAX_PIXELS",
     "MAX_PROTOTYPES_PER_CLASS",
     "MAX_PROTOTYPE_DIM",
+    "MAX_REQUEST_BYTES",
     "MAX_REQUEST_PIXELS",
+    "MAX_TASKS_PER_REQUEST",
     "MAX_TASK_PARAMETERS",
     "PROMPT_LENGTH_FACTOR",
     "listed",

@@ -39,18 +39,17 @@ import re
 import shutil
 import tempfile
 
-import torch
-
 from ..atomic_write import write_atomically
 from ..hub_names import is_hub_id
 from ..serving.multitask import MultiTaskVPTM
 from ..serving.processors import processor_size, same_image_processor
+from ..serving.service import TaskService
+from ..serving.task_cache import TaskSources
 from ..serving.task_names import check_task_name
 from ..shipped import SHIPPED_PREFIX, is_shipped_name
 from ..standalone import ENDPOINT_FILES, copy_standalone
 from ..standalone.endpoint_requests import ENDPOINT_CONFIG, RequestHandler, read_endpoint_config
 from ..standalone.onnx_endpoint import OnnxEndpointHandler
-from ..standalone.predictions import top_predictions
 
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the modeling_vptm folder
@@ -99,8 +98,8 @@ __all__ = ["EndpointHandler"]
 }
 
 
-class EndpointHandler(RequestHandler):
-    """The PyTorch handler: every task of the repository at `path` on one `MultiTaskVPTM`."""
+class EndpointHandler(TaskService):
+    """The PyTorch handler: every task of the repository at `path` on one `MultiTaskVPTM`, all loaded at start."""
 
     def __init__(self, path: str = "", device: str | None = None) -> None:
         path = path or "."
@@ -114,20 +113,16 @@ class EndpointHandler(RequestHandler):
 
             first = VPTMConfig.from_pretrained(next(iter(self.folders.values())))
             backbone, revision = first.backbone_name_or_path, first.backbone_revision
-        self.server = MultiTaskVPTM(backbone, revision=revision)
-        for name, folder in self.folders.items():
-            self.server.add_task(name, folder)
+        server = MultiTaskVPTM(backbone, revision=revision)
+        # the repository's tasks, every one loaded now (a task that does not load stops the endpoint from starting)
+        super().__init__(server, TaskSources(self.folders), processor=None, cache_bytes=2**63, device=device)
+        errors = self.cache.ensure(self.folders)
+        if errors:
+            name, message = next(iter(errors.items()))
+            raise ValueError(f"task {name!r} of the endpoint repository does not load: {message}")
         configs = {name: task.config for name, task in self.server.tasks.items()}
         self.processor = same_image_processor(self.folders, configs)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.server.to(self.device)
-        self.tasks = list(self.server.tasks)
         self.image_size = processor_size(self.processor)
-
-    def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
-        pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(self.device)
-        predictions = self.server.predict(pixel_values, tasks)  # one pass per layout, each image its task's tokens
-        return [top_predictions(p.logits.float().cpu().numpy(), p.id2label, top_k)[0] for p in predictions]
 
 
 def load_endpoint(path: str) -> RequestHandler:

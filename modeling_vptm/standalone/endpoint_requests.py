@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 
 try:
@@ -45,33 +46,61 @@ def read_endpoint_config(path: str) -> dict:
         return json.load(f)
 
 
+@dataclass
+class ParsedRequest:
+    """A request read and checked: its images decoded (or the error of each that was not), and the `(image, task)`
+    rows to classify."""
+
+    single: bool
+    tasks: list[str]
+    top_k: int
+    answers: list  # one per input: None until answered, or its error
+    rows: list[tuple[int, object, str]] = field(default_factory=list)  # (input index, image, task)
+
+
+def error_answer(error: Exception) -> dict:
+    """What a request that provoked `error` gets: `{"error": message}` (a KeyError's str() is its message quoted)."""
+    if isinstance(error, KeyError) and error.args:
+        return {"error": str(error.args[0])}
+    if isinstance(error, (ValueError, TypeError, KeyError)):
+        return {"error": str(error)}
+    return {"error": f"{type(error).__name__}: {error}"}  # unexpected: the caller logs the traceback
+
+
 class RequestHandler:
-    """What both backends share: `__call__(data)` answers one deserialised request body, or `{"error": message}`.
+    """What every server shares: `__call__(data)` answers one deserialised request body, or `{"error": message}`.
 
     Subclasses set `tasks` (the task names) and `image_size` (their image processor's resize setting, so that images
     are decoded no larger than the model needs), and implement `classify(images, tasks, top_k)`: the top-k
-    `{"label", "score"}` list of each `(image, task)` pair, computed in one batch. Each request's images share one
-    `PixelBudget` of `request_pixels` decoded pixels.
+    `{"label", "score"}` list of each `(image, task)` pair, computed in one batch (or `{"error": message}` for a pair
+    that could not be). Each request's images share one `PixelBudget` of `request_pixels` decoded pixels. A server
+    that classifies asynchronously uses `parse` and `assemble` around its own classification.
     """
 
     tasks: list[str]
     image_size: dict | None = None
     request_pixels: int = PixelBudget().total
 
-    def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict]]:
+    def classify(self, images: list, tasks: list[str], top_k: int) -> list[list[dict] | dict]:
         raise NotImplementedError
 
     def __call__(self, data: dict) -> list | dict:
         try:
             return self.answer(data)
-        except (ValueError, KeyError, TypeError) as error:
-            # a KeyError's str() is its message in quotes
-            return {"error": str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)}
-        except Exception as error:  # anything else a request provokes still gets an answer, not a dead worker
-            logger.exception("request failed")  # unexpected: the traceback goes to the endpoint's logs
-            return {"error": f"{type(error).__name__}: {error}"}
+        except Exception as error:  # anything a request provokes gets an answer, not a dead worker
+            if not isinstance(error, (ValueError, KeyError, TypeError)):
+                logger.exception("request failed")  # unexpected: the traceback goes to the server's logs
+            return error_answer(error)
 
     def answer(self, data: dict) -> list | dict:
+        request = self.parse(data)
+        rows = request.rows
+        tops = self.classify([image for _, image, _ in rows], [task for _, _, task in rows], request.top_k)
+        return self.assemble(request, tops)
+
+    def parse(self, data: dict) -> ParsedRequest:
+        """The request's parameters checked and its images decoded; a `ValueError` for a request that is wrong as a
+        whole, an error in its answer for an input that is."""
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError(f'the request body must be {{"inputs": ..., "parameters": {{...}}}}, got {data!r:.80}')
         parameters = data.get("parameters") or {}
@@ -91,22 +120,25 @@ class RequestHandler:
         inputs = [inputs] if single else inputs
         if not 1 <= len(inputs) <= MAX_IMAGES:
             raise ValueError(f"inputs must hold 1 to {MAX_IMAGES} images, got {len(inputs)}")
-        answers: list = [None] * len(inputs)
-        images, rows = [], []  # one row per (image, task) pair: all in one batch
+        request = ParsedRequest(single, tasks, top_k, answers=[None] * len(inputs))
         budget = PixelBudget(self.request_pixels)
         for index, item in enumerate(inputs):
             try:
                 # a request never opens the server's files; its images share one budget of decoded pixels
-                images.append(read_image(item, allow_paths=False, size=self.image_size, budget=budget))
+                image = read_image(item, allow_paths=False, size=self.image_size, budget=budget)
             except ValueError as error:
-                answers[index] = {"error": f"input {index}: {error}" if not single else str(error)}
+                request.answers[index] = {"error": f"input {index}: {error}" if not single else str(error)}
                 continue
-            rows += [(index, images[-1], task) for task in tasks]
-        if rows:
-            tops = self.classify([image for _, image, _ in rows], [task for _, _, task in rows], top_k)
-            for (index, _, task), top in zip(rows, tops, strict=True):
-                answers[index] = top if len(tasks) == 1 else {**(answers[index] or {}), task: top}
-        return answers[0] if single else answers
+            request.rows += [(index, image, task) for task in tasks]  # one row per (image, task): all in one batch
+        return request
+
+    def assemble(self, request: ParsedRequest, tops: list[list[dict] | dict]) -> list | dict:
+        """The answer, shaped as `pipeline("image-classification")` answers: each row's top-k (or error) in its input's
+        place, by task when several were asked for."""
+        answers = request.answers
+        for (index, _, task), top in zip(request.rows, tops, strict=True):
+            answers[index] = top if len(request.tasks) == 1 else {**(answers[index] or {}), task: top}
+        return answers[0] if request.single else answers
 
     def check_tasks(self, tasks) -> list[str]:
         """The tasks asked for (a list, or a comma-separated string as query parameters give it); all by default."""
@@ -125,4 +157,4 @@ class RequestHandler:
         return list(dict.fromkeys(tasks))
 
 
-__all__ = ["RequestHandler", "check_top_k", "read_endpoint_config"]
+__all__ = ["ParsedRequest", "RequestHandler", "check_top_k", "error_answer", "read_endpoint_config"]

@@ -1,0 +1,171 @@
+"""The Ray Serve application over HTTP, with Ray started here on 2 CPUs: mixed-task requests answered as
+`MultiTaskVPTM` alone answers them, tasks loaded on demand, evicted and reloaded to the same answers, the errors of one
+request costing no other, requests of many clients batched together. Marked `ray` (Ray's start-up takes tens of
+seconds): `python -m pytest -m ray -n 0`, a step of its own in CI."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+
+import pytest
+from conftest import make_backbone, save_task_checkpoints
+from PIL import Image
+
+
+pytestmark = pytest.mark.ray
+ray = pytest.importorskip("ray", reason="the Ray Serve application needs the serve extra: pip install -e '.[serve]'")
+
+from modeling_vptm.serving import MultiTaskVPTM  # noqa: E402
+
+
+TASKS = {"a": dict(num_labels=3, prompt_length=2), "b": dict(num_labels=4, prompt_length=2),
+         "c": dict(num_labels=3, prompt_length=3, classifier="linear_cls")}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(backbone_dir, tmp_path_factory):
+    """Ray on 2 CPUs and the application on a free port: the tasks of a task root (three, a broken one, one made on
+    other weights) and one named task, a task cache holding about two of them, batches of up to 16 rows."""
+    from transformers import BeitImageProcessor
+
+    from modeling_vptm.serving.ray_app import build
+
+    root = tmp_path_factory.mktemp("tasks")
+    save_task_checkpoints(backbone_dir, root, TASKS, noise=0.3)
+    shutil.copytree(root / "a", root / "broken")
+    (root / "broken" / "model.safetensors").write_bytes(b"not safetensors")
+    other = tmp_path_factory.mktemp("other")
+    make_backbone(other / "backbone", seed=7)
+    save_task_checkpoints(str(other / "backbone"), other, {"foreign": dict(num_labels=3)}, noise=0.3)
+    config = json.loads((other / "foreign" / "config.json").read_text())
+    config["backbone_name_or_path"] = backbone_dir  # this server's backbone by name, trained on other weights
+    (other / "foreign" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(other / "foreign", root / "foreign")
+    processor = BeitImageProcessor(size={"height": 20, "width": 20}, do_center_crop=False)
+    processor.save_pretrained(backbone_dir)  # the processor the server reads (the tiny backbone has none of its own)
+    task_bytes = sum(t.numel() * 4 for t in __import__("safetensors.torch").torch.load_file(
+        str(root / "a" / "model.safetensors")).values())  # fmt: skip
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", RAY_SERVE_LOG_TO_STDERR="0")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR", _temp_dir=temp)
+    from ray import serve
+
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build({"backbone": backbone_dir, "tasks": f"named={root / 'a'}", "task_root": str(root),
+                     "task_cache_mb": 2.5 * task_bytes / 2**20, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
+                     "torch_threads": 1, "num_cpus": 1})  # fmt: skip
+        serve.run(app, name="vptm", route_prefix="/", blocking=False)
+        yield {"port": port, "root": root, "processor": processor}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.remove(os.path.join(backbone_dir, "preprocessor_config.json"))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def call(port: int, method: str, path: str = "/", body=None, headers: dict | None = None) -> tuple[int, object]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    payload = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    heads = {"Content-Type": "application/json"} if isinstance(body, (dict, list)) else {}
+    connection.request(method, path, body=payload, headers={**heads, **(headers or {})})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (value, 40, 200 - value)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def expected_scores(backbone_dir, root, processor, task: str, image: bytes) -> list[float]:
+    server = MultiTaskVPTM(backbone_dir)
+    server.add_task(task, str(root / task))
+    x = processor([Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt")["pixel_values"]
+    return sorted(server(x, [task])[0].softmax(-1).tolist(), reverse=True)
+
+
+def test_mixed_task_requests_over_http_equal_each_task_alone(served, backbone_dir):
+    images = [png(10), png(120), png(230)]
+    body = {"inputs": [base64.b64encode(i).decode() for i in images], "parameters": {"tasks": ["a", "b", "c"],
+            "top_k": 5}}  # fmt: skip
+    status, answer = call(served["port"], "POST", body=body)
+    assert status == 200 and len(answer) == 3 and all(set(per_image) == {"a", "b", "c"} for per_image in answer)
+    for per_image, image in zip(answer, images, strict=True):
+        for task, top in per_image.items():
+            expected = expected_scores(backbone_dir, served["root"], served["processor"], task, image)
+            assert [p["score"] for p in top] == pytest.approx(expected[:5], abs=1e-5)
+    # the image's bytes and query parameters, as curl sends them: the same answer
+    status, raw = call(
+        served["port"], "POST", "/?tasks=a&top_k=2", body=images[0], headers={"Content-Type": "image/png"}
+    )
+    assert status == 200 and [p["score"] for p in raw] == pytest.approx([p["score"] for p in answer[0]["a"][:2]])
+    status, default = call(served["port"], "POST", body={"inputs": base64.b64encode(images[0]).decode()})
+    assert status == 200 and len(default) == 3  # no task named: the named task, its 3 classes
+    assert call(served["port"], "GET", "/health")[1]["status"] == "ok"
+
+
+def test_tasks_load_on_demand_and_reload_to_the_same_answers_after_eviction(served):
+    body = {"inputs": base64.b64encode(png(90)).decode(), "parameters": {"tasks": ["b"], "top_k": 4}}
+    first = call(served["port"], "POST", body=body)[1]
+    assert "b" in call(served["port"], "GET", "/tasks")[1]["loaded"]
+    for task in ("a", "c", "b", "a", "c"):  # three tasks in a cache of about two: evicted and loaded again
+        call(served["port"], "POST", body={**body, "parameters": {"tasks": [task]}})
+    tasks = call(served["port"], "GET", "/tasks")[1]
+    assert tasks["cache"]["evictions"] >= 2 and tasks["cache"]["bytes"] <= tasks["cache"]["max_bytes"]
+    assert call(served["port"], "POST", body=body)[1] == first
+
+
+def test_the_errors_of_a_request_cost_no_other_and_a_failed_task_is_not_tried_again(served):
+    good = base64.b64encode(png(50)).decode()
+    body = {"inputs": [good, "bm90IGFuIGltYWdl"], "parameters": {"tasks": ["a", "broken", "foreign", "nope"]}}
+    loads_before = call(served["port"], "GET", "/tasks")[1]["cache"]["loads"]
+    for _ in range(3):
+        status, answer = call(served["port"], "POST", body=body)
+        assert status == 200 and "not an image that can be read" in answer[1]["error"]
+        rows = answer[0]
+        assert isinstance(rows["a"], list) and "truncated or not a safetensors file" in rows["broken"]["error"]
+        assert "weights fingerprint" in rows["foreign"]["error"] and "unknown task 'nope'" in rows["nope"]["error"]
+    cache = call(served["port"], "GET", "/tasks")[1]["cache"]
+    assert cache["failed"] == 2 and cache["loads"] - loads_before <= 3  # broken and foreign tried once each
+    assert call(served["port"], "POST", body=b"{not json", headers={"Content-Type": "application/json"})[0] == 400
+    assert call(served["port"], "POST", body={"inputs": good, "parameters": {"top_k": 0}})[0] == 400
+    assert call(served["port"], "GET", "/nowhere")[0] == 404
+    status, answer = call(served["port"], "POST", body=b"x", headers={"Content-Length": str(65 * 2**20)})
+    assert status == 413 and "at most" in answer["error"]
+    assert call(served["port"], "POST", body={"inputs": good, "parameters": {"tasks": ["a"]}})[0] == 200
+
+
+def test_the_requests_of_many_clients_are_batched_together(served):
+    before = call(served["port"], "GET", "/tasks")[1]
+    answers = []
+
+    def client(k: int) -> None:
+        body = {"inputs": base64.b64encode(png(k * 7)).decode(), "parameters": {"tasks": [["a", "b"][k % 2]]}}
+        answers.append(call(served["port"], "POST", body=body))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = call(served["port"], "GET", "/tasks")[1]
+    assert len(answers) == 32 and all(status == 200 for status, _ in answers)
+    rows, batches = after["rows"] - before["rows"], after["batches"] - before["batches"]
+    assert rows == 32 and batches < 16, (rows, batches)  # mixed-task batches, of more than two rows on average
