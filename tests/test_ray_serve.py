@@ -169,3 +169,27 @@ def test_the_requests_of_many_clients_are_batched_together(served):
     assert len(answers) == 32 and all(status == 200 for status, _ in answers)
     rows, batches = after["rows"] - before["rows"], after["batches"] - before["batches"]
     assert rows == 32 and batches < 16, (rows, batches)  # mixed-task batches, of more than two rows on average
+
+
+def test_the_serving_benchmark_writes_its_table_and_plot(tmp_path):
+    """experiments/benchmark_serving.py in its quick mode, in a process of its own (it starts its own Ray)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark_serving.py"), "--output_dir",
+         str(tmp_path), "--quick"], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    assert [r["tasks"] for r in results["vptm"]] == [1, 3] and [r["tasks"] for r in results["lora"]] == [1, 2]
+    for row in results["vptm"] + results["lora"]:
+        assert (
+            row["errors"] == 0 and row["requests"] == 24 and row["images_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"]
+        )
+    assert "square" in results["lora_not_measured"]["3"]
+    table = open(tmp_path / "results.md").read()
+    assert "| 3 | " in table and "VPTM / LoRA" in table and os.path.getsize(tmp_path / "serving.png") > 10_000
