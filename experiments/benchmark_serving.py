@@ -6,12 +6,13 @@ the same backbone, behind the same Ray Serve batching, under the same load clien
     python experiments/benchmark_serving.py --output_dir benchmarks/serving-cpu-2core
     python experiments/benchmark_serving.py --output_dir /tmp/serving-quick --quick
 
-For each number of distinct tasks, the client sends `--requests` requests (one shipped test image each, its task drawn
-uniformly at random among the tasks, seeded) from `--concurrency` threads on 127.0.0.1, after a warm-up that touches
-every task once, and stops early at `--max_seconds`; it reports images/s and the p50 and p99 latency. The LoRA server
-loads all its adapters when it starts (PEFT's `load_adapter` walks every module of the model, so that start-up grows
-with the square of the number of adapters; its time is reported). Writes `results.json`, `results.md` and (with
-matplotlib) `serving.png`. Needs the serve and peft extras.
+For each number of distinct tasks, the client sends `--requests` requests (each `--images_per_request` shipped test
+images under one task, the task drawn uniformly at random among the tasks, seeded: a client with a batch of its own
+images, as a platform's customer sends them) from `--concurrency` threads on 127.0.0.1, after a warm-up that touches
+every task once, and stops early at `--max_seconds`; it reports images/s and the p50 and p99 latency of a request.
+The LoRA server loads all its adapters when it starts (PEFT's `load_adapter` walks every module of the model, so that
+start-up grows with the square of the number of adapters; its time is reported). Writes `results.json`,
+`results.md` and (with matplotlib) `serving.png`. Needs the serve and peft extras.
 """
 
 from __future__ import annotations
@@ -142,12 +143,13 @@ def lora_deployment():
 
             if http.url.path.rstrip("/") == "/tasks":
                 return JSONResponse({"load_seconds": self.load_seconds, "batches": self.batches, "rows": self.rows})
-            task, top_k = http.query_params["tasks"], int(http.query_params.get("top_k", 1))
-            image = read_image(await http.body(), allow_paths=False, size=self.size)
-            pixel = self.processor([image], return_tensors="pt")["pixel_values"][0]
-            logits = await self.run_rows((pixel, task))
+            body = json.loads(await http.body())  # the request form of VPTM's application
+            (task,), top_k = body["parameters"]["tasks"], body["parameters"].get("top_k", 1)
+            images = [read_image(item, allow_paths=False, size=self.size) for item in body["inputs"]]
+            pixels = self.processor(images, return_tensors="pt")["pixel_values"]
+            logits = await asyncio.gather(*(self.run_rows((pixel, task)) for pixel in pixels))
             labels = {k: str(k) for k in range(NUM_LABELS)}
-            return JSONResponse(top_predictions(logits.float().numpy(), labels, top_k)[0])
+            return JSONResponse([top_predictions(row.float().numpy(), labels, top_k)[0] for row in logits])
 
     return LoraServer
 
@@ -159,28 +161,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_images(count: int) -> list[bytes]:
+def test_images(count: int) -> list[str]:
+    """Shipped test images as base64 PNGs."""
+    import base64
+
     from modeling_vptm.data import shipped_dataset
 
     images = []
     for image in shipped_dataset()["test"]["image"][:count]:
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
-        images.append(buffer.getvalue())
+        images.append(base64.b64encode(buffer.getvalue()).decode())
     return images
 
 
-def post(port: int, image: bytes, task: str) -> None:
+def post(port: int, images: list[str], task: str) -> None:
+    """One request: base64 images under one task, as the Inference Endpoints format carries them."""
+    body = json.dumps({"inputs": images, "parameters": {"tasks": [task], "top_k": 1}}).encode()
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/?tasks={task}&top_k=1", data=image, headers={"Content-Type": "image/png"}
+        f"http://127.0.0.1:{port}/", data=body, headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=300) as response:
         answer = json.loads(response.read())
-    if not isinstance(answer, list) or not answer or "label" not in answer[0]:
-        raise RuntimeError(f"no prediction for task {task}: {answer}")
+    if len(answer) != len(images) or not all(isinstance(a, list) and "label" in a[0] for a in answer):
+        raise RuntimeError(f"no prediction for task {task}: {str(answer)[:200]}")
 
 
-def load(port: int, jobs: list[tuple[bytes, str]], concurrency: int, max_seconds: float) -> dict:
+def load(port: int, jobs: list[tuple[list[str], str]], concurrency: int, max_seconds: float) -> dict:
     """Sends `jobs` from `concurrency` threads, each taking the next job as soon as its last one is answered, until
     all are sent or `max_seconds` pass; images/s and latencies of the answered ones."""
     latencies: list[float] = []
@@ -193,11 +200,11 @@ def load(port: int, jobs: list[tuple[bytes, str]], concurrency: int, max_seconds
             with lock:
                 if next_job[0] >= len(jobs):
                     return
-                image, task = jobs[next_job[0]]
+                images, task = jobs[next_job[0]]
                 next_job[0] += 1
             sent = time.perf_counter()
             try:
-                post(port, image, task)
+                post(port, images, task)
             except Exception as error:  # counted, not fatal: the figure is what was answered
                 errors.append(f"{type(error).__name__}: {error}")
                 continue
@@ -211,13 +218,14 @@ def load(port: int, jobs: list[tuple[bytes, str]], concurrency: int, max_seconds
         thread.join()
     seconds = time.perf_counter() - start
     latencies.sort()
+    images = len(latencies) * len(jobs[0][0])
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None
     return {
         "requests": len(latencies),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "seconds": round(seconds, 2),
-        "images_per_s": round(len(latencies) / seconds, 1),
+        "images_per_s": round(images / seconds, 1),
         "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
         "p99_ms": round(1000 * p99, 1) if p99 is not None else None,
     }
@@ -232,12 +240,16 @@ def measure(app, port: int, tasks: int, args, images: list[bytes]) -> dict:
     ready = time.perf_counter() - start
     names = [f"t{i:04d}" for i in range(tasks)]
     rng = random.Random(tasks)
-    warm = [(images[i % len(images)], name) for i, name in enumerate(names)]
-    warm += [(rng.choice(images), rng.choice(names)) for _ in range(4 * args.concurrency)]
+
+    def draw() -> list[str]:
+        return rng.sample(images, args.images_per_request)
+
+    warm = [(draw(), name) for name in names]
+    warm += [(draw(), rng.choice(names)) for _ in range(4 * args.concurrency)]
     load(port, warm, args.concurrency, max_seconds=600)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/tasks") as response:
         before = json.loads(response.read())
-    jobs = [(rng.choice(images), rng.choice(names)) for _ in range(args.requests)]
+    jobs = [(draw(), rng.choice(names)) for _ in range(args.requests)]
     result = load(port, jobs, args.concurrency, args.max_seconds)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/tasks") as response:
         after = json.loads(response.read())
@@ -262,7 +274,8 @@ def write_report(out: str, results: dict) -> None:
         f"{' '.join(results['argv'])}`. One replica each (torch threads {results['settings']['torch_threads']}), "
         f"batches of up to {results['settings']['max_batch_size']} rows waiting at most "
         f"{results['settings']['batch_wait_timeout_s']} s, {results['settings']['concurrency']} concurrent clients on "
-        "127.0.0.1, one 28-pixel PNG per request, its task drawn at random.",
+        f"127.0.0.1, each request {results['settings']['images_per_request']} 28-pixel PNGs under one task drawn at "
+        "random.",
         "",
         "| tasks | VPTM images/s | vs 1 task | p50 / p99 ms | mean batch | LoRA images/s | VPTM / LoRA "
         "| LoRA p50 / p99 ms | LoRA adapters loaded in |",
@@ -306,16 +319,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--lora_tasks", type=int, nargs="*", default=[1, 10, 100])
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--images_per_request", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max_seconds", type=float, default=120)
     parser.add_argument("--max_batch_size", type=int, default=32)
     parser.add_argument("--batch_wait_timeout_s", type=float, default=0.01)
-    parser.add_argument("--torch_threads", type=int, default=2)
+    parser.add_argument(
+        "--torch_threads", type=int, default=1, help="Per replica (the HTTP proxy and client need a core)"
+    )
     parser.add_argument("--quick", action="store_true", help="A tiny run for the tests.")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.lora_tasks, args.requests, args.concurrency = [1, 3], [1, 2], 24, 4
+        args.images_per_request = 2
     import logging
 
     import ray
@@ -329,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="vptm-serving-", dir="/tmp")  # short: Ray's socket paths stay under 107 bytes
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv,
                "settings": {k: getattr(args, k) for k in ("max_batch_size", "batch_wait_timeout_s", "torch_threads",
-                                                          "concurrency", "requests", "max_seconds")},
+                                                          "concurrency", "requests", "images_per_request",
+                                                          "max_seconds")},
                "vptm": [], "lora": [], "lora_not_measured": {}}  # fmt: skip
     try:
         make_vptm_tasks(os.path.join(work, "tasks"), max(args.tasks))
