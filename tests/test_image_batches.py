@@ -1,4 +1,4 @@
-"""The uint8 data path (modeling_vptm/image_batches.py): the same pixel values and augmentations as the image
+"""The uint8 data path (modeling_vptm/data/batches.py): the same pixel values and augmentations as the image
 processor called per example, decoded once and cached on the processor's settings."""
 
 from __future__ import annotations

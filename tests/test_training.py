@@ -1,4 +1,4 @@
-"""The training module (modeling_vptm/training.py) used from a notebook: VPTMTrainer on the uint8 data path, and the
+"""The training module (modeling_vptm/training/) used from a notebook: VPTMTrainer on the uint8 data path, and the
 plain transformers Trainer with the package's collator."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exports prompt checkpoints to ONNX graphs that `modeling_vptm.onnx_runtime` runs without PyTorch.
+"""Exports prompt checkpoints to ONNX graphs that `modeling_vptm.standalone.onnx_runtime` runs without PyTorch.
 
 Two graphs, both float32 with a dynamic batch, traced by `torch.onnx.export` (the `torch.export` path; the
 TorchScript exporter cannot trace the per-image layer norm of the ensemble head, and optimum does not support

@@ -1,6 +1,6 @@
 """Classifies images with an exported VPTM/VPT graph in ONNX Runtime, without PyTorch or transformers.
 
-Reads what `modeling_vptm.onnx_export` writes (and `examples/export_onnx.py` runs):
+Reads what `modeling_vptm.deploy.onnx_export` writes (and `examples/export_onnx.py` runs):
 
 * a **task graph** folder: `model.onnx` (`pixel_values -> logits`, plus `visual_token_logits` for tasks that read
   [MASK]), `config.json` (the labels), `preprocessor_config.json`, `onnx_config.json`;
@@ -99,7 +99,7 @@ class ImagePreprocessor:
 def read_json(folder: str, name: str) -> dict:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no {name}: not a folder written by modeling_vptm.onnx_export")
+        raise FileNotFoundError(f"{folder} has no {name}: not a folder written by modeling_vptm.deploy.onnx_export")
     with open(path) as f:
         return json.load(f)
 

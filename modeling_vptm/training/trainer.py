@@ -6,7 +6,7 @@ script of your own.
                           eval_dataset=images["test"], image_transform=transform)
     trainer.train(); trainer.evaluate(); trainer.save_model()       # a prompt-only checkpoint
 
-What `VPTMTrainer` adds to `Trainer` is the data path of `modeling_vptm.image_batches`: batches travel as uint8 and
+What `VPTMTrainer` adds to `Trainer` is the data path of `modeling_vptm.data.batches`: batches travel as uint8 and
 become the model's pixel values on its device (the processor's normalisation, and in training the augmentations),
 so an accelerator is not starved by per-image Python work; and prompt checkpoints resume without warnings about the
 frozen backbone they leave out by design. Any other Trainer works too, with `PixelValuesCollator` (float32 pixel
