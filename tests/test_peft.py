@@ -1,6 +1,6 @@
-"""PEFT beside and on top of VPTM (modeling_vptm/training/peft_methods.py): LoRA and any PEFT config as baselines on the same
-backbone, trained by run_classification.py, saved as PEFT saves them and reloaded to the same logits; and LoRA inside
-a VPTM model, saved with its prompt checkpoint and refused on another backbone."""
+"""PEFT beside and on top of VPTM (modeling_vptm/training/peft_methods.py): LoRA and any PEFT config as baselines on
+the same backbone, trained by run_classification.py, saved as PEFT saves them and reloaded to the same logits; and
+LoRA inside a VPTM model, saved with its prompt checkpoint and refused on another backbone."""
 
 from __future__ import annotations
 

@@ -193,3 +193,16 @@ def test_the_serving_benchmark_writes_its_table_and_plot(tmp_path):
     assert "square" in results["lora_not_measured"]["3"]
     table = open(tmp_path / "results.md").read()
     assert "| 3 | " in table and "VPTM / LoRA" in table and os.path.getsize(tmp_path / "serving.png") > 10_000
+
+
+def test_the_builder_hands_replicas_absolute_folders(tmp_path, monkeypatch):
+    """Replicas are other processes, on other machines in a cluster: a folder given relative to the driver's working
+    folder reaches them absolute; names that are no folder here (Hub ids, shipped names) pass unchanged."""
+    from modeling_vptm.serving.ray_app import local_path
+
+    (tmp_path / "runs" / "vptm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert local_path("runs/vptm") == str(tmp_path / "runs" / "vptm")
+    assert local_path("me/fashion-vptm") == "me/fashion-vptm"
+    assert local_path("vptm:tiny-beit-fashion-mnist") == "vptm:tiny-beit-fashion-mnist"
+    assert local_path(None) is None

@@ -222,6 +222,8 @@ def run_command(command: str, workdir, monkeypatch) -> str:
         assert result.returncode == 0, result.stdout[-2000:]
         return "ran"
     if words[0] == "curl":
+        if any(word.startswith("http://127.0.0.1:") for word in words):
+            return "needs the server of the command before (tests/test_serve_ray_example.py runs both)"
         assert "$ENDPOINT_URL" in command
         return "needs a deployed endpoint"
     if words[0] in ("torchrun", "accelerate"):  # the two launchers are run by tests/test_examples.py
@@ -234,6 +236,8 @@ def run_command(command: str, workdir, monkeypatch) -> str:
     why = "needs the Hub" if NEEDS_HUB.search(command) else "needs a GPU" if NEEDS_GPU.search(command) else None
     if words[1] == "space/app.py":
         why = "a server that runs until stopped (tests/test_space.py runs it)"
+    if words[1] == "examples/serve_ray.py":
+        why = "a server that runs until stopped (tests/test_serve_ray_example.py runs it)"
     if why is None and words[1].endswith("run_classification.py"):
         argv = argv + STEP_CAP
     run_script(script, argv, why is not None, monkeypatch)

@@ -10,7 +10,8 @@ apart is what the image *is*, so the features become semantic; the linear probe 
 The encoder keeps a spatial map: strided convolutions bring the image down to the backbone's patch grid (stride
 ``patch_size``), so :meth:`ContrastiveTeacher.patch_features` gives one feature per BEiT patch, each seeing most of the
 image through the stacked convolutions. Those patch features are what the VQ-KD tokenizer
-(:class:`~modeling_vptm.pretraining.tokenizers.VQKDTokenizer`) learns to reconstruct; the contrastive loss reads their mean.
+(:class:`~modeling_vptm.pretraining.tokenizers.VQKDTokenizer`) learns to reconstruct; the contrastive loss reads their
+mean.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ This module needs Ray Serve (`pip install -e ".[serve]"`); nothing else in the p
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 
 import torch
 from ray import serve
@@ -145,8 +147,6 @@ async def read_request(http: Request) -> dict:
         if len(body) > MAX_REQUEST_BYTES:
             raise BodyTooLarge(f"the request body has more than {MAX_REQUEST_BYTES:,} bytes, which are not read")
     if http.headers.get("content-type", "").split(";")[0].strip() == "application/json":
-        import json
-
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -189,6 +189,12 @@ def parse_tasks(value) -> dict[str, str]:
     return parse_named_sources([part for part in str(value).split(",") if part], names_required=True)
 
 
+def local_path(value: str | None) -> str | None:
+    """A folder that exists here, made absolute: replicas are other processes, whose working folder need not be this
+    one's (on a cluster it is not), so a relative path would name another folder there or none."""
+    return os.path.abspath(value) if value is not None and os.path.isdir(value) else value
+
+
 def build(args: dict) -> serve.Application:
     """The application `serve run` and config files build (`import_path: modeling_vptm.serving.ray_app:build`, its
     `args:`): `backbone`, `revision`, `tasks` (`{name: checkpoint}` or `a=x,b=y`), `task_root`, `allow_hub_tasks`,
@@ -214,10 +220,10 @@ def build(args: dict) -> serve.Application:
         raise ValueError(f"unknown arguments {unknown}; the arguments are {sorted(known | set(SETTINGS))}")
     deployment = VPTMDeployment.options(**options) if options else VPTMDeployment
     return deployment.bind(
-        backbone=args.get("backbone", SHIPPED_BACKBONE),
+        backbone=local_path(args.get("backbone", SHIPPED_BACKBONE)),
         revision=args.get("revision"),
-        tasks=parse_tasks(args.get("tasks")),
-        task_root=args.get("task_root"),
+        tasks={name: local_path(source) for name, source in parse_tasks(args.get("tasks")).items()},
+        task_root=local_path(args.get("task_root")),
         allow_hub_tasks=flag(args.get("allow_hub_tasks", False)),
         torch_threads=int(args["torch_threads"]) if args.get("torch_threads") else None,
         **settings,
