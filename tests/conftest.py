@@ -97,6 +97,31 @@ def save_task_checkpoints(backbone_dir, root, tasks: dict, noise: float) -> dict
     return paths
 
 
+# the tasks of a server's task root in the serving tests: two verbalizer tasks and a linear one
+SERVED_TASKS = {"a": dict(num_labels=3, prompt_length=2), "b": dict(num_labels=4, prompt_length=2),
+                "c": dict(num_labels=3, prompt_length=3, classifier="linear_cls")}  # fmt: skip
+
+
+def make_task_root(backbone_dir, tmp_path_factory):
+    """A task root of the `SERVED_TASKS` on `backbone_dir`, a broken task (its weights not safetensors) and one that
+    names this backbone but was made on other weights."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("tasks")
+    save_task_checkpoints(backbone_dir, root, SERVED_TASKS, noise=0.3)
+    shutil.copytree(root / "a", root / "broken")
+    (root / "broken" / "model.safetensors").write_bytes(b"not safetensors")
+    other = tmp_path_factory.mktemp("other")
+    make_backbone(other / "backbone", seed=7)
+    save_task_checkpoints(str(other / "backbone"), other, {"foreign": dict(num_labels=3)}, noise=0.3)
+    config = json.loads((other / "foreign" / "config.json").read_text())
+    config["backbone_name_or_path"] = backbone_dir  # the name of this server's backbone, trained on other weights
+    (other / "foreign" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(other / "foreign", root / "foreign")
+    return root
+
+
 def make_backbone(path, seed: int = 0, **overrides) -> BeitForMaskedImageModeling:
     torch.manual_seed(seed)
     model = randomize(BeitForMaskedImageModeling(tiny_beit_config(**overrides)).eval(), seed)

@@ -16,7 +16,7 @@ import tempfile
 import threading
 
 import pytest
-from conftest import make_backbone, save_task_checkpoints
+from conftest import make_task_root
 from PIL import Image
 
 
@@ -24,10 +24,6 @@ pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray", reason="the Ray Serve application needs the serve extra: pip install -e '.[serve]'")
 
 from modeling_vptm.serving import MultiTaskVPTM  # noqa: E402
-
-
-TASKS = {"a": dict(num_labels=3, prompt_length=2), "b": dict(num_labels=4, prompt_length=2),
-         "c": dict(num_labels=3, prompt_length=3, classifier="linear_cls")}  # fmt: skip
 
 
 def free_port() -> int:
@@ -44,17 +40,7 @@ def served(backbone_dir, tmp_path_factory):
 
     from modeling_vptm.serving.ray_app import build
 
-    root = tmp_path_factory.mktemp("tasks")
-    save_task_checkpoints(backbone_dir, root, TASKS, noise=0.3)
-    shutil.copytree(root / "a", root / "broken")
-    (root / "broken" / "model.safetensors").write_bytes(b"not safetensors")
-    other = tmp_path_factory.mktemp("other")
-    make_backbone(other / "backbone", seed=7)
-    save_task_checkpoints(str(other / "backbone"), other, {"foreign": dict(num_labels=3)}, noise=0.3)
-    config = json.loads((other / "foreign" / "config.json").read_text())
-    config["backbone_name_or_path"] = backbone_dir  # this server's backbone by name, trained on other weights
-    (other / "foreign" / "config.json").write_text(json.dumps(config))
-    shutil.copytree(other / "foreign", root / "foreign")
+    root = make_task_root(backbone_dir, tmp_path_factory)
     processor = BeitImageProcessor(size={"height": 20, "width": 20}, do_center_crop=False)
     processor.save_pretrained(backbone_dir)  # the processor the server reads (the tiny backbone has none of its own)
     task_bytes = sum(t.numel() * 4 for t in __import__("safetensors.torch").torch.load_file(

@@ -4,15 +4,13 @@ first use, eviction by bytes and reloading to the same answers, failed loads rem
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_backbone, save_task_checkpoints
+from conftest import REPO_ROOT, make_task_root
 from PIL import Image
 
 from modeling_vptm.serving import MultiTaskVPTM
@@ -20,25 +18,9 @@ from modeling_vptm.serving.service import TaskService
 from modeling_vptm.serving.task_cache import TaskCache, TaskSources
 
 
-TASKS = {"a": dict(num_labels=3, prompt_length=2), "b": dict(num_labels=4, prompt_length=2),
-         "c": dict(num_labels=3, prompt_length=3, classifier="linear_cls")}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def root(backbone_dir, tmp_path_factory):
-    """A task root of three prompt checkpoints on the tiny backbone, a broken one, and one made on other weights."""
-    root = tmp_path_factory.mktemp("tasks")
-    save_task_checkpoints(backbone_dir, root, TASKS, noise=0.3)
-    shutil.copytree(root / "a", root / "broken")
-    (root / "broken" / "model.safetensors").write_bytes(b"not safetensors")
-    other = tmp_path_factory.mktemp("other")
-    make_backbone(other / "backbone", seed=7)
-    save_task_checkpoints(str(other / "backbone"), other, {"foreign": dict(num_labels=3)}, noise=0.3)
-    config = json.loads((other / "foreign" / "config.json").read_text())
-    config["backbone_name_or_path"] = backbone_dir  # the name of this server's backbone, trained on other weights
-    (other / "foreign" / "config.json").write_text(json.dumps(config))
-    shutil.copytree(other / "foreign", root / "foreign")
-    return root
+    return make_task_root(backbone_dir, tmp_path_factory)
 
 
 def pixels(count: int, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..limits import MAX_TASKS_PER_REQUEST, listed
-from ..standalone.endpoint_requests import RequestHandler
+from ..standalone.endpoint_requests import RequestHandler, requested_tasks
 from ..standalone.predictions import top_predictions
 from .multitask import MultiTaskVPTM, TaskPrediction
 from .processors import processor_size
@@ -41,16 +41,11 @@ class TaskService(RequestHandler):
     def check_tasks(self, tasks) -> list[str]:
         """The tasks asked for: the default ones when none are named, else names this service answers to (checked
         when their rows run: a task that is unknown or fails to load gets an error in those rows' answers)."""
+        tasks = requested_tasks(tasks)
         if tasks is None and not self.tasks:
             raise ValueError(f"name the tasks to run (parameters.tasks); a task is {self.cache.sources.describe()}")
         if tasks is None:
             return list(self.tasks)
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            shown = listed(tasks) if isinstance(tasks, list) else f"{tasks!r:.80}"
-            raise ValueError(f"tasks must be a non-empty list of task names, got {shown}")
-        tasks = list(dict.fromkeys(tasks))
         named = self.cache.sources.named
         unknown = [t for t in tasks if t not in named]
         if self.cache.sources.only_named and unknown:  # a fixed set of tasks: an unknown name is refused at once

@@ -37,6 +37,19 @@ def check_top_k(value) -> int:
     return value  # above the number of labels, every label is returned (as pipeline does)
 
 
+def requested_tasks(tasks, known: str = "") -> list[str] | None:
+    """The task names a request asks for, each once, in the order given: a list, or a comma-separated string as query
+    parameters give it; `None` when it names none. `known` (what the tasks are) ends the message of a bad value."""
+    if tasks is None:
+        return None
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        shown = listed(tasks) if isinstance(tasks, list) else f"{tasks!r:.80}"
+        raise ValueError(f"tasks must be a non-empty list of task names, got {shown}{known}")
+    return list(dict.fromkeys(tasks))
+
+
 def read_endpoint_config(path: str) -> dict:
     """`endpoint.json`, or for a bare prompt checkpoint with the handler copied in, one PyTorch task at the root."""
     config_path = os.path.join(path, ENDPOINT_CONFIG)
@@ -142,19 +155,20 @@ class RequestHandler:
 
     def check_tasks(self, tasks) -> list[str]:
         """The tasks asked for (a list, or a comma-separated string as query parameters give it); all by default."""
-        if tasks is None:
+        names = requested_tasks(tasks, known=f"; tasks are {listed(self.tasks)}")
+        if names is None:
             return list(self.tasks)
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            shown = listed(tasks) if isinstance(tasks, list) else f"{tasks!r:.80}"
-            raise ValueError(
-                f"tasks must be a non-empty list of task names, got {shown}; tasks are {listed(self.tasks)}"
-            )
-        unknown = [t for t in tasks if t not in self.tasks]
+        unknown = [t for t in names if t not in self.tasks]
         if unknown:
             raise ValueError(f"unknown task(s) {listed(unknown)}; the tasks are {listed(self.tasks)}")
-        return list(dict.fromkeys(tasks))
+        return names
 
 
-__all__ = ["ParsedRequest", "RequestHandler", "check_top_k", "error_answer", "read_endpoint_config"]
+__all__ = [
+    "ParsedRequest",
+    "RequestHandler",
+    "check_top_k",
+    "error_answer",
+    "read_endpoint_config",
+    "requested_tasks",
+]
