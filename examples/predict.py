@@ -26,7 +26,7 @@ from modeling_vptm.standalone import (
     json_line,
     list_images,
     positive_int,
-    read_image,
+    read_image_files,
     run,
     text_line,
     top_predictions,
@@ -65,15 +65,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size = processor_size(processor)
     results, skipped = [], []
     for start in tqdm(range(0, len(files), args.batch_size), desc="classifying", unit="batch"):
-        images, kept = [], []
-        for path in files[start : start + args.batch_size]:
-            try:
-                images.append(read_image(path, size=size))
-                kept.append(path)
-            except ValueError as error:
-                if not args.skip_unreadable:
-                    raise ValueError(f"{error} (pass --skip_unreadable to skip it)") from error
-                skipped.append(path)
+        chunk = files[start : start + args.batch_size]
+        images, read = read_image_files(chunk, size=size, skip_unreadable=args.skip_unreadable)
+        kept = [chunk[i] for i in read]
+        skipped += [chunk[i] for i in sorted(set(range(len(chunk))) - set(read))]
         if not images:
             continue
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(args.device)

@@ -27,7 +27,7 @@ from modeling_vptm.standalone import (
     json_line,
     list_images,
     positive_int,
-    read_image,
+    read_image_files,
     run,
     text_line,
     top_predictions,
@@ -76,15 +76,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size = processor_size(processor)
     results, skipped = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="serving", unit="batch"):
-        images, batch = [], []
-        for file, task in jobs[start : start + args.batch_size]:
-            try:
-                images.append(read_image(file, size=size))
-                batch.append((file, task))
-            except ValueError as error:
-                if not args.skip_unreadable:
-                    raise ValueError(f"{error} (pass --skip_unreadable to skip it)") from error
-                skipped.append(file)
+        chunk = jobs[start : start + args.batch_size]
+        images, read = read_image_files([file for file, _ in chunk], size=size, skip_unreadable=args.skip_unreadable)
+        batch = [chunk[i] for i in read]
+        skipped += [chunk[i][0] for i in sorted(set(range(len(chunk))) - set(read))]
         if not images:
             continue
         pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(args.device)

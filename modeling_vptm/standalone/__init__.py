@@ -13,7 +13,7 @@ import shutil
 
 from .cli import OutputFile, check_finite_scores, escape, json_line, positive_int, run, text_line
 from .endpoint_requests import RequestHandler, read_endpoint_config
-from .image_input import IMAGE_EXTENSIONS, MAX_PIXELS, PixelBudget, list_images, read_image, read_rgb
+from .image_input import IMAGE_EXTENSIONS, MAX_PIXELS, PixelBudget, list_images, read_image, read_image_files, read_rgb
 from .onnx_endpoint import OnnxEndpointHandler
 from .onnx_runtime import OnnxImageClassifier, OnnxMultiTask
 from .predictions import top_predictions
@@ -54,6 +54,7 @@ __all__ = [
     "positive_int",
     "read_endpoint_config",
     "read_image",
+    "read_image_files",
     "read_rgb",
     "run",
     "text_line",

@@ -199,6 +199,22 @@ def read_rgb(path: str, size: dict | None = None) -> Image.Image:
     return read_image(os.fspath(path), allow_paths=True, size=size)
 
 
+def read_image_files(
+    paths: list[str], size: dict | None = None, skip_unreadable: bool = False
+) -> tuple[list[Image.Image], list[int]]:
+    """A batch of image files read by the policy, and the positions of those read. A file the policy refuses raises
+    its `ValueError`, which tells how to skip it, unless `skip_unreadable` (then it is left out)."""
+    images, kept = [], []
+    for index, path in enumerate(paths):
+        try:
+            images.append(read_image(os.fspath(path), allow_paths=True, size=size))
+            kept.append(index)
+        except ValueError as error:
+            if not skip_unreadable:
+                raise ValueError(f"{error} (pass --skip_unreadable to skip it)") from error
+    return images, kept
+
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
@@ -206,6 +222,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "read_image",
+    "read_image_files",
     "read_rgb",
     "resized_size",
     "to_rgb",
