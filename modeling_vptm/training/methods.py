@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..configuration_vptm import VPTMConfig
 from ..modeling_vptm import VPTMForImageClassification
@@ -30,7 +30,24 @@ from .peft_methods import (
 if TYPE_CHECKING:
     from transformers import Trainer
 
-    from .arguments import ModelArguments
+
+class ModelArguments(Protocol):
+    """What a method reads of the command line's model arguments (`arguments.ModelArguments`, a dataclass, is the one
+    the script passes). Declared here so that the table of methods does not import the command line that lists it."""
+
+    method: str
+    model_name_or_path: str
+    model_revision: str | None
+    cache_dir: str | None
+    token: str | None
+    peft_config: str | None
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+
+    def prompt_layer_list(self) -> str | list[int]: ...
+
+    def lora_targets(self) -> list[str]: ...
 
 
 # the ModelArguments fields each method reads; a flag outside its method's set is reported as ignored
