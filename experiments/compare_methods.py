@@ -30,8 +30,8 @@ from modeling_vptm import SHIPPED_BACKBONE
 from modeling_vptm.configuration_vptm import PROTOVERB_LOSSES
 from modeling_vptm.data import load_data
 from modeling_vptm.shipped import DIGITS_DATASET, FULL_TEST_DATASET, SHIPPED_DATASET
+from modeling_vptm.training import ATTENTION_AND_MLP, QUERY_VALUE, DataTrainingArguments, ModelArguments
 from modeling_vptm.training import METHODS as TRAINING_METHODS
-from modeling_vptm.training import DataTrainingArguments, ModelArguments
 
 
 # cheapest first, so an interrupted comparison has the prompt methods; each preset names what it changes from its
@@ -51,6 +51,13 @@ METHODS = {
     # PEFT's LoRA on the same backbone (a linear head), and LoRA inside VPTM's backbone: their defaults chosen on
     # validation (experiments/select_defaults.py)
     "lora": dict(method="lora"),
+    # LoRA at VPTM's size (rank 1 on query and value trains about a third of its parameters): ranks 1 and 2 on the
+    # classic query and value projections and on all six, everything else LoRA's defaults (learning rate, alpha,
+    # dropout), so that only the rank and the targets differ from `lora`
+    "lora_r1_qv": dict(method="lora", lora_r=1, lora_target_modules=",".join(QUERY_VALUE)),
+    "lora_r2_qv": dict(method="lora", lora_r=2, lora_target_modules=",".join(QUERY_VALUE)),
+    "lora_r1_all": dict(method="lora", lora_r=1, lora_target_modules=",".join(ATTENTION_AND_MLP)),
+    "lora_r2_all": dict(method="lora", lora_r=2, lora_target_modules=",".join(ATTENTION_AND_MLP)),
     "vptm_lora": dict(method="vptm_lora"),
 }
 SWEEPS = {
@@ -76,7 +83,7 @@ ABLATIONS = {
 # A transfer task besides Fashion-MNIST: scikit-learn's handwritten digits, not mirror-symmetric, so no flips.
 TRANSFER = {"dataset": DIGITS_DATASET, "extra": ["--augment_flip", "false"]}
 TRANSFER_METHODS = ("linear", "vpt_deep", "vptm_deep", "vptm_first_half", "vptm_logits", "vptm_ensemble", "lora",
-                    "vptm_lora")  # fmt: skip
+                    "lora_r1_qv", "lora_r2_qv", "lora_r1_all", "lora_r2_all", "vptm_lora")  # fmt: skip
 # what a run gets unless set (the method is always named)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArguments) if f.name != "method"}
 

@@ -437,8 +437,8 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     results = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--ablations", *ablations])
     methods = results["methods"]
     assert set(methods) == {"linear", "full", "vpt_shallow", "vpt_deep", "vptm_shallow", "vptm_deep",
-                            "vptm_first_half", "vptm_logits", "vptm_ensemble", "lora", "vptm_lora",
-                            "raw_pixel_logreg"}  # fmt: skip
+                            "vptm_first_half", "vptm_logits", "vptm_ensemble", "lora", "lora_r1_qv", "lora_r2_qv",
+                            "lora_r1_all", "lora_r2_all", "vptm_lora", "raw_pixel_logreg"}  # fmt: skip
     # the token-path rows differ from the default in their read-out only
     token_path = json.load(open(tmp_path / "vptm_logits-seed0" / "config.json"))
     assert token_path["head_input"] == "logits" and token_path["prompt_layers"] == "first_half"
@@ -446,6 +446,10 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     # head; VPTM + LoRA: rank 8 on query and value, and VPTM's default task
     lora = 6 * 8 * (4 * (128 + 128) + 2 * (128 + 512))
     assert methods["lora"]["trainable_parameters"] == lora + 128 * 10 + 10
+    # the low-rank presets change the rank and the targets only: rank 1 on query and value, ranks 1 and 2 on all six
+    assert methods["lora_r1_qv"]["trainable_parameters"] == 6 * 2 * (128 + 128) + 128 * 10 + 10
+    assert methods["lora_r1_all"]["trainable_parameters"] == lora / 8 + 128 * 10 + 10
+    assert methods["lora_r2_all"]["trainable_parameters"] == lora / 4 + 128 * 10 + 10
     query_value = 6 * 2 * 8 * (128 + 128)
     assert (methods["vptm_lora"]["trainable_parameters"]
             == query_value + methods["vptm_first_half"]["trainable_parameters"])  # fmt: skip
@@ -479,7 +483,9 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert sweep["points"]["64"]["accuracy_mean"] == methods["vptm_first_half"]["accuracy_mean"]  # the default
     transfer = results["transfer"]
     assert set(transfer) == {"linear", "vpt_deep", "vptm_deep", "vptm_first_half", "vptm_logits", "vptm_ensemble",
-                             "lora", "vptm_lora", "raw_pixel_logreg"}  # fmt: skip
+                             "lora", "lora_r1_qv", "lora_r2_qv", "lora_r1_all", "lora_r2_all", "vptm_lora",
+                             "raw_pixel_logreg"}  # fmt: skip
+    assert transfer["lora_r1_qv"]["trainable_parameters"] == methods["lora_r1_qv"]["trainable_parameters"]
     digits = json.load(open(tmp_path / "transfer-vptm_deep-seed0" / "vptm_run_args.json"))
     assert digits["dataset_name"] == "vptm:digits" and digits["augment_flip"] is False
     assert "Transfer task: vptm:digits" in table
@@ -487,7 +493,7 @@ def test_compare_methods_quick_mode_and_resume(tmp_path):
     assert [name for name in folders if name.startswith("sweep-")] == [
         "sweep-vpt-prompt_length-1-seed0", "sweep-vptm-prompt_length-1-seed0", "sweep-vptm-prototype_dim-16-seed0"
     ]  # fmt: skip
-    assert len(folders) == 11 + 3 + len(ablations) - len(shared) + 8  # + transfer
+    assert len(folders) == 15 + 3 + len(ablations) - len(shared) + 12  # + transfer
     # --update reruns a part and keeps the other rows
     part = compare_methods.main(["--quick", "--output_dir", str(tmp_path), "--sections", "ablations", "--ablations",
                                  "verbalizer_on_probs", "--update"])  # fmt: skip

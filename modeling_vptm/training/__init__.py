@@ -22,7 +22,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         ),  # fmt: skip
         "methods": ("METHODS", "Method", "add_adapter", "build_model", "save_final_model"),
         "peft_methods": (
+            "ATTENTION_AND_MLP",
             "LORA_DEFAULTS",
+            "QUERY_VALUE",
             "apply_peft",
             "classifier_from_mim",
             "load_classifier",

@@ -244,7 +244,9 @@ def load_classifier(name_or_path: str, revision: str | None = None, **kwargs) ->
 
 
 __all__ = [
+    "ATTENTION_AND_MLP",
     "LORA_DEFAULTS",
+    "QUERY_VALUE",
     "apply_peft",
     "classifier_from_mim",
     "load_classifier",
