@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -323,6 +324,10 @@ def method_table(rows: dict) -> list[str]:
     return lines
 
 
+# the plot's colours: VPTM, VPT and LoRA each in one colour, the other baselines grey
+FAMILY_COLOURS = (("vptm", "tab:red"), ("vpt", "tab:green"), ("lora", "tab:blue"))
+
+
 def plots(results: dict, folder: str) -> list[str]:
     try:
         import matplotlib
@@ -333,11 +338,22 @@ def plots(results: dict, folder: str) -> list[str]:
         return []
     written = []
     if "methods" in results:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, row in results["methods"].items():
-            accuracy = row.get("accuracy_mean", row.get("accuracy"))
-            ax.scatter(row["trainable_parameters"], 100 * accuracy)
-            ax.annotate(name, (row["trainable_parameters"], 100 * accuracy), fontsize=8)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        placed: list[tuple[float, float]] = []  # (log10 x, y) of the labels so far: a label never covers another
+
+        def accuracy_of(row: dict) -> float:
+            return 100 * row.get("accuracy_mean", row.get("accuracy"))
+
+        for name, row in sorted(results["methods"].items(), key=lambda item: accuracy_of(item[1])):
+            x, accuracy = row["trainable_parameters"], accuracy_of(row)
+            family = next((c for prefix, c in FAMILY_COLOURS if name.startswith(prefix)), "tab:gray")
+            ax.errorbar(x, accuracy, yerr=100 * row.get("accuracy_std", 0.0), fmt="o", color=family, capsize=2)
+            label_y = accuracy
+            while any(abs(label_y - y) < 0.3 and abs(math.log10(x) - lx) < 0.6 for lx, y in placed):
+                label_y += 0.3
+            placed.append((math.log10(x), label_y))
+            line = {"arrowstyle": "-", "lw": 0.5, "color": "0.6"} if label_y != accuracy else None
+            ax.annotate(name, (x, accuracy), xytext=(x * 1.12, label_y), fontsize=8, va="center", arrowprops=line)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("test accuracy (%)")
