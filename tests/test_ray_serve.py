@@ -179,6 +179,8 @@ def test_the_serving_benchmark_writes_its_table_and_plot(tmp_path):
     assert "square" in results["lora_not_measured"]["3"]
     table = open(tmp_path / "results.md").read()
     assert "| 3 | " in table and "VPTM / LoRA" in table and os.path.getsize(tmp_path / "serving.png") > 10_000
+    assert "| 2 | not measured |" in table  # a count measured for LoRA only has its row too
+    assert "3 tasks: VPTM at " in table and "LoRA with 2 adapters, the most measured" in table
 
 
 def test_the_builder_hands_replicas_absolute_folders(tmp_path, monkeypatch):
