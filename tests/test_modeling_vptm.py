@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
 
 import pytest
 import torch
-from conftest import PROMPT_CHECKPOINT_CODE, make_backbone, tiny_beit_config
+from conftest import PROMPT_CHECKPOINT_CODE, REPO_ROOT, make_backbone, tiny_beit_config
 from safetensors import safe_open
 from transformers import (
     AutoModelForImageClassification,
@@ -947,6 +948,34 @@ def test_checkpoints_saved_by_version_0_1_0_load_unchanged(name):
     model = VPTMForImageClassification.from_pretrained(folder)
     with torch.no_grad():
         torch.testing.assert_close(model(expected["pixel_values"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+OLD_REMOTE_CODE = r"""
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True)
+expected = load_file(sys.argv[1] + "/expected_outputs.safetensors")
+with torch.no_grad():
+    logits = model(expected["pixel_values"]).logits
+print(json.dumps({"module": type(model).__module__, "error": (logits - expected["logits"]).abs().max().item()}))
+"""
+
+
+@pytest.mark.parametrize("name", ["vptm-hidden", "vpt"])
+def test_checkpoints_saved_by_version_0_1_0_load_with_their_own_code_files(name, tmp_path):
+    """A 0.1.0 checkpoint on the Hub carries 0.1.0's code files, which find the shipped backbone through the installed
+    package: that code, run with trust_remote_code beside today's package, gives the logits it gave then."""
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints-0.1.0")
+    shutil.copytree(os.path.join(fixtures, name), tmp_path / name)
+    for code in os.listdir(os.path.join(fixtures, "code")):
+        shutil.copy(os.path.join(fixtures, "code", code), tmp_path / name)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", OLD_REMOTE_CODE, str(tmp_path / name)], capture_output=True,
+                            text=True, env=env, cwd=str(tmp_path), timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["module"].startswith("transformers_modules") and out["error"] < 1e-5, out
 
 
 # ---------------------------------------------------------------------------------- transformers' contract, as BEiT's
