@@ -968,8 +968,8 @@ def test_checkpoints_saved_by_version_0_1_0_load_with_their_own_code_files(name,
     package: that code, run with trust_remote_code beside today's package, gives the logits it gave then."""
     fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints-0.1.0")
     shutil.copytree(os.path.join(fixtures, name), tmp_path / name)
-    for code in os.listdir(os.path.join(fixtures, "code")):
-        shutil.copy(os.path.join(fixtures, "code", code), tmp_path / name)
+    for code in os.listdir(os.path.join(fixtures, "code")):  # kept as text: data of the test, not the project's code
+        shutil.copy(os.path.join(fixtures, "code", code), tmp_path / name / code.removesuffix(".txt"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, "-c", OLD_REMOTE_CODE, str(tmp_path / name)], capture_output=True,
                             text=True, env=env, cwd=str(tmp_path), timeout=300)  # fmt: skip
