@@ -3,7 +3,8 @@ the requests of every client gathered into mixed-task batches, one backbone pass
 best way PEFT allows (every adapter loaded in one `PeftModel`, a mixed batch in one forward with `adapter_names`), on
 the same backbone, behind the same Ray Serve batching, under the same load client and task counts.
 
-    python experiments/benchmark_serving.py --output_dir benchmarks/serving-cpu-2core
+    python experiments/benchmark_serving.py --output_dir benchmarks/serving-cpu-2core --tasks 1 10 100 1000 \
+        --lora_tasks 1 10 100 300 1000    # the published run: about 80 minutes on 2 cores, 50 of them LoRA's start-up
     python experiments/benchmark_serving.py --output_dir /tmp/serving-quick --quick
 
 For each number of distinct tasks, the client sends `--requests` requests (each `--images_per_request` shipped test
