@@ -962,6 +962,14 @@ print(json.dumps({"module": type(model).__module__, "error": (logits - expected[
 """
 
 
+# Releases before PreTrainedConfig.default_config_fields build the config class with no arguments whenever they print a
+# loaded config, and 0.1.0's config refuses its own defaults (a verbalizer without a mask token): on those releases its
+# code files cannot load at all, whatever package is installed beside them. Today's classes load these checkpoints on
+# every supported release (the test above); 0.1.0's own code needs a release with that method (5.25 has it).
+@pytest.mark.skipif(
+    not hasattr(__import__("transformers").PretrainedConfig, "default_config_fields"),
+    reason="this transformers builds a default config to print one, which 0.1.0's config class refuses",
+)
 @pytest.mark.parametrize("name", ["vptm-hidden", "vpt"])
 def test_checkpoints_saved_by_version_0_1_0_load_with_their_own_code_files(name, tmp_path):
     """A 0.1.0 checkpoint on the Hub carries 0.1.0's code files, which find the shipped backbone through the installed
