@@ -21,6 +21,25 @@ from modeling_vptm.shipped import SHIPPED_BACKBONE
 from modeling_vptm.standalone import positive_int, run
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default=SHIPPED_BACKBONE, help="The backbone every task was trained on.")
@@ -31,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         "--allow_hub_tasks", action="store_true", help="Also serve Hub repositories named 'namespace/name@<commit>'."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=positive_int, default=8000)
+    parser.add_argument("--port", type=port, default=8000)
     parser.add_argument("--replicas", type=positive_int, default=1)
-    parser.add_argument("--cpus_per_replica", type=float, default=1.0)
+    parser.add_argument("--cpus_per_replica", type=positive_float, default=1.0)
     parser.add_argument("--max_batch_size", type=positive_int, default=32)
     parser.add_argument("--batch_wait_timeout_s", type=float, default=0.01)
     parser.add_argument("--task_cache_mb", type=float, default=256.0, help="Task tensors a replica keeps loaded.")

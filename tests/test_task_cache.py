@@ -121,3 +121,37 @@ def test_the_ray_example_without_ray_names_the_extra_to_install(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         'error: serving with Ray needs Ray Serve: pip install -e ".[serve]" (or pip install "ray[serve]")'
     )
+
+
+def test_the_ray_application_refuses_bad_arguments_in_one_line_before_ray_starts(tmp_path, capsys):
+    """The builder and the example check what they are given in the process that starts the server: a task root that
+    is no folder, a count or a setting out of range is one line there, not a replica failing to start on every
+    machine of a cluster."""
+    ray = pytest.importorskip("ray", reason="the Ray Serve application needs the serve extra: pip install '.[serve]'")
+    import serve_ray
+
+    from modeling_vptm.serving.ray_app import build
+    from modeling_vptm.standalone import run
+
+    missing = str(tmp_path / "no-such-folder")
+    for args, message in (
+        ({"task_root": missing}, f"task_root {missing!r} is not a folder"),
+        ({"num_cpus": "-1"}, "num_cpus must be a number > 0, got '-1'"),
+        ({"num_replicas": "0"}, "num_replicas must be a whole number >= 1, got '0'"),
+        ({"torch_threads": "two"}, "torch_threads must be a whole number >= 1, got 'two'"),
+        ({"batch_wait_timeout_s": 99}, r"batch_wait_timeout_s must be in \[0.0, 10.0\], got 99"),
+        ({"task_cache_mb": "lots"}, "task_cache_mb must be a number, got 'lots'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build(args)
+    for argv, message in (
+        (["--task_root", missing], f"error: task_root {missing!r} is not a folder"),
+        (["--port", "70000"], "expected a port from 1 to 65535, got 70000"),
+        (["--cpus_per_replica", "0"], "expected a number > 0, got '0'"),
+        (["--task_cache_mb", "-5"], "error: task_cache_mb must be in [0.001, 1073741824.0], got -5.0"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            run(serve_ray.main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and message in err[-1], err
+    assert not ray.is_initialized()

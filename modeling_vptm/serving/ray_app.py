@@ -208,26 +208,47 @@ def build(args: dict) -> serve.Application:
     options = {}
     if "num_replicas" in args:
         replicas = args.pop("num_replicas")
-        options["num_replicas"] = replicas if replicas == "auto" else int(replicas)
+        options["num_replicas"] = replicas if replicas == "auto" else number("num_replicas", replicas, int, 1)
     if "num_cpus" in args:
-        options["ray_actor_options"] = {"num_cpus": float(args.pop("num_cpus"))}
+        cpus = number("num_cpus", args.pop("num_cpus"), float, 0.0, open_low=True)
+        options["ray_actor_options"] = {"num_cpus": cpus}
     if "max_ongoing_requests" in args:
-        options["max_ongoing_requests"] = int(args.pop("max_ongoing_requests"))
+        options["max_ongoing_requests"] = number("max_ongoing_requests", args.pop("max_ongoing_requests"), int, 1)
     settings = check_settings({k: args.pop(k) for k in list(args) if k in SETTINGS})
     known = {"backbone", "revision", "tasks", "task_root", "allow_hub_tasks", "torch_threads"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown arguments {unknown}; the arguments are {sorted(known | set(SETTINGS))}")
+    threads = args.get("torch_threads")
+    # where tasks come from, checked here, in the process that builds the application: a task root that is no folder
+    # or a bad task name is one line now, not a replica that fails to start over and over on every machine
+    sources = TaskSources(
+        {name: local_path(source) for name, source in parse_tasks(args.get("tasks")).items()},
+        local_path(args.get("task_root")),
+        flag(args.get("allow_hub_tasks", False)),
+    )
     deployment = VPTMDeployment.options(**options) if options else VPTMDeployment
     return deployment.bind(
         backbone=local_path(args.get("backbone", SHIPPED_BACKBONE)),
         revision=args.get("revision"),
-        tasks={name: local_path(source) for name, source in parse_tasks(args.get("tasks")).items()},
-        task_root=local_path(args.get("task_root")),
-        allow_hub_tasks=flag(args.get("allow_hub_tasks", False)),
-        torch_threads=int(args["torch_threads"]) if args.get("torch_threads") else None,
+        tasks=sources.named,
+        task_root=sources.task_root,
+        allow_hub_tasks=sources.allow_hub_tasks,
+        torch_threads=number("torch_threads", threads, int, 1) if threads else None,
         **settings,
     )
+
+
+def number(name: str, value, kind: type, low: float, open_low: bool = False):
+    """An argument of `build` as `kind`, at least `low` (above it when `open_low`), or one line saying what it got."""
+    try:
+        checked = kind(value)
+    except (TypeError, ValueError):
+        checked = None
+    if checked is None or checked < low or (open_low and checked == low):
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what} {'>' if open_low else '>='} {low:g}, got {value!r:.40}")
+    return checked
 
 
 __all__ = ["VPTMDeployment", "build"]
