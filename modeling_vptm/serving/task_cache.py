@@ -98,13 +98,10 @@ class TaskCache:
         self.server, self.sources = server, sources
         self.max_bytes, self.failure_ttl_s, self.clock = max_bytes, failure_ttl_s, clock
         self.sizes: OrderedDict[str, int] = OrderedDict()  # loaded task -> its tensors' bytes, least recent first
+        self.bytes = 0  # their sum, kept as tasks come and go (a sum over thousands per load would grow with them)
         self.failures: OrderedDict[str, tuple[float, str]] = OrderedDict()  # task -> (when it failed, why)
         self.loads = self.evictions = 0
         self._lock = threading.Lock()
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.sizes.values())
 
     def ensure(self, names: Iterable[str]) -> dict[str, str]:
         """Loads the tasks among `names` that are not loaded, and marks them all as just used; returns the error of
@@ -142,17 +139,18 @@ class TaskCache:
         self.server.add_task(name, source.checkpoint, **hub)
         size = sum(t.numel() * t.element_size() for t in self.server.tasks[name].state_dict().values())
         self.sizes[name] = size
+        self.bytes += size
         self.loads += 1
         for old in list(self.sizes):  # least recently used first
             if self.bytes <= self.max_bytes:
                 break
             if old not in keep:
                 self.server.remove_task(old)
-                del self.sizes[old]
+                self.bytes -= self.sizes.pop(old)
                 self.evictions += 1
         if self.bytes > self.max_bytes:  # the call's own tasks alone are over the budget
             self.server.remove_task(name)
-            del self.sizes[name]
+            self.bytes -= self.sizes.pop(name)
             raise ValueError(
                 f"task {name!r} does not fit the task cache: its budget of {self.max_bytes:,} bytes is taken by this "
                 "batch's other tasks"
