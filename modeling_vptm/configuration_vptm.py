@@ -12,14 +12,7 @@ import re
 
 from transformers import BeitConfig
 
-from .limits import (
-    MAX_LABEL_CHARS,
-    MAX_LABELS,
-    MAX_PROTOTYPE_DIM,
-    MAX_PROTOTYPES_PER_CLASS,
-    PROMPT_LENGTH_FACTOR,
-    listed,
-)
+from .limits import MAX_PROTOTYPE_DIM, MAX_PROTOTYPES_PER_CLASS, PROMPT_LENGTH_FACTOR, check_labels, listed
 
 
 # prompt locations named independently of depth, so that one value means the same on a 6-block and a 12-block backbone
@@ -186,7 +179,7 @@ class VPTMConfig(BeitConfig):
                 raise ValueError(f"VPTMConfig.{name} must be {bounds}, got {value!r:.80}")
 
         self._check_geometry()
-        self._check_labels()
+        check_labels(self.id2label, "VPTMConfig")
         sequence = 1 + self.num_patches
         integer("prompt_length", 0, PROMPT_LENGTH_FACTOR * sequence,
                 f" ({PROMPT_LENGTH_FACTOR} x the backbone's sequence of 1 + {self.num_patches} patches)")  # fmt: skip
@@ -239,27 +232,6 @@ class VPTMConfig(BeitConfig):
             values = value if isinstance(value, (list, tuple)) and name in ("image_size", "patch_size") else [value]
             if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
                 raise ValueError(f"VPTMConfig.{name} must be a whole number >= 1, got {value!r:.80}")
-
-    def _check_labels(self) -> None:
-        """`id2label` names the classes 0 .. num_labels - 1, each once, with names of at most `MAX_LABEL_CHARS`
-        characters; at most `MAX_LABELS` of them."""
-        labels = self.id2label or {}
-        if not 1 <= len(labels) <= MAX_LABELS:
-            raise ValueError(
-                f"VPTMConfig needs 1 to {MAX_LABELS:,} labels (num_labels or id2label), got {len(labels):,}"
-            )
-        if set(labels) != set(range(len(labels))):
-            odd = sorted(set(labels) - set(range(len(labels))), key=str)
-            raise ValueError(
-                f"VPTMConfig.id2label must name the classes 0 to {len(labels) - 1}, each once; it has the keys "
-                f"{listed(odd)} instead of {listed(sorted(set(range(len(labels))) - set(labels)))}"
-            )
-        bad = [k for k, v in labels.items() if not isinstance(v, str) or not 0 < len(v) <= MAX_LABEL_CHARS]
-        if bad:
-            raise ValueError(
-                f"VPTMConfig.id2label names must be strings of 1 to {MAX_LABEL_CHARS} characters; class {bad[0]} is "
-                f"{labels[bad[0]]!r:.80}"
-            )
 
     def _check_prompt_layers(self) -> None:
         """`prompt_layers`: a preset name, or distinct block indices in range (kept sorted)."""

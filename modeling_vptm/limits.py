@@ -56,6 +56,26 @@ def listed(items: Iterable, limit: int = MAX_LISTED) -> str:
     return f"[{', '.join(shown)}{more}]"
 
 
+def check_labels(id2label: dict, owner: str) -> None:
+    """`id2label` names the classes 0 .. n - 1, each once, with names of 1 to `MAX_LABEL_CHARS` characters; 1 to
+    `MAX_LABELS` of them. `owner` begins the message (what holds the labels)."""
+    labels = id2label or {}
+    if not 1 <= len(labels) <= MAX_LABELS:
+        raise ValueError(f"{owner} needs 1 to {MAX_LABELS:,} labels (num_labels or id2label), got {len(labels):,}")
+    if set(labels) != set(range(len(labels))):
+        odd = sorted(set(labels) - set(range(len(labels))), key=str)
+        raise ValueError(
+            f"{owner}.id2label must name the classes 0 to {len(labels) - 1}, each once; it has the keys "
+            f"{listed(odd)} instead of {listed(sorted(set(range(len(labels))) - set(labels)))}"
+        )
+    bad = [k for k, v in labels.items() if not isinstance(v, str) or not 0 < len(v) <= MAX_LABEL_CHARS]
+    if bad:
+        raise ValueError(
+            f"{owner}.id2label names must be strings of 1 to {MAX_LABEL_CHARS} characters; class {bad[0]} is "
+            f"{labels[bad[0]]!r:.80}"
+        )
+
+
 __all__ = [
     "MAX_CONFIG_BYTES",
     "MAX_HEADER_BYTES",
@@ -71,5 +91,6 @@ __all__ = [
     "MAX_TASKS_PER_REQUEST",
     "MAX_TASK_PARAMETERS",
     "PROMPT_LENGTH_FACTOR",
+    "check_labels",
     "listed",
 ]

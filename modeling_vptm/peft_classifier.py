@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from .adapter_io import ADAPTER_CONFIG
 from .hub_names import HUB_ARGUMENTS
+from .limits import check_labels, listed
 
 
 logger = logging.get_logger(__name__)
@@ -94,8 +95,14 @@ def load_peft_classifier(name_or_path: str, id2label: dict, revision: str | None
             f"the PEFT classifier {name_or_path} is a PEFT adapter, which needs PEFT: pip install peft (the peft "
             'extra: pip install -e ".[peft]" in a checkout)'
         ) from error
+    try:  # the labels come from the folder's config.json: checked as a prompt checkpoint's are, before anything loads
+        id2label = {int(k): v for k, v in (id2label or {}).items()}
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"the PEFT classifier {name_or_path}: id2label's keys must be class numbers, got {listed(id2label)}"
+        ) from None
+    check_labels(id2label, f"the PEFT classifier {name_or_path}")
     adapter = read_adapter_config(name_or_path, revision, **hub_kwargs)
-    id2label = {int(k): v for k, v in id2label.items()}
     base_hub = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "token", "local_files_only", "proxies")}
     with quiet_loading():
         model, info = AutoModelForImageClassification.from_pretrained(

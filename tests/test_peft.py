@@ -452,3 +452,21 @@ def test_lora_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
             assert sorted(a.keys()) == sorted(b.keys())
             for key in a.keys():
                 torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-5, rtol=1e-4)
+
+
+def test_a_peft_run_folder_whose_labels_are_not_0_to_n_minus_1_is_refused(backbone_dir, tmp_path):
+    """A PEFT run folder's config.json names its labels: keys 0, 1, 2, 7 loaded once and then failed at the first
+    prediction (no class 3); they are refused when the folder loads, as a prompt checkpoint's are."""
+    from modeling_vptm.peft_classifier import save_peft_classifier_config
+
+    labels = {i: f"c{i}" for i in range(4)}
+    apply_peft(classifier_from_mim(backbone_dir, labels), lora_config(r=2, target_modules=["q_proj"]),
+               "test config").save_pretrained(tmp_path / "run")  # fmt: skip
+    save_peft_classifier_config(tmp_path / "run", labels)
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "run").config.id2label == labels
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["id2label"] = {"0": "a", "1": "b", "2": "c", "7": "d"}
+    config.pop("label2id")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"id2label must name the classes 0 to 3, each once; it has the keys \[7\]"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "run")
